@@ -1,0 +1,1 @@
+"""Generated from proto/gadget_service.proto."""

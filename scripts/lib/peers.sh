@@ -1,0 +1,3 @@
+# shellcheck shell=bash
+# Real peers for the tests (filled in by the sinks work).
+setup_peers() { :; }
