@@ -1,0 +1,1 @@
+"""The gadget service (gRPC servicers on grpclib), its client (grpcio) and the CLI."""

@@ -1,0 +1,242 @@
+"""``gadgetpipe``: serve the daemon, run and attach to gadgets, manage instances, apply config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
+from api.decode import DataSourceDecoder, flatten
+from pipeline.params import parse_duration
+
+BATCH_DEFAULT = 1024
+
+
+def _kv(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _add_remote(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--remote-address", default=DEFAULT_ADDRESS,
+                   help=f"daemon address (default {DEFAULT_ADDRESS}; also host:port)")
+    p.add_argument("--tls-ca", help="CA of the daemon's certificate (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="client key (mutual TLS)")
+    p.add_argument("--tls-server-name", help="expected server name in its certificate")
+
+
+def _client(args: argparse.Namespace) -> GadgetClient:
+    tls = TLSFiles(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) \
+        if args.tls_ca else None
+    try:
+        return GadgetClient(args.remote_address, tls)
+    except Exception as e:  # grpc's FutureTimeoutError has no message
+        raise SystemExit(f"cannot reach the daemon at {args.remote_address}: "
+                         f"{type(e).__name__} {e}".rstrip()) from None
+
+
+class Printer:
+    """Prints records as JSON lines or aligned columns (non-hidden fields)."""
+
+    def __init__(self, mode: str, out: Any = sys.stdout) -> None:
+        self.mode = mode
+        self.out = out
+        self._header_for: str | None = None
+
+    def records(self, dec: DataSourceDecoder, records: list[dict[str, Any]]) -> None:
+        if self.mode == "json":
+            for r in records:
+                self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            cols = dec.fields()
+            if self._header_for != dec.name:
+                self.out.write("  ".join(f"{c.upper():<16.16}" for c in cols) + "\n")
+                self._header_for = dec.name
+            for r in records:
+                flat = flatten(r)
+                self.out.write("  ".join(f"{_cell(flat.get(c)):<16.16}" for c in cols) + "\n")
+        self.out.flush()
+
+
+def _cell(v: Any) -> str:
+    return "" if v is None else str(v).replace("\u00a0", " ")
+
+
+def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
+    def on_signal(*_: Any) -> None:
+        stream.stop()
+
+    old = signal.signal(signal.SIGINT, on_signal)
+    try:
+        for ev in stream:
+            if ev.log is not None:
+                if verbose or ev.severity <= 3:
+                    print(f"[{('', 'fatal', 'error', 'warn', 'info', 'debug', 'trace')[min(ev.severity, 6)]}] "
+                          f"{ev.log}", file=sys.stderr)
+                continue
+            dec = next(d for d in stream.decoders.values() if d.name == ev.datasource)
+            printer.records(dec, ev.records)
+    except Exception as e:
+        import grpc
+
+        if isinstance(e, grpc.RpcError):
+            print(f"error: {e.details()} ({e.code().name})", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if stream.gaps:
+        print(f"warning: {stream.gaps} records were dropped on the way", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = _kv(args.param)
+    if args.filter:
+        params["operator.filter.filter"] = args.filter
+    if args.fields:
+        params["operator.fields.fields"] = args.fields
+    if not args.per_record:
+        params.setdefault("operator.grpc.batch-max", str(args.batch_max))
+    timeout = parse_duration(args.timeout) if args.timeout else 0.0
+    with _client(args) as c:
+        stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
+        return _consume(stream, Printer(args.output), args.verbose)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        info = c.info(args.gadget, _kv(args.param), extra=True)
+    print(f"gadget: {info.imageName}")
+    for ds in info.dataSources:
+        print(f"\ndata source {ds.name} ({'array' if ds.type == 2 else 'single'}):")
+        for f in ds.fields:
+            flags = " hidden" if f.flags & 4 else ""
+            print(f"  {f.fullName:<28} kind={f.kind:<3} payload={f.payloadIndex} offs={f.offs:<5}"
+                  f" size={f.size:<5}{flags}")
+    print("\nparams:")
+    for p in info.params:
+        print(f"  {p.prefix}{p.key:<24} default={p.defaultValue!r:<10} {p.typeHint:<8} "
+              f"{p.description}")
+    if info.extraInfo.data:
+        print("\nextra info:", ", ".join(f"{k} ({v.contentType}, {len(v.content)} bytes)"
+                                         for k, v in sorted(info.extraInfo.data.items())))
+        if args.show:
+            for key in args.show:
+                entry = info.extraInfo.data.get(key)
+                if entry is not None:
+                    print(f"\n--- {key} ---\n{entry.content.decode('utf-8', 'replace')}")
+    return 0
+
+
+def cmd_gadgets(args: argparse.Namespace) -> int:
+    from pipeline.gadget import Catalog
+
+    for spec in Catalog():
+        print(f"{spec.name:<22} {spec.description}")
+        if args.verbose:
+            for p in spec.params:
+                print(f"    {p.full_key:<40} {p.default!r:<10} {p.description}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.daemon import Daemon
+    from api.server import TLSConfig
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from api.serve_config import settings_from_args
+
+    settings = settings_from_args(args)
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        settings.tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key),
+                                 Path(args.tls_client_ca) if args.tls_client_ca else None)
+    try:
+        asyncio.run(Daemon(settings).run_until_signalled())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gadgetpipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", help="YAML config file (default: the embedded one)")
+    s.add_argument("--listen", action="append", help="unix:///path or tcp://host:port "
+                   "(repeatable)")
+    s.add_argument("--state-dir", help="where instances are persisted")
+    s.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus endpoint")
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
+    s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("run", help="run a gadget and print its records")
+    r.add_argument("gadget")
+    r.add_argument("--param", "-p", action="append", default=[], metavar="K=V")
+    r.add_argument("--filter", "-F")
+    r.add_argument("--fields")
+    r.add_argument("--timeout", "-t", help="e.g. 5s; default: until interrupted")
+    r.add_argument("-o", "--output", choices=("columns", "json"), default="columns")
+    r.add_argument("--per-record", action="store_true",
+                   help="one message per record, as upstream clients receive them")
+    r.add_argument("--batch-max", type=int, default=BATCH_DEFAULT)
+    r.add_argument("-v", "--verbose", action="store_true")
+    _add_remote(r)
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="show a gadget's data sources, fields and params")
+    i.add_argument("gadget")
+    i.add_argument("--param", "-p", action="append", default=[], metavar="K=V")
+    i.add_argument("--show", action="append", help="print this extra-info entry")
+    _add_remote(i)
+    i.set_defaults(fn=cmd_inspect)
+
+    g = sub.add_parser("gadgets", help="list the gadgets this build knows")
+    g.add_argument("-v", "--verbose", action="store_true")
+    g.set_defaults(fn=cmd_gadgets)
+
+    for hook in _extensions():
+        hook(sub, _add_remote, _client)
+    return p
+
+
+def _extensions() -> list[Any]:
+    hooks = []
+    for mod_name in ("api.cli_instances", "api.cli_apply"):
+        try:
+            mod = __import__(mod_name, fromlist=["register"])
+        except ImportError:
+            continue
+        hooks.append(mod.register)
+    return hooks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

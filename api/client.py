@@ -1,0 +1,154 @@
+"""A grpcio client of the gadget service (used by the CLI, and by tests as an independent
+implementation of the other side of the wire)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from api._gen import gadget_service_pb2 as pb
+from api._gen import gadget_service_pb2_grpc as rpc
+from api.decode import DataSourceDecoder
+
+DEFAULT_ADDRESS = "unix:///var/run/gadgetpipe/gadgetpipe.sock"
+EVENT_INFO = 4
+LOG_SHIFT = 16
+
+
+def channel_target(address: str) -> str:
+    """grpcio accepts unix:///path and host:port; tcp:// is ours, so strip it."""
+    return address[len("tcp://"):] if address.startswith("tcp://") else address
+
+
+@dataclass
+class TLSFiles:
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
+@dataclass
+class Event:
+    """One received event, decoded: records of a data source, or a log line."""
+
+    datasource: str = ""
+    seq: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    log: str | None = None
+    severity: int = 0
+
+
+class RunStream:
+    """An open RunGadget conversation; iterate for events, :meth:`stop` to end it."""
+
+    def __init__(self, stub: rpc.GadgetManagerStub, first: pb.GadgetControlRequest,
+                 timeout: float | None = None) -> None:
+        self._requests: queue.Queue[pb.GadgetControlRequest | None] = queue.Queue()
+        self._requests.put(first)
+        self._call = stub.RunGadget(self._iter_requests(), timeout=timeout)
+        self.info: pb.GadgetInfo | None = None
+        self.decoders: dict[int, DataSourceDecoder] = {}
+        self.gaps = 0
+        self._expected: int | None = None
+        self._lock = threading.Lock()
+
+    def _iter_requests(self) -> Iterator[pb.GadgetControlRequest]:
+        # The send side stays open until close(): a half-close means "stop" to the server.
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    def stop(self) -> None:
+        self._requests.put(pb.GadgetControlRequest(stopRequest=pb.GadgetStopRequest()))
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._requests.put(None)
+
+    def raw(self) -> Iterator[pb.GadgetEvent]:
+        try:
+            yield from self._call
+        finally:
+            self._requests.put(None)
+
+    def __iter__(self) -> Iterator[Event]:
+        for ev in self.raw():
+            if ev.type == EVENT_INFO:
+                self.info = pb.GadgetInfo.FromString(ev.payload)
+                self.decoders = {ds.id: DataSourceDecoder(ds) for ds in self.info.dataSources}
+            elif ev.type >= 1 << LOG_SHIFT:
+                yield Event(log=ev.payload.decode("utf-8", "replace"),
+                            severity=ev.type >> LOG_SHIFT)
+            elif ev.type == 0:
+                if self._expected is not None and ev.seq != self._expected:
+                    self.gaps += (ev.seq - self._expected) & 0xFFFFFFFF
+                self._expected = (ev.seq + 1) & 0xFFFFFFFF
+                dec = self.decoders.get(ev.dataSourceID)
+                if dec is None:
+                    continue
+                yield Event(datasource=dec.name, seq=ev.seq, records=list(dec.records(ev.payload)))
+
+
+class GadgetClient:
+    """Talks to one daemon.
+
+    Args:
+        address: ``unix:///path``, ``host:port`` or ``tcp://host:port``.
+        tls: CA (and client certificate) for a TLS server.
+        connect_timeout: seconds to wait for the channel to be ready.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, tls: TLSFiles | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        target = channel_target(address)
+        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        if tls is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=open(tls.ca, "rb").read(),
+                private_key=open(tls.key, "rb").read() if tls.key else None,
+                certificate_chain=open(tls.cert, "rb").read() if tls.cert else None)
+            if tls.server_name:
+                opts.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+        self.gadgets = rpc.GadgetManagerStub(self._channel)
+        self.instances = rpc.GadgetInstanceManagerStub(self._channel)
+        self.builtin = rpc.BuiltInGadgetManagerStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GadgetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self, image: str, params: Mapping[str, str] | None = None,
+             extra: bool = False, instance: bool = False) -> pb.GadgetInfo:
+        resp = self.gadgets.GetGadgetInfo(pb.GetGadgetInfoRequest(
+            imageName=image, paramValues=dict(params or {}), version=1,
+            flags=1 if instance else 0, requestExtraInfo=extra))
+        return resp.gadgetInfo
+
+    def run(self, image: str, params: Mapping[str, str] | None = None, timeout_s: float = 0,
+            log_level: int = 4, version: int = 1) -> RunStream:
+        req = pb.GadgetControlRequest(runRequest=pb.GadgetRunRequest(
+            imageName=image, paramValues=dict(params or {}), version=version,
+            logLevel=log_level, timeout=int(timeout_s * 1e9)))
+        return RunStream(self.gadgets, req)
+
+    def attach(self, instance_id: str, params: Mapping[str, str] | None = None) -> RunStream:
+        req = pb.GadgetControlRequest(attachRequest=pb.GadgetAttachRequest(id=instance_id,
+                                                                           version=1))
+        return RunStream(self.gadgets, req)

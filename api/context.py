@@ -1,0 +1,39 @@
+"""What the servicers share: the catalog, the ledger and daemon-wide settings."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.gadget import Catalog
+from pipeline.ledger import Ledger
+
+SERVER_VERSION = "0.1.0"
+
+
+@dataclass
+class ServiceContext:
+    """Daemon-wide state handed to every servicer (no module globals).
+
+    Args:
+        catalog: the gadgets this daemon can run.
+        ledger: the loss ledger every run writes to.
+        node: this daemon's node name (records and logs carry it).
+        events_buffer_length: records a direct run's stream may queue before dropping.
+        drain_deadline: seconds a stopping stream may take to send what is queued.
+        instances: the instance manager, once the daemon has one.
+    """
+
+    catalog: Catalog
+    ledger: Ledger
+    node: str = field(default_factory=socket.gethostname)
+    events_buffer_length: int = 16384
+    drain_deadline: float = 5.0
+    instances: Any = None
+    sinks: Any = None
+    _runs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_run_name(self) -> str:
+        return f"run-{next(self._runs)}"

@@ -1,0 +1,218 @@
+"""Gadget specs and the catalog: one folder per gadget under ``pipeline/sources/<name>/``.
+
+A folder holds ``gadget.yaml`` (data sources, struct layouts, params, annotations), the BPF C
+in ``program.bpf.c``, a ``README.md``, and optionally ``hooks.py`` when the gadget needs a
+source other than the ring-buffer tracer. Nothing outside the folder lists gadgets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from pipeline.layout import StructRegistry
+from pipeline.params import ParamSpec
+from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag
+
+SOURCES_DIR = Path(__file__).resolve().parent / "sources"
+BPF_INCLUDE_DIR = SOURCES_DIR / "bpf"
+IMAGE_REPOSITORY = "ghcr.io/inspektor-gadget/gadget/"
+EBPF_PREFIX = "operator.oci.ebpf."
+RUNTIME_PREFIX = "operator.bcc."
+_IMAGE = re.compile(r"^(?:(?:[\w.-]+(?::\d+)?/)*)?(?P<name>[a-z0-9_-]+)(?::[\w.-]+)?(?:@sha256:[a-f0-9]+)?$")
+
+
+class GadgetError(ValueError):
+    """A gadget cannot be found or its folder is inconsistent."""
+
+
+class UnknownGadget(GadgetError):
+    def __init__(self, image: str, known: Sequence[str]) -> None:
+        super().__init__(f"unknown gadget {image!r}; available: {', '.join(known)}")
+        self.image = image
+
+
+COMMON_FILTER_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("pid", EBPF_PREFIX, "Show only events of this process id", "", "uint32",
+              tags=("group:Data Filtering",), extra={"cflag": "GADGET_FILTER_PID"}),
+    ParamSpec("tid", EBPF_PREFIX, "Show only events of this thread id", "", "uint32",
+              tags=("group:Data Filtering",), extra={"cflag": "GADGET_FILTER_TID"}),
+    ParamSpec("uid", EBPF_PREFIX, "Show only events of this user id", "", "uint32",
+              tags=("group:Data Filtering",), extra={"cflag": "GADGET_FILTER_UID"}),
+    ParamSpec("gid", EBPF_PREFIX, "Show only events of this group id", "", "uint32",
+              tags=("group:Data Filtering",), extra={"cflag": "GADGET_FILTER_GID"}),
+    ParamSpec("comm", EBPF_PREFIX, "Show only events of processes with this command name", "",
+              "string", tags=("group:Data Filtering",), extra={"cflag": "GADGET_FILTER_COMM"}),
+    ParamSpec("mntns", EBPF_PREFIX, "Show only events of this mount namespace (container)", "",
+              "uint64", tags=("group:Data Filtering",), extra={"cflag": "GADGET_FILTER_MNTNS"}),
+)
+
+RUNTIME_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("ringbuf-size", RUNTIME_PREFIX, "Bytes of each BPF ring buffer (power of two "
+              "pages)", str(8 << 20), "uint32", tags=("advanced", "group:eBPF")),
+    ParamSpec("drain-interval", RUNTIME_PREFIX, "How often the ring buffer is drained",
+              "2ms", "duration", tags=("advanced", "group:eBPF")),
+    ParamSpec("wakeup-fill", RUNTIME_PREFIX, "Ring fill level (percent) at which the BPF side "
+              "wakes the reader early", "25", "uint8", tags=("advanced", "group:eBPF")),
+)
+
+
+class SourceFactory(Protocol):
+    def __call__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class GadgetSpec:
+    """Everything known about a gadget before it runs."""
+
+    name: str
+    description: str
+    folder: Path
+    metadata: bytes
+    datasources: tuple[DataSourceSchema, ...]
+    params: tuple[ParamSpec, ...]
+    category: str = ""
+    legacy_name: str = ""
+    structs: StructRegistry = field(default_factory=StructRegistry, compare=False)
+    struct_names: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def program(self) -> Path:
+        return self.folder / "program.bpf.c"
+
+    @property
+    def readme(self) -> str:
+        p = self.folder / "README.md"
+        return p.read_text() if p.exists() else ""
+
+    def datasource(self, name: str) -> DataSourceSchema:
+        for ds in self.datasources:
+            if ds.name == name:
+                return ds
+        raise GadgetError(f"gadget {self.name!r} has no data source {name!r}")
+
+    def source_factory(self) -> SourceFactory:
+        """``hooks.make_source`` when the folder has one, else the ring-buffer tracer."""
+        if (self.folder / "hooks.py").exists():
+            mod = importlib.import_module(f"pipeline.sources.{self.folder.name}.hooks")
+            return mod.make_source  # type: ignore[no-any-return]
+        from pipeline.sources.tracer import TracerSource
+        return TracerSource
+
+
+def _common_structs() -> StructRegistry:
+    data = yaml.safe_load((BPF_INCLUDE_DIR / "common.yaml").read_text())
+    return StructRegistry(data.get("typedefs", {}), data.get("structs", {}))
+
+
+def _param_specs(raw: Mapping[str, Any], folder: str) -> list[ParamSpec]:
+    out = []
+    for prefix_name, params in (raw or {}).items():
+        prefix = {"ebpf": EBPF_PREFIX}.get(prefix_name, prefix_name)
+        for key, p in (params or {}).items():
+            p = p or {}
+            known = {"description", "default", "typeHint", "alias", "title", "possibleValues",
+                     "mandatory", "tags", "alternativeKey", "cflag"}
+            unknown = set(p) - known
+            if unknown:
+                raise GadgetError(f"{folder}/gadget.yaml: param {key!r} has unknown keys "
+                                  f"{sorted(unknown)}")
+            out.append(ParamSpec(
+                key=key, prefix=prefix, description=p.get("description", ""),
+                default=str(p.get("default", "")).lower() if isinstance(p.get("default"), bool)
+                else str(p.get("default", "")),
+                type_hint=p.get("typeHint", "string"), alias=p.get("alias", ""),
+                title=p.get("title", ""), possible_values=tuple(p.get("possibleValues", ())),
+                mandatory=bool(p.get("mandatory", False)), tags=tuple(p.get("tags", ())),
+                alternative_key=p.get("alternativeKey", ""),
+                extra={"cflag": p["cflag"]} if "cflag" in p else {},
+            ))
+    return out
+
+
+def _apply_annotations(fields: list[Field], raw: Mapping[str, Any]) -> list[Field]:
+    out = []
+    for f in fields:
+        conf = (raw or {}).get(f.full_name) or {}
+        ann = {**f.annotations, **{k: str(v) for k, v in (conf.get("annotations") or {}).items()}}
+        flags = f.flags
+        if ann.get("columns.hidden") == "true":
+            flags |= FieldFlag.HIDDEN
+        out.append(replace(f, annotations=ann, flags=flags))
+    return out
+
+
+def load_spec(folder: Path) -> GadgetSpec:
+    """Reads one gadget folder; raises GadgetError naming the file and the problem."""
+    path = folder / "gadget.yaml"
+    text = path.read_bytes()
+    try:
+        meta = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise GadgetError(f"{path}: {e}") from e
+    structs = _common_structs()
+    for name, members in (meta.get("structs") or {}).items():
+        structs.add_struct(name, members)
+    datasources = []
+    struct_names = {}
+    for ds_name, ds in (meta.get("datasources") or {}).items():
+        struct = ds.get("struct")
+        if not struct:
+            raise GadgetError(f"{path}: data source {ds_name!r} names no struct")
+        fields, size = structs.fields(struct)
+        fields = _apply_annotations(fields, ds.get("fields") or {})
+        ann = {k: str(v) for k, v in (ds.get("annotations") or {}).items()}
+        ds_type = DataSourceType.ARRAY if ds.get("type") == "array" else DataSourceType.SINGLE
+        datasources.append(DataSourceSchema(
+            name=ds_name, type=ds_type, fields=tuple(fields), record_size=size,
+            tags=tuple(ds.get("tags", ())), annotations=ann))
+        struct_names[ds_name] = struct
+    params = _param_specs(meta.get("params") or {}, folder.name)
+    if meta.get("filters", True):
+        params = [*COMMON_FILTER_PARAMS, *params]
+    params += RUNTIME_PARAMS
+    return GadgetSpec(
+        name=meta.get("name", folder.name), description=meta.get("description", ""),
+        folder=folder, metadata=text, datasources=tuple(datasources), params=tuple(params),
+        category=meta.get("category", ""), legacy_name=meta.get("legacyName", ""),
+        structs=structs, struct_names=struct_names,
+    )
+
+
+class Catalog:
+    """The gadgets found under a sources folder, loaded once."""
+
+    def __init__(self, root: Path = SOURCES_DIR) -> None:
+        self._specs: dict[str, GadgetSpec] = {}
+        for gy in sorted(root.glob("*/gadget.yaml")):
+            spec = load_spec(gy.parent)
+            self._specs[spec.name] = spec
+
+    def __iter__(self) -> Iterator[GadgetSpec]:
+        return iter(self._specs.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def resolve(self, image: str) -> GadgetSpec:
+        """A gadget by short name or upstream image reference (any registry path and tag)."""
+        m = _IMAGE.match(image.strip())
+        name = m["name"] if m else image
+        spec = self._specs.get(name)
+        if spec is None:
+            raise UnknownGadget(image, self.names())
+        return spec
+
+    def legacy(self, category: str, name: str) -> GadgetSpec:
+        for spec in self._specs.values():
+            if spec.category == category and spec.legacy_name == name:
+                return spec
+        known = sorted(f"{s.category}/{s.legacy_name}" for s in self._specs.values()
+                       if s.category)
+        raise GadgetError(f"gadget not found: {category}/{name} (known: {', '.join(known)})")

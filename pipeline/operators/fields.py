@@ -1,0 +1,64 @@
+"""The ``fields`` operator: selects which fields a data source announces.
+
+Selection changes the schema only; the record bytes pass through untouched, so selecting is
+free on the hot path and decoders simply never look at the other fields.
+"""
+
+from __future__ import annotations
+
+from pipeline.batch import Batch
+from pipeline.operators import OperatorError
+from pipeline.schema import DataSourceSchema, Field
+
+PARAM = "operator.fields.fields"
+
+
+def parse(spec: str) -> dict[str | None, list[str]]:
+    """``a,b`` for every data source, or ``ds:a,b;ds2:c``."""
+    out: dict[str | None, list[str]] = {}
+    for group in (g for g in spec.split(";") if g.strip()):
+        ds, _, names = group.rpartition(":")
+        out[ds.strip() or None] = [n.strip() for n in names.split(",") if n.strip()]
+    return out
+
+
+class FieldSelect:
+    """Announces only the selected fields (with their parents) of each data source."""
+
+    name = "fields"
+
+    def __init__(self, spec: str, schemas: list[DataSourceSchema]) -> None:
+        wanted = parse(spec)
+        self._schemas: dict[str, DataSourceSchema] = {}
+        for s in schemas:
+            names = wanted.get(s.name, wanted.get(None))
+            if names is None:
+                continue
+            self._schemas[s.name] = _select(s, names)
+        for ds in wanted:
+            if ds is not None and ds not in {s.name for s in schemas}:
+                raise OperatorError(PARAM, f"no data source {ds!r}")
+
+    def output_schema(self, schema: DataSourceSchema) -> DataSourceSchema:
+        return self._schemas.get(schema.name, schema)
+
+    def process(self, batch: Batch) -> Batch:
+        out = self._schemas.get(batch.schema.name)
+        return batch if out is None else batch.with_schema(out)
+
+
+def _select(schema: DataSourceSchema, names: list[str]) -> DataSourceSchema:
+    by_index = {f.index: f for f in schema.fields}
+    keep: set[int] = set()
+    for name in names:
+        try:
+            f: Field | None = schema.field(name)
+        except KeyError as e:
+            raise OperatorError(PARAM, str(e.args[0])) from None
+        # Children of a selected block come along; parents keep the tree well-formed.
+        prefix = name + "."
+        keep.update(c.index for c in schema.fields if c.full_name.startswith(prefix))
+        while f is not None:
+            keep.add(f.index)
+            f = by_index.get(f.parent) if f.parent is not None else None
+    return schema.with_fields(f for f in schema.fields if f.index in keep)

@@ -1,0 +1,1 @@
+"""Gadget sources: one folder per gadget, plus the shared readers."""

@@ -1,0 +1,238 @@
+"""The ring-buffer tracer: compiles a gadget's BPF C with bcc, attaches its hooks, and drains
+each data source's ring buffer in whole batches on a timer or a fill-level wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.batch import Batch
+from pipeline.gadget import BPF_INCLUDE_DIR, RUNTIME_PREFIX, GadgetSpec
+from pipeline.schema import DataSourceSchema, FieldFlag
+from pipeline.sources.base import Emit, Log, SourceError
+from pipeline.sources.ringbuf import RingReader, read_lost
+
+if TYPE_CHECKING:
+    from bcc import BPF
+
+_logger = logging.getLogger(__name__)
+_ATTACH_FAIL = re.compile(r"to tracepoint b?'?([\w:]+)")
+_SAFE_COMM = re.compile(r"^[\w .:/@+-]{1,15}$")
+PAGE = 4096
+
+
+def import_bcc() -> Any:
+    """The bcc module, or a SourceError that says how to install it."""
+    try:
+        import bcc
+    except ImportError as e:
+        raise SourceError("bcc is not importable: install Debian's python3-bpfcc and run "
+                          "scripts/setup base (it links bcc into the venv)") from e
+    return bcc
+
+
+def check_environment() -> None:
+    """Fails early with the fix when the daemon cannot run BPF at all."""
+    import os
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        raise SourceError("loading BPF programs needs root (or CAP_BPF+CAP_PERFMON): "
+                          "run the daemon with sudo")
+    build = Path(f"/lib/modules/{os.uname().release}/build/include")
+    if not build.exists():
+        raise SourceError(f"kernel headers are missing at {build.parent}: run scripts/setup "
+                          "base (installs linux-headers and links them)")
+    if not Path("/sys/kernel/tracing/events").exists() and \
+            not Path("/sys/kernel/debug/tracing/events").exists():
+        raise SourceError("tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing")
+
+
+def _ring_pages(size: int) -> int:
+    pages = max(1, size // PAGE)
+    return 1 << (pages - 1).bit_length()  # the kernel wants a power of two
+
+
+def boot_to_wall_offset_ns() -> int:
+    """Wall-clock ns minus CLOCK_BOOTTIME ns, for rewriting BPF timestamps in place."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+class TracerSource:
+    """Source for gadgets whose BPF program writes fixed-size records into ring buffers.
+
+    The program declares, per data source ``ds``, a ring named ``events`` (one data source) or
+    ``events_<ds>`` and ``GADGET_LAYOUT(ds, struct ...)`` so the layout can be checked against
+    gadget.yaml at load time.
+    """
+
+    def __init__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> None:
+        self._spec = spec
+        self._values = values
+        self._bpf: BPF | None = None
+        self._readers: list[tuple[DataSourceSchema, RingReader]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._emit: Emit | None = None
+        self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.002)
+        self._cflags = self._build_cflags()
+        self._ts_offset = 0
+        self._lost_base = 0
+
+    def _build_cflags(self) -> list[str]:
+        from pipeline.sources.btf import gadget_cflags
+
+        ring = _ring_pages(int(self._values.get(RUNTIME_PREFIX + "ringbuf-size") or 8 << 20))
+        fill = int(self._values.get(RUNTIME_PREFIX + "wakeup-fill") or 25)
+        flags = [f"-I{BPF_INCLUDE_DIR}", f"-DGADGET_RING_PAGES={ring}",
+                 f"-DGADGET_WAKEUP_BYTES={ring * PAGE * fill // 100}", *gadget_cflags()]
+        for p in self._spec.params:
+            macro = p.extra.get("cflag")
+            value = self._values.get(p.full_key)
+            if not macro or value is None or value == "":
+                continue
+            if isinstance(value, bool):
+                flags.append(f"-D{macro}={int(value)}")
+            elif isinstance(value, int):
+                flags.append(f"-D{macro}={value}ULL" if value > 0x7FFFFFFF else f"-D{macro}={value}")
+            else:
+                if not _SAFE_COMM.match(str(value)):
+                    raise SourceError(f"{p.full_key}: {value!r} must be 1-15 characters of "
+                                      "letters, digits and . : / @ + - _")
+                flags.append(f'-D{macro}="{value}"')
+        return flags
+
+    async def start(self, emit: Emit, log: Log) -> None:
+        check_environment()
+        self._emit = emit
+        self._log = log
+        self._bpf = await asyncio.to_thread(self._load)
+        self._ts_offset = boot_to_wall_offset_ns()
+        loop = asyncio.get_running_loop()
+        for _, reader in self._readers:
+            loop.add_reader(reader.fileno(), self._wake.set)
+        self._task = asyncio.create_task(self._pump(), name=f"drain:{self._spec.name}")
+
+    def _load(self) -> BPF:
+        bcc = import_bcc()
+        try:
+            bpf = bcc.BPF(src_file=str(self._spec.program).encode(), cflags=self._cflags)
+        except Exception as e:  # bcc raises bare Exception for every failure
+            msg = str(e)
+            m = _ATTACH_FAIL.search(msg)
+            if m:
+                raise SourceError(f"gadget {self._spec.name}: hook tracepoint {m[1]} is missing "
+                                  "on this kernel") from e
+            raise SourceError(f"gadget {self._spec.name}: loading {self._spec.program.name} "
+                              f"failed: {msg} (clang/verifier output is in the daemon log)") from e
+        try:
+            for ds in self._spec.datasources:
+                self._check_layout(bpf, ds)
+                ring = "events" if len(self._spec.datasources) == 1 else f"events_{ds.name}"
+                self._readers.append((ds, RingReader(bpf[ring].get_fd(), ds.record_size)))
+        except Exception:
+            bpf.cleanup()
+            raise
+        return bpf
+
+    def _check_layout(self, bpf: BPF, ds: DataSourceSchema) -> None:
+        """Compares gadget.yaml's layout with the struct clang compiled (bcc's ctypes leaf)."""
+        import ctypes
+
+        leaf = bpf[f"gadget_layout_{ds.name}"].Leaf
+        if ctypes.sizeof(leaf) != ds.record_size:
+            raise SourceError(f"gadget {self._spec.name}: struct for {ds.name!r} is "
+                              f"{ctypes.sizeof(leaf)} bytes in C but {ds.record_size} in "
+                              "gadget.yaml")
+        for f in ds.fields:
+            if f.flags & FieldFlag.HAS_PARENT:
+                continue
+            desc = getattr(leaf, f.name, None)
+            if desc is None or desc.offset != f.offs or desc.size != f.size:
+                raise SourceError(f"gadget {self._spec.name}: field {f.full_name!r} is at "
+                                  f"{getattr(desc, 'offset', '?')}/{getattr(desc, 'size', '?')} "
+                                  f"in C but {f.offs}/{f.size} in gadget.yaml")
+
+    def _timestamp_columns(self, ds: DataSourceSchema) -> list[int]:
+        return [f.offs for f in ds.fields if "type:gadget_timestamp" in f.tags and
+                f.payload_index == 0 and not f.flags & FieldFlag.HAS_PARENT]
+
+    def _drain_once(self) -> list[Batch]:
+        out = []
+        for ds, reader in self._readers:
+            while True:
+                rows = reader.drain()
+                if not len(rows):
+                    break
+                for offs in self._timestamp_columns(ds):
+                    col = rows[:, offs: offs + 8].view("<u8")
+                    np.add(col, np.uint64(self._ts_offset), out=col, where=col != 0)
+                out.append(Batch(ds, rows))
+                if len(rows) < 65536:
+                    break
+        return out
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._emit is not None
+        while not self._stopping:
+            for batch in self._drain_once():
+                await self._emit(batch)
+            self._wake.clear()
+            handle = loop.call_later(self._interval, self._wake.set)
+            await self._wake.wait()
+            handle.cancel()
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
+
+    def lost(self) -> int:
+        if self._bpf is None:
+            return self._lost_base
+        try:
+            return read_lost(self._bpf["gadget_lost"])
+        except KeyError:
+            return 0
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        bpf, self._bpf = self._bpf, None
+        if bpf is None:
+            return
+        # Detach first so nothing new arrives, then hand on what the rings still hold.
+        for tp in list(bpf.tracepoint_fds):
+            with contextlib.suppress(Exception):
+                bpf.detach_tracepoint(tp)
+        if self._emit is not None:
+            for batch in self._drain_once():
+                await self._emit(batch)
+        with contextlib.suppress(KeyError):
+            self._lost_base = read_lost(bpf["gadget_lost"])
+        loop = asyncio.get_running_loop()
+        for _, reader in self._readers:
+            loop.remove_reader(reader.fileno())
+            reader.close()
+        self._readers.clear()
+        await asyncio.to_thread(bpf.cleanup)
+
+    def extra_info(self) -> Mapping[str, tuple[str, bytes]]:
+        return {
+            "ebpf.source": ("text/plain", self._spec.program.read_bytes()),
+            "ebpf.cflags": ("text/plain", " ".join(self._cflags).encode()),
+        }
