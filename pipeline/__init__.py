@@ -1,0 +1,1 @@
+"""The pipeline core: schemas, batches, the queue graph, operators, sources and sinks."""

@@ -1,0 +1,1 @@
+"""Sinks: where records go besides gRPC streams. One module per protocol, see base.py."""

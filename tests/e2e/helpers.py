@@ -1,0 +1,60 @@
+"""Helpers for end-to-end tests: unique binaries to exec, BPF program accounting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from api._gen import gadget_service_pb2 as pb
+
+
+def unique_binary(tmp: Path, prefix: str = "gp") -> Path:
+    """A copy of /bin/true under a unique name (its comm is the first 15 characters)."""
+    path = tmp / f"{prefix}{uuid.uuid4().hex[:10]}"
+    shutil.copy("/bin/true", path)
+    path.chmod(0o755)
+    return path
+
+
+@contextmanager
+def keep_running(*argvs: list[str], interval: float = 0.1) -> Iterator[list[int]]:
+    """Runs each command every ``interval`` until the block ends (tracing attaches after the
+    GadgetInfo event, so a test repeats its trigger until the first record arrives);
+    yields the list of pids started so far."""
+    stop = threading.Event()
+    pids: list[int] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            for argv in argvs:
+                p = subprocess.Popen(argv)
+                pids.append(p.pid)
+                p.wait()
+            stop.wait(interval)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield pids
+    finally:
+        stop.set()
+        t.join()
+
+
+def bpf_programs_of(pid: int) -> list[dict[str, object]]:
+    """BPF programs that process ``pid`` holds (bpftool reports holders per program)."""
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
+                         check=True).stdout
+    progs = json.loads(out or "[]")
+    return [p for p in progs if any(h.get("pid") == pid for h in p.get("pids", []))]
+
+
+def info_fields(info: pb.GadgetInfo, ds_name: str) -> dict[str, pb.Field]:
+    ds = next(d for d in info.dataSources if d.name == ds_name)
+    return {f.fullName: f for f in ds.fields}

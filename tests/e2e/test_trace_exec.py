@@ -1,0 +1,195 @@
+"""trace_exec from the kernel to a gRPC client, decoded only from the announced field table."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api._gen import gadget_service_pb2 as pb
+from tests.daemon import DaemonProcess
+from tests.e2e.helpers import bpf_programs_of, info_fields, keep_running, unique_binary
+from tests.specdecode import field_value
+
+pytestmark = pytest.mark.bpf
+
+
+def records(stream, info_holder: dict, want: int, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    """Reads raw events, decoding payloads with the spec decoder, until ``want`` records."""
+    got: list[tuple[int, pb.DataElement]] = []
+    deadline = time.monotonic() + timeout
+    for ev in stream.raw():
+        if ev.type == 4:
+            info_holder["info"] = pb.GadgetInfo.FromString(ev.payload)
+            info_holder["types"] = {d.id: d.type for d in info_holder["info"].dataSources}
+        elif ev.type == 0:
+            assert "info" in info_holder, "payload before GadgetInfo"
+            if info_holder["types"][ev.dataSourceID] == 2:
+                els = list(pb.GadgetDataArray.FromString(ev.payload).dataArray)
+            else:
+                els = [pb.GadgetData.FromString(ev.payload).data]
+            got.extend((ev.seq, el) for el in els)
+        elif ev.type == 2:
+            raise AssertionError("a type-2 'done' event must never be sent")
+        if len(got) >= want or time.monotonic() > deadline:
+            break
+    return got
+
+
+def test_exec_reaches_the_client_with_comm_pid_and_file(daemon: DaemonProcess,
+                                                         tmp_path: Path) -> None:
+    binary = unique_binary(tmp_path)
+    comm = binary.name[:15]
+    holder: dict = {}
+    with daemon.client() as c:
+        stream = c.run("trace_exec", {"operator.filter.filter": f"proc.comm=={comm}"})
+        with keep_running([str(binary), "first-arg", "second"]) as pids:
+            got = records(stream, holder, 1)
+        stream.stop()
+        list(stream.raw())  # the server ends the stream with OK after a stop
+    assert got, "no exec record arrived"
+    fields = info_fields(holder["info"], "exec")
+    seq, el = got[0]
+    assert seq >= 1
+    assert field_value(fields["proc.comm"], el) == comm.encode()
+    assert field_value(fields["proc.pid"], el) in pids
+    assert field_value(fields["proc.parent.pid"], el) == os.getpid()
+    assert field_value(fields["file"], el) == str(binary).encode()
+    assert field_value(fields["error_raw"], el) == 0
+    assert field_value(fields["args"], el) == \
+        f"{binary}\u00a0first-arg\u00a0second".encode()
+    assert field_value(fields["args_count"], el) == 3
+    ts = field_value(fields["timestamp_raw"], el)
+    assert abs(ts / 1e9 - time.time()) < 60, "timestamp is not wall-clock"
+
+
+def test_filter_on_comm_passes_matching_and_drops_others(daemon: DaemonProcess,
+                                                          tmp_path: Path) -> None:
+    wanted = unique_binary(tmp_path, "gpa")
+    other = unique_binary(tmp_path, "gpb")
+    holder: dict = {}
+    with daemon.client() as c:
+        stream = c.run("trace_exec", {
+            "operator.filter.filter": f"proc.comm~^(gpa|gpb),proc.comm=={wanted.name[:15]}"})
+        with keep_running([str(other)], [str(wanted)]):
+            got = records(stream, holder, 3)
+        stream.stop()
+        list(stream.raw())
+    fields = info_fields(holder["info"], "exec")
+    comms = {field_value(fields["proc.comm"], el) for _, el in got}
+    assert comms == {wanted.name[:15].encode()}
+
+
+def test_kernel_side_comm_param_filters_in_bpf(daemon: DaemonProcess, tmp_path: Path) -> None:
+    wanted = unique_binary(tmp_path)
+    holder: dict = {}
+    with daemon.client() as c:
+        stream = c.run("trace_exec", {"operator.oci.ebpf.comm": wanted.name[:15],
+                                      "operator.grpc.batch-max": "64"})
+        with keep_running(["/bin/true"], [str(wanted)]):
+            got = records(stream, holder, 2)
+        stream.stop()
+        list(stream.raw())
+    fields = info_fields(holder["info"], "exec")
+    assert holder["info"].dataSources[0].type == 2  # batched packets were asked for
+    assert {field_value(fields["proc.comm"], el) for _, el in got} == {wanted.name[:15].encode()}
+
+
+def test_stop_request_ends_the_stream_with_ok_and_no_done_event(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        stream = c.run("trace_exec")
+        events = []
+        timer = threading.Timer(1.0, stream.stop)
+        timer.start()
+        events = list(stream.raw())
+        timer.join()
+    assert events[0].type == 4
+    assert all(e.type != 2 for e in events)
+
+
+def test_timeout_ends_the_run_on_its_own(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        t0 = time.monotonic()
+        events = list(c.run("trace_exec", timeout_s=1.0).raw())
+        elapsed = time.monotonic() - t0
+    assert events and events[0].type == 4
+    assert 0.9 < elapsed < 20
+
+
+def test_vanished_client_frees_the_bpf_programs(daemon: DaemonProcess, tmp_path: Path) -> None:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    before = len(bpf_programs_of(pid))
+    binary = unique_binary(tmp_path)
+    with daemon.client() as c:
+        stream = c.run("trace_exec", {"operator.filter.filter": f"proc.comm=={binary.name[:15]}"})
+        with keep_running([str(binary)]):
+            assert records(stream, {}, 1)
+        assert len(bpf_programs_of(pid)) >= before + 4  # four tracepoints attached
+        stream.cancel()  # the client goes away without a stop
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(bpf_programs_of(pid)) > before:
+        time.sleep(0.2)
+    assert len(bpf_programs_of(pid)) == before
+
+
+@pytest.mark.parametrize(("image", "params", "version", "code", "text"), [
+    ("no_such_gadget", {}, 1, grpc.StatusCode.NOT_FOUND, "unknown gadget 'no_such_gadget'"),
+    ("trace_exec", {"operator.oci.ebpf.nosuch": "1"}, 1, grpc.StatusCode.INVALID_ARGUMENT,
+     "operator.oci.ebpf.nosuch"),
+    ("trace_exec", {"operator.oci.ebpf.pid": "abc"}, 1, grpc.StatusCode.INVALID_ARGUMENT,
+     "operator.oci.ebpf.pid"),
+    ("trace_exec", {"operator.filter.filter": "proc.comm>>"}, 1,
+     grpc.StatusCode.INVALID_ARGUMENT, "operator.filter.filter"),
+    ("trace_exec", {"operator.filter.filter": "nofield==1"}, 1,
+     grpc.StatusCode.INVALID_ARGUMENT, "no field 'nofield'"),
+    ("trace_exec", {}, 2, grpc.StatusCode.INVALID_ARGUMENT, "expected version to be 1, got 2"),
+])
+def test_malformed_requests_get_a_clear_status_and_the_daemon_keeps_serving(
+        daemon: DaemonProcess, image: str, params: dict[str, str], version: int,
+        code: grpc.StatusCode, text: str) -> None:
+    with daemon.client() as c:
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.run(image, params, version=version).raw())
+        assert e.value.code() == code
+        assert text in (e.value.details() or "")
+        info = c.info("trace_exec")
+        assert [d.name for d in info.dataSources] == ["exec"]
+
+
+def test_first_message_must_be_a_run_request(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        call = c.gadgets.RunGadget(iter([pb.GadgetControlRequest(
+            stopRequest=pb.GadgetStopRequest())]))
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert "expected first control message to be gadget run request" in e.value.details()
+
+
+def test_upstream_image_references_resolve(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        for ref in ("trace_exec", "ghcr.io/inspektor-gadget/gadget/trace_exec:latest",
+                    "ghcr.io/inspektor-gadget/gadget/trace_exec:v0.55.0", "trace_exec:main"):
+            assert c.info(ref).imageName == ref
+
+
+def test_gadget_info_extra_info_has_source_fields_graph_and_readme(
+        daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        info = c.info("trace_exec", {"operator.filter.filter": "proc.pid>1"}, extra=True)
+    data = info.extraInfo.data
+    assert b"TRACEPOINT_PROBE" in data["ebpf.source"].content
+    assert data["ebpf.source"].contentType == "text/plain"
+    assert data["gadgetpipe.fields"].contentType == "application/json"
+    assert b'"proc.comm"' in data["gadgetpipe.fields"].content
+    assert data["gadgetpipe.graph"].contentType == "text/mermaid"
+    assert b"filter" in data["gadgetpipe.graph"].content
+    assert data["gadgetpipe.readme"].contentType == "text/markdown"
+    assert b"# trace_exec" in data["gadgetpipe.readme"].content
+    params = {p.prefix + p.key for p in info.params}
+    assert {"operator.oci.ebpf.pid", "operator.oci.ebpf.comm", "operator.filter.filter",
+            "operator.grpc.batch-max"} <= params
