@@ -90,7 +90,7 @@ class GadgetRun:
         self.error: str | None = None
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
-        self._stopping = False
+        self._stop_task: asyncio.Task[None] | None = None
 
     @property
     def source(self) -> Source | None:
@@ -167,11 +167,16 @@ class GadgetRun:
                 t.cancel()
 
     async def stop(self) -> None:
-        """Stops the source (it drains what it buffered), then closes every subscriber edge."""
-        if self._stopping:
-            await self.finished.wait()
-            return
-        self._stopping = True
+        """Stops the source (it drains what it buffered), then closes every subscriber edge.
+
+        The teardown runs as its own task and callers await it shielded: a caller cancelled
+        midway (a client that vanished) must not leave BPF programs attached.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._teardown(), name=f"stop:{self.instance}")
+        await asyncio.shield(self._stop_task)
+
+    async def _teardown(self) -> None:
         try:
             if self._source is not None:
                 await self._source.stop()

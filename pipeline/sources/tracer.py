@@ -200,7 +200,7 @@ class TracerSource:
         if self._bpf is None:
             return self._lost_base
         try:
-            return read_lost(self._bpf["gadget_lost"])
+            return sum(read_lost(self._bpf["gadget_lost"], i + 1) for i in range(len(self._readers)))
         except KeyError:
             return 0
 
@@ -215,21 +215,24 @@ class TracerSource:
         bpf, self._bpf = self._bpf, None
         if bpf is None:
             return
-        # Detach first so nothing new arrives, then hand on what the rings still hold.
-        for tp in list(bpf.tracepoint_fds):
-            with contextlib.suppress(Exception):
-                bpf.detach_tracepoint(tp)
-        if self._emit is not None:
-            for batch in self._drain_once():
-                await self._emit(batch)
-        with contextlib.suppress(KeyError):
-            self._lost_base = read_lost(bpf["gadget_lost"])
-        loop = asyncio.get_running_loop()
-        for _, reader in self._readers:
-            loop.remove_reader(reader.fileno())
-            reader.close()
-        self._readers.clear()
-        await asyncio.to_thread(bpf.cleanup)
+        try:
+            # Detach first so nothing new arrives, then hand on what the rings still hold.
+            for tp in list(bpf.tracepoint_fds):
+                with contextlib.suppress(Exception):
+                    bpf.detach_tracepoint(tp)
+            if self._emit is not None:
+                for batch in self._drain_once():
+                    await self._emit(batch)
+            with contextlib.suppress(KeyError):
+                self._lost_base = sum(read_lost(bpf["gadget_lost"], i + 1)
+                                      for i in range(len(self._readers)))
+        finally:
+            loop = asyncio.get_running_loop()
+            for _, reader in self._readers:
+                loop.remove_reader(reader.fileno())
+                reader.close()
+            self._readers.clear()
+            bpf.cleanup()  # closes the program fds: nothing stays attached
 
     def extra_info(self) -> Mapping[str, tuple[str, bytes]]:
         return {

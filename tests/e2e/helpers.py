@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import threading
@@ -47,12 +46,19 @@ def keep_running(*argvs: list[str], interval: float = 0.1) -> Iterator[list[int]
         t.join()
 
 
-def bpf_programs_of(pid: int) -> list[dict[str, object]]:
-    """BPF programs that process ``pid`` holds (bpftool reports holders per program)."""
-    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
-                         check=True).stdout
-    progs = json.loads(out or "[]")
-    return [p for p in progs if any(h.get("pid") == pid for h in p.get("pids", []))]
+def bpf_programs_of(pid: int) -> list[int]:
+    """Ids of the BPF programs process ``pid`` holds an fd to (from /proc/<pid>/fdinfo)."""
+    ids = []
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    for entry in fdinfo.iterdir():
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue  # the fd closed meanwhile
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                ids.append(int(line.split()[1]))
+    return ids
 
 
 def info_fields(info: pb.GadgetInfo, ds_name: str) -> dict[str, pb.Field]:

@@ -3,6 +3,18 @@
 #ifndef GADGETPIPE_GADGET_H
 #define GADGETPIPE_GADGET_H
 #include "gadget_ringbuf.h"
+
+// Typedefs that name a field's meaning; user space tags fields with them (type:<name>) and,
+// e.g., rewrites gadget_timestamp fields from boot time to wall-clock time. Must match
+// common.yaml.
+typedef __u64 gadget_timestamp;
+typedef __u64 gadget_mntns_id;
+typedef __u32 gadget_errno;
+typedef __u32 gadget_uid;
+typedef __u32 gadget_gid;
+typedef __u32 gadget_pid;
+typedef __u32 gadget_tid;
+typedef __u32 gadget_netns_id;
 #include "gadget_types.h"
 #include "gadget_filter.h"
 

@@ -25,7 +25,8 @@ struct event {
     char args[ARGS_SIZE];
 };
 
-GADGET_RINGBUF(events, GADGET_RING_PAGES);
+GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
+#include "gadget_lost.h"
 GADGET_LAYOUT(exec, struct event);
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
 BPF_HASH(execs, u32, struct event, 10240);
@@ -42,19 +43,24 @@ static __always_inline int on_enter(const char *filename, const char *const *arg
 
     // Arguments are joined by U+00A0 (c2 a0), as upstream's gadget shows them, so the whole
     // list reads as one C string.
-    u32 off = 0;
+    u64 off = 0;
     for (int i = 0; i < MAX_ARGS; i++) {
         const char *argp = NULL;
         bpf_probe_read_user(&argp, sizeof(argp), &argv[i]);
         if (!argp)
             break;
-        if (off > ARGS_SIZE - ARG_LEN - 3)
-            break;
         if (i > 0) {
+            if (off > ARGS_SIZE - ARG_LEN - 2)
+                break;
             e->args[off] = 0xc2;
             e->args[off + 1] = 0xa0;
             off += 2;
         }
+        // The empty asm keeps clang from folding this check into the one above, so the
+        // verifier sees the bound on the very register used for the pointer.
+        asm volatile("" : "+r"(off));
+        if (off > ARGS_SIZE - ARG_LEN)
+            break;
         long n = bpf_probe_read_user_str(&e->args[off], ARG_LEN, argp);
         if (n <= 0)
             break;
@@ -78,7 +84,7 @@ static __always_inline int on_exit(long ret)
         execs.delete(&tid);
         return 0;
     }
-    struct event *e = gadget_reserve(sizeof(*e));
+    struct event *e = gadget_reserve(events, sizeof(*e));
     if (!e) {
         execs.delete(&tid);
         return 0;
@@ -89,7 +95,7 @@ static __always_inline int on_exit(long ret)
     e->loginuid = gadget_loginuid();
     e->sessionid = gadget_sessionid();
     e->error_raw = ret < 0 ? -ret : 0;
-    gadget_submit(e);
+    gadget_submit(events, e);
     execs.delete(&tid);
     return 0;
 }

@@ -1,0 +1,22 @@
+/* Per-ring loss counter; a program includes this right after its GADGET_RINGBUF declarations
+ * (rings must be its first tables, see gadget_ringbuf.h), defining GADGET_NUM_RINGS first when
+ * it has more than one ring. bcc rewrites map methods only in the program's own file, so this
+ * header reaches the table through its pseudo fd: it is table GADGET_NUM_RINGS + 1. */
+#ifndef GADGETPIPE_GADGET_LOST_H
+#define GADGETPIPE_GADGET_LOST_H
+
+#ifndef GADGET_NUM_RINGS
+#define GADGET_NUM_RINGS 1
+#endif
+
+BPF_PERCPU_ARRAY(gadget_lost, __u64, GADGET_MAX_RINGS);
+
+static __always_inline void gadget_count_lost(__u32 ring_idx)
+{
+	__u32 key = ring_idx - 1;
+	__u64 *v = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, -(GADGET_NUM_RINGS + 1)), &key);
+
+	if (v)
+		(*v)++;
+}
+#endif
