@@ -7,6 +7,7 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -109,12 +110,12 @@ class GadgetClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, tls: TLSFiles | None = None,
                  connect_timeout: float = 5.0) -> None:
         target = channel_target(address)
-        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
         if tls is not None:
             creds = grpc.ssl_channel_credentials(
-                root_certificates=open(tls.ca, "rb").read(),
-                private_key=open(tls.key, "rb").read() if tls.key else None,
-                certificate_chain=open(tls.cert, "rb").read() if tls.cert else None)
+                root_certificates=Path(tls.ca).read_bytes(),
+                private_key=Path(tls.key).read_bytes() if tls.key else None,
+                certificate_chain=Path(tls.cert).read_bytes() if tls.cert else None)
             if tls.server_name:
                 opts.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(target, creds, options=opts)
@@ -139,7 +140,8 @@ class GadgetClient:
         resp = self.gadgets.GetGadgetInfo(pb.GetGadgetInfoRequest(
             imageName=image, paramValues=dict(params or {}), version=1,
             flags=1 if instance else 0, requestExtraInfo=extra))
-        return resp.gadgetInfo
+        info: pb.GadgetInfo = resp.gadgetInfo
+        return info
 
     def run(self, image: str, params: Mapping[str, str] | None = None, timeout_s: float = 0,
             log_level: int = 4, version: int = 1) -> RunStream:

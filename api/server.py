@@ -116,7 +116,7 @@ class GrpcServer:
                 else:
                     ctx = self._tls.context() if self._tls else None
                     await server.start(a.host, a.port, ssl=ctx)
-                    port = server._server.sockets[0].getsockname()[1] if a.port == 0 else a.port
+                    port = a.port or _bound_port(server)
                     self.bound.append(f"tcp://{a.host}:{port}")
                 self._servers.append(server)
                 _logger.info("listening on %s", self.bound[-1])
@@ -146,3 +146,9 @@ class GrpcServer:
                 with contextlib.suppress(FileNotFoundError):
                     Path(a.path).unlink()
         self._servers.clear()
+
+
+def _bound_port(server: Server) -> int:
+    """The port the OS picked for a ``tcp://host:0`` listener."""
+    inner: Any = server._server  # grpclib keeps the asyncio server private
+    return int(inner.sockets[0].getsockname()[1])

@@ -30,7 +30,7 @@ def column(batch: Batch, f: Field) -> npt.NDArray[Any]:
         data = b"".join(batch.extra[f.payload_index - 1])
         col = np.frombuffer(data, dtype=NUMPY_DTYPE[kind])
     if kind is Kind.BOOL:
-        return col == 1
+        return np.asarray(col == 1)
     return col
 
 

@@ -25,7 +25,8 @@ BPF_INCLUDE_DIR = SOURCES_DIR / "bpf"
 IMAGE_REPOSITORY = "ghcr.io/inspektor-gadget/gadget/"
 EBPF_PREFIX = "operator.oci.ebpf."
 RUNTIME_PREFIX = "operator.bcc."
-_IMAGE = re.compile(r"^(?:(?:[\w.-]+(?::\d+)?/)*)?(?P<name>[a-z0-9_-]+)(?::[\w.-]+)?(?:@sha256:[a-f0-9]+)?$")
+_IMAGE = re.compile(
+    r"^(?:(?:[\w.-]+(?::\d+)?/)*)?(?P<name>[a-z0-9_-]+)(?::[\w.-]+)?(?:@sha256:[a-f0-9]+)?$")
 
 
 class GadgetError(ValueError):

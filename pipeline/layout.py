@@ -80,9 +80,9 @@ class StructRegistry:
     def is_struct(self, type_name: str) -> bool:
         return self.resolve(type_name)[0] in self._decls
 
-    def ctype(self, member: Member) -> type[ctypes._CData]:  # type: ignore[name-defined]
+    def ctype(self, member: Member) -> type[ctypes._CData]:
         base, _ = self.resolve(member.type)
-        t: type[ctypes._CData]  # type: ignore[name-defined]
+        t: type[ctypes._CData]
         if base == "char":
             t = ctypes.c_char
         elif base in _SCALARS:
@@ -91,7 +91,7 @@ class StructRegistry:
             t = self.struct(base)
         else:
             raise LayoutError(f"unknown type {member.type!r} of member {member.name!r}")
-        return t * member.count if member.count is not None else t  # type: ignore[no-any-return]
+        return t * member.count if member.count is not None else t
 
     def struct(self, name: str) -> type[ctypes.Structure]:
         if name not in self._ctypes:

@@ -168,7 +168,8 @@ def gadget_data(batch: Batch) -> list[bytes]:
     return [length_delimited(_TAG_DATA, de) for de in data_elements(batch)]
 
 
-def array_events(batch: Batch, first_seq: int, ds_id: int, max_per_packet: int) -> tuple[bytes, int]:
+def array_events(batch: Batch, first_seq: int, ds_id: int,
+                 max_per_packet: int) -> tuple[bytes, int]:
     """Framed ``GadgetEvent``s each carrying up to ``max_per_packet`` records as a
     ``GadgetDataArray``; returns the bytes and how many packets (seq values) were used."""
     n = len(batch)

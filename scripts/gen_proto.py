@@ -50,8 +50,8 @@ def main() -> int:
         generate(Path(tmp))
         fresh = Path(tmp) / "api" / "_gen"
         if args.check:
-            stale = [n for n in OUTPUTS
-                     if not (GEN / n).exists() or not filecmp.cmp(fresh / n, GEN / n, shallow=False)]
+            stale = [n for n in OUTPUTS if not (GEN / n).exists()
+                     or not filecmp.cmp(fresh / n, GEN / n, shallow=False)]
             if stale:
                 print(f"stale generated files: {stale}; run scripts/gen_proto.py", file=sys.stderr)
                 return 1

@@ -121,7 +121,7 @@ def _bytes_equal(f: Field, c: Condition) -> Callable[[Batch], Mask]:
             eq = np.all(rows[:, f.offs:end] == pattern, axis=1)
             if len(want) < f.size:
                 eq &= rows[:, end] == 0
-            return ~eq if negate else eq
+            return np.asarray(~eq if negate else eq, dtype=bool)
         return fixed
 
     def general(batch: Batch) -> Mask:

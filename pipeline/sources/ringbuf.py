@@ -10,6 +10,7 @@ a whole run of them is one 2-D numpy view: one Python call drains thousands of r
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import re
 import struct
@@ -74,7 +75,7 @@ class RingReader:
         except OSError as e:
             raise RingError(f"cannot mmap ring fd {map_fd}: {e}") from e
         self._data: npt.NDArray[np.uint8] = np.frombuffer(self._data_map, dtype=np.uint8)
-        self._consumer = _POS.unpack_from(self._cons_map, 0)[0]
+        self._consumer: int = _POS.unpack_from(self._cons_map, 0)[0]
         self._stride = HEADER + _round8(record_size) if record_size else 0
         self.records_read = 0
         self.discarded = 0
@@ -88,7 +89,7 @@ class RingReader:
 
     @property
     def pending_bytes(self) -> int:
-        return self.producer - self._consumer
+        return self.producer - int(self._consumer)
 
     def _advance(self, to: int) -> None:
         self._consumer = to
@@ -153,10 +154,9 @@ class RingReader:
             m = getattr(self, name, None)
             if m is not None and not m.closed:
                 self._data = np.empty(0, dtype=np.uint8)
-                try:
+                # A view still alive keeps the mapping until its last reference goes.
+                with contextlib.suppress(BufferError):
                     m.close()
-                except BufferError:
-                    pass  # a view is still alive; the mapping goes with the last reference
         self._data = np.empty(0, dtype=np.uint8)
 
 

@@ -102,7 +102,8 @@ class TracerSource:
             if isinstance(value, bool):
                 flags.append(f"-D{macro}={int(value)}")
             elif isinstance(value, int):
-                flags.append(f"-D{macro}={value}ULL" if value > 0x7FFFFFFF else f"-D{macro}={value}")
+                suffix = "ULL" if value > 0x7FFFFFFF else ""
+                flags.append(f"-D{macro}={value}{suffix}")
             else:
                 if not _SAFE_COMM.match(str(value)):
                     raise SourceError(f"{p.full_key}: {value!r} must be 1-15 characters of "
@@ -200,7 +201,8 @@ class TracerSource:
         if self._bpf is None:
             return self._lost_base
         try:
-            return sum(read_lost(self._bpf["gadget_lost"], i + 1) for i in range(len(self._readers)))
+            return sum(read_lost(self._bpf["gadget_lost"], i + 1)
+                       for i in range(len(self._readers)))
         except KeyError:
             return 0
 

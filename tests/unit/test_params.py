@@ -18,7 +18,7 @@ def test_defaults_and_types() -> None:
 
 
 def test_unknown_owned_key_suggests_the_near_miss() -> None:
-    with pytest.raises(ParamError, match="did you mean 'operator.oci.ebpf.failed'"):
+    with pytest.raises(ParamError, match=r"did you mean 'operator\.oci\.ebpf\.failed'"):
         resolve(SPECS, {"operator.oci.ebpf.faild": "true"}, OWNED)
 
 

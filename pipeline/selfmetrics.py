@@ -1,0 +1,311 @@
+"""The daemon's Prometheus endpoint: self-metrics from the ledger and the live runs, plus the
+gadget metrics of the ``prometheus`` sink.
+
+Nothing is counted twice: the hot path only increments the ledger (a dict per batch) and the
+runners' integers; a ``Collector`` turns them into metric families when Prometheus scrapes.
+The registry is the daemon's own (never prometheus_client's global one), and ``/metrics`` is
+served from the event loop by a small asyncio HTTP server, so collectors read the loop's state
+without threads racing it.
+
+Families (labels in braces; ``gadget_instance`` rather than ``instance``, which Prometheus
+sets on every scraped series itself):
+
+- ``gadgetpipe_records_produced_total{gadget_instance,stage}``, ``…_delivered_total``,
+  ``…_dropped_total{…,reason}``, ``…_retried_total``: the ledger, per stage
+  (``source``, ``kernel``, ``filter``, ``grpc:<peer>``, ``sink:<name>``);
+- ``gadgetpipe_kernel_lost_records_total{gadget_instance}``: ring-buffer losses;
+- ``gadgetpipe_queue_depth_records{gadget_instance,edge}`` and ``…_capacity_records``;
+- ``gadgetpipe_sink_up{gadget_instance,sink}`` (0 while retrying),
+  ``gadgetpipe_sink_errors_total``, ``gadgetpipe_sink_retries_total``,
+  ``gadgetpipe_sink_inflight_records``;
+- ``gadgetpipe_grpc_streams_open``, ``gadgetpipe_runs_active``,
+  ``gadgetpipe_instances{status}``, ``gadgetpipe_build_info{version}``;
+- ``process_*`` of the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
+from pipeline.sinks.base import OUTCOME_RETRIED, SinkRunner, SinkState
+
+__all__ = ["DEFAULT_LISTEN", "MetricsServer", "SelfMetricsCollector", "parse_listen"]
+
+_logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+DEFAULT_LISTEN = "127.0.0.1:2224"
+STAGE_KERNEL = "kernel"
+_SANITIZE = re.compile(r"[^a-zA-Z0-9_]")
+_MAX_REQUEST_HEAD = 16 << 10
+_READ_TIMEOUT = 10.0
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics listen address {listen!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+def _runs(ctx: Any) -> list[Any]:
+    """Runs the daemon knows: those with sinks attached (every run gets an attachment) and
+    the instance manager's, without duplicates."""
+    seen: dict[int, Any] = {}
+    sinks = getattr(ctx, "sinks", None)
+    for a in (sinks.attached() if sinks is not None else ()):
+        seen.setdefault(id(a.run), a.run)
+    runs_fn = getattr(getattr(ctx, "instances", None), "runs", None)
+    if callable(runs_fn):
+        with contextlib.suppress(Exception):
+            for r in runs_fn():
+                seen.setdefault(id(r), r)
+    return list(seen.values())
+
+
+def _runners(ctx: Any) -> Iterable[SinkRunner]:
+    sinks = getattr(ctx, "sinks", None)
+    for a in (sinks.attached() if sinks is not None else ()):
+        yield from a.runners
+
+
+class SelfMetricsCollector(Collector):
+    """The ledger and the live runs as metric families, built at scrape time.
+
+    Args:
+        ledger: the daemon's loss ledger.
+        ctx: the service context (``sinks``, ``instances`` are read if present).
+    """
+
+    def __init__(self, ledger: Ledger, ctx: Any = None) -> None:
+        self._ledger = ledger
+        self._ctx = ctx
+
+    def _ledger_families(self) -> Iterator[Metric]:
+        produced = CounterMetricFamily("gadgetpipe_records_produced",
+                                       "Records offered to a stage", labels=("gadget_instance",
+                                                                            "stage"))
+        delivered = CounterMetricFamily("gadgetpipe_records_delivered",
+                                        "Records a stage handed on or delivered to its peer",
+                                        labels=("gadget_instance", "stage"))
+        dropped = CounterMetricFamily("gadgetpipe_records_dropped",
+                                      "Records a stage dropped, by reason",
+                                      labels=("gadget_instance", "stage", "reason"))
+        retried = CounterMetricFamily("gadgetpipe_records_retried",
+                                      "Records of failed sends that were tried again",
+                                      labels=("gadget_instance", "stage"))
+        kernel = CounterMetricFamily("gadgetpipe_kernel_lost_records",
+                                     "Records the BPF ring buffer could not hold",
+                                     labels=("gadget_instance",))
+        others: dict[str, CounterMetricFamily] = {}
+        for key, value in self._ledger.items():
+            v = float(value)
+            if key.outcome == PRODUCED:
+                produced.add_metric((key.instance, key.stage), v)
+            elif key.outcome == DELIVERED:
+                delivered.add_metric((key.instance, key.stage), v)
+            elif key.outcome == DROPPED:
+                dropped.add_metric((key.instance, key.stage, key.reason), v)
+                if key.stage == STAGE_KERNEL:
+                    kernel.add_metric((key.instance,), v)
+            elif key.outcome == OUTCOME_RETRIED:
+                retried.add_metric((key.instance, key.stage), v)
+            else:
+                name = "gadgetpipe_records_" + _SANITIZE.sub("_", key.outcome)
+                fam = others.get(name)
+                if fam is None:
+                    fam = others[name] = CounterMetricFamily(
+                        name, f"Records with outcome {key.outcome}",
+                        labels=("gadget_instance", "stage", "reason"))
+                fam.add_metric((key.instance, key.stage, key.reason), v)
+        yield from (produced, delivered, dropped, retried, kernel, *others.values())
+
+    def _run_families(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("gadgetpipe_queue_depth_records",
+                                  "Records waiting in an edge of a run's fan-out",
+                                  labels=("gadget_instance", "edge"))
+        capacity = GaugeMetricFamily("gadgetpipe_queue_capacity_records",
+                                     "Capacity of an edge in records",
+                                     labels=("gadget_instance", "edge"))
+        streams = 0
+        runs = _runs(self._ctx)
+        for run in runs:
+            fanout = getattr(run, "fanout", None)
+            for edge in (fanout.edges if fanout is not None else ()):
+                labels = (str(run.instance), edge.name)
+                depth.add_metric(labels, float(edge.depth))
+                capacity.add_metric(labels, float(edge.capacity))
+                if edge.name.startswith("grpc:") and not edge.closed:
+                    streams += 1
+        yield depth
+        yield capacity
+        yield GaugeMetricFamily("gadgetpipe_grpc_streams_open",
+                                "gRPC streams receiving a run's records", value=float(streams))
+        yield GaugeMetricFamily("gadgetpipe_runs_active", "Gadget runs in this daemon",
+                                value=float(len(runs)))
+
+    def _sink_families(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("gadgetpipe_sink_up",
+                               "1 while a sink delivers, 0 while it retries or is stopped",
+                               labels=("gadget_instance", "sink"))
+        errors = CounterMetricFamily("gadgetpipe_sink_errors",
+                                     "Failed send attempts of a sink",
+                                     labels=("gadget_instance", "sink"))
+        retries = CounterMetricFamily("gadgetpipe_sink_retries",
+                                      "Send attempts that retried a failed one",
+                                      labels=("gadget_instance", "sink"))
+        inflight = GaugeMetricFamily("gadgetpipe_sink_inflight_records",
+                                     "Records a sink has taken and not yet delivered",
+                                     labels=("gadget_instance", "sink"))
+        for r in _runners(self._ctx):
+            labels = (r.instance, r.sink.name)
+            up.add_metric(labels, 1.0 if r.state is SinkState.RUNNING else 0.0)
+            errors.add_metric(labels, float(r.errors))
+            retries.add_metric(labels, float(r.retries))
+            inflight.add_metric(labels, float(r.inflight))
+        yield from (up, errors, retries, inflight)
+
+    def _instance_families(self) -> Iterator[Metric]:
+        fam = GaugeMetricFamily("gadgetpipe_instances", "Gadget instances by status",
+                                labels=("status",))
+        list_states = getattr(getattr(self._ctx, "instances", None), "list_states", None)
+        if callable(list_states):
+            counts: dict[str, int] = {}
+            try:
+                for state in list_states():
+                    status = str(state[3])
+                    counts[status] = counts.get(status, 0) + 1
+            except Exception:  # a scrape must not fail because one part cannot answer
+                _logger.exception("reading instance states for metrics")
+            for status, n in sorted(counts.items()):
+                fam.add_metric((status,), float(n))
+        yield fam
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("gadgetpipe_build_info", "The daemon's version",
+                                 labels=("version",))
+        info.add_metric((VERSION,), 1.0)
+        yield info
+        yield from self._ledger_families()
+        yield from self._run_families()
+        yield from self._sink_families()
+        yield from self._instance_families()
+
+
+class MetricsServer:
+    """Serves ``/metrics`` from a daemon-owned registry.
+
+    Args:
+        listen: ``host:port`` to bind (port 0 picks a free one; see :attr:`port`).
+        ledger: the daemon's loss ledger.
+        ctx: the service context; its ``sinks`` contribute the gadget-metric collectors.
+    """
+
+    def __init__(self, listen: str, ledger: Ledger, ctx: Any = None) -> None:
+        self.listen = listen
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SelfMetricsCollector(ledger, ctx))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        sinks = getattr(ctx, "sinks", None)
+        for c in (sinks.collectors() if sinks is not None else ()):
+            self.registry.register(c)
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        host, port = parse_listen(self.listen)
+        self._server = await asyncio.start_server(self._serve, host, port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        _logger.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._conns):
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    def render(self, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, bool]:
+        """The exposition for an Accept header: (body, content type, gzipped)."""
+        encoder, content_type = choose_encoder(accept)
+        body: bytes = encoder(self.registry)
+        if "gzip" in accept_encoding and len(body) > 4096:
+            return gzip.compress(body, 5), content_type, True
+        return body, content_type, False
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                        ConnectionError):
+                    return
+                if len(head) > _MAX_REQUEST_HEAD:
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                parts = lines[0].split(" ")
+                if len(parts) != 3:
+                    return
+                method, target, _ = parts
+                headers = {k.strip().lower(): v.strip() for k, _, v in
+                           (ln.partition(":") for ln in lines[1:] if ln)}
+                keep = headers.get("connection", "").lower() != "close"
+                path = target.split("?", 1)[0]
+                extra = ""
+                if method not in ("GET", "HEAD"):
+                    status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+                elif path == "/metrics":
+                    try:
+                        body, ctype, gz = self.render(headers.get("accept", ""),
+                                                      headers.get("accept-encoding", ""))
+                    except Exception:
+                        _logger.exception("rendering metrics")
+                        status, ctype, body = ("500 Internal Server Error", "text/plain",
+                                               b"metrics failed\n")
+                    else:
+                        status = "200 OK"
+                        extra = "Content-Encoding: gzip\r\n" if gz else ""
+                elif path in ("/", "/healthz"):
+                    status, ctype = "200 OK", "text/plain; charset=utf-8"
+                    body = b"gadgetpipe: see /metrics\n" if path == "/" else b"ok\n"
+                else:
+                    status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+                writer.write((f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                              f"Content-Length: {len(body)}\r\n{extra}"
+                              f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+                              ).encode("latin-1"))
+                if method != "HEAD":
+                    writer.write(body)
+                await writer.drain()
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
