@@ -1,0 +1,112 @@
+"""Pins the grpclib behaviour api/stream_writer.py relies on: a pre-framed batch written with
+one ``send_data`` reaches an independent (grpcio) client as separate messages, and HTTP/2 flow
+control stops the writer when the client does not read."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpclib.server import Server, Stream
+
+from api._gen import gadget_service_grpc as svc
+from api._gen import gadget_service_pb2 as pb
+from api._gen import gadget_service_pb2_grpc as rpc
+from api.stream_writer import FramedWriter
+from pipeline import wire
+
+
+class _Manager(svc.GadgetManagerBase):
+    def __init__(self, frames: bytes, repeat: int) -> None:
+        self.frames = frames
+        self.repeat = repeat
+        self.writer: FramedWriter | None = None
+        self.blocked = asyncio.Event()
+
+    async def GetGadgetInfo(self, stream: Stream[Any, Any]) -> None:
+        raise NotImplementedError
+
+    async def RunGadget(self, stream: Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        self.writer = FramedWriter(stream)
+        for _ in range(self.repeat):
+            await self.writer.write(self.frames)
+
+
+def test_grpclib_internals_are_where_the_adapter_expects_them() -> None:
+    from grpclib import protocol, server
+
+    assert "send_data" in dir(protocol.Stream)
+    params = list(inspect.signature(protocol.Stream.send_data).parameters)
+    assert params[:3] == ["self", "data", "end_stream"]
+    assert server.Stream._send_initial_metadata_done is False  # class default, set on send
+    assert "self._stream = stream" in inspect.getsource(server.Stream.__init__)
+
+
+async def _serve(path: Path, manager: _Manager) -> Server:
+    server = Server([manager])
+    await server.start(path=str(path))
+    return server
+
+
+def _read_all(address: str) -> list[pb.GadgetEvent]:
+    with grpc.insecure_channel(address) as ch:
+        stub = rpc.GadgetManagerStub(ch)
+        done = threading.Event()
+
+        def requests() -> Any:
+            yield pb.GadgetControlRequest(runRequest=pb.GadgetRunRequest(imageName="x",
+                                                                         version=1))
+            done.wait(10)
+
+        events = list(stub.RunGadget(requests()))
+        done.set()
+        return events
+
+
+async def test_one_write_of_many_framed_messages_reaches_grpcio_as_separate_messages(
+        tmp_path: Path) -> None:
+    frames = b"".join(wire.grpc_frame(wire.gadget_event(0, i, b"x" * 300)) for i in range(1, 1001))
+    manager = _Manager(frames, 3)
+    server = await _serve(tmp_path / "s.sock", manager)
+    try:
+        events = await asyncio.to_thread(_read_all, f"unix://{tmp_path / 's.sock'}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [e.seq for e in events] == list(range(1, 1001)) * 3
+    assert all(e.payload == b"x" * 300 for e in events)
+
+
+async def test_flow_control_stops_the_writer_when_the_client_does_not_read(
+        tmp_path: Path) -> None:
+    frames = b"".join(wire.grpc_frame(wire.gadget_event(0, i, b"y" * 1000)) for i in range(1000))
+    manager = _Manager(frames, 200)  # ~200 MB if nothing pushed back
+    server = await _serve(tmp_path / "s.sock", manager)
+    channel = grpc.insecure_channel(f"unix://{tmp_path / 's.sock'}")
+    try:
+        stub = rpc.GadgetManagerStub(channel)
+        release = threading.Event()
+
+        def requests() -> Any:
+            yield pb.GadgetControlRequest(runRequest=pb.GadgetRunRequest(imageName="x",
+                                                                         version=1))
+            release.wait(30)
+
+        call = stub.RunGadget(requests())  # started, never iterated: the client reads nothing
+        await asyncio.sleep(1.5)
+        assert manager.writer is not None
+        stalled_at = manager.writer.bytes_written
+        await asyncio.sleep(1.0)
+        assert manager.writer.bytes_written == stalled_at, "writer kept going: no back-pressure"
+        assert stalled_at < 32 << 20
+        call.cancel()
+        release.set()
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
