@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from pipeline.batch import Batch
 from pipeline.gadget import BPF_INCLUDE_DIR, RUNTIME_PREFIX, GadgetSpec
 from pipeline.schema import DataSourceSchema, FieldFlag
 from pipeline.sources.base import Emit, Log, SourceError
-from pipeline.sources.ringbuf import RingReader, read_lost
+from pipeline.sources.ringbuf import RingReader, RingWakeups, read_lost
 
 if TYPE_CHECKING:
     from bcc import BPF
@@ -26,6 +27,10 @@ _logger = logging.getLogger(__name__)
 _ATTACH_FAIL = re.compile(r"to tracepoint b?'?([\w:]+)")
 _SAFE_COMM = re.compile(r"^[\w .:/@+-]{1,15}$")
 PAGE = 4096
+COMPILE_LOCK = threading.Lock()
+"""Held around every ``bcc.BPF()`` compile: libbcc's clang/LLVM is not thread-safe, and runs
+starting together (a config's instances, a client's run) compile in worker threads at once
+(seen: segfaults and spurious 'linux/types.h not found')."""
 
 
 def import_bcc() -> Any:
@@ -80,6 +85,7 @@ class TracerSource:
         self._readers: list[tuple[DataSourceSchema, RingReader]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._wakeups: RingWakeups | None = None
         self._stopping = False
         self._emit: Emit | None = None
         self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.002)
@@ -118,14 +124,17 @@ class TracerSource:
         self._bpf = await asyncio.to_thread(self._load)
         self._ts_offset = boot_to_wall_offset_ns()
         loop = asyncio.get_running_loop()
-        for _, reader in self._readers:
-            loop.add_reader(reader.fileno(), self._wake.set)
+        # Not the rings' own fds: once woken, those stay level-readable while any record is
+        # pending, and the timed drain would become a busy loop of ~10-record batches.
+        self._wakeups = RingWakeups(reader.fileno() for _, reader in self._readers)
+        loop.add_reader(self._wakeups.fileno(), self._on_wakeup)
         self._task = asyncio.create_task(self._pump(), name=f"drain:{self._spec.name}")
 
     def _load(self) -> BPF:
         bcc = import_bcc()
         try:
-            bpf = bcc.BPF(src_file=str(self._spec.program).encode(), cflags=self._cflags)
+            with COMPILE_LOCK:
+                bpf = bcc.BPF(src_file=str(self._spec.program).encode(), cflags=self._cflags)
         except Exception as e:  # bcc raises bare Exception for every failure
             msg = str(e)
             m = _ATTACH_FAIL.search(msg)
@@ -181,13 +190,18 @@ class TracerSource:
                     break
         return out
 
+    def _on_wakeup(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.consume()
+        self._wake.set()
+
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._emit is not None
         while not self._stopping:
+            self._wake.clear()  # a wake-up while emitting drains again at once
             for batch in self._drain_once():
                 await self._emit(batch)
-            self._wake.clear()
             handle = loop.call_later(self._interval, self._wake.set)
             await self._wake.wait()
             handle.cancel()
@@ -230,8 +244,11 @@ class TracerSource:
                                       for i in range(len(self._readers)))
         finally:
             loop = asyncio.get_running_loop()
+            if self._wakeups is not None:
+                loop.remove_reader(self._wakeups.fileno())
+                self._wakeups.close()
+                self._wakeups = None
             for _, reader in self._readers:
-                loop.remove_reader(reader.fileno())
                 reader.close()
             self._readers.clear()
             bpf.cleanup()  # closes the program fds: nothing stays attached

@@ -17,6 +17,6 @@ static __always_inline void gadget_count_lost(__u32 ring_idx)
 	__u64 *v = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, -(GADGET_NUM_RINGS + 1)), &key);
 
 	if (v)
-		(*v)++;
+		__sync_fetch_and_add(v, 1); /* a nested program on this CPU may count too */
 }
 #endif
