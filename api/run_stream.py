@@ -23,7 +23,7 @@ from pipeline import wire
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed
 from pipeline.params import ParamSpec
-from pipeline.schema import DataSourceSchema
+from pipeline.schema import DataSourceSchema, DataSourceType
 
 _logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class StreamSink:
                 pos, batch = await self._edge.get()
             except EdgeClosed:
                 return
-            if self._layout.batch_max:
+            if self._layout.batch_max == 0 and batch.schema.type == DataSourceType.ARRAY:
+                await self._send_array_batch(batch)
+            elif self._layout.batch_max:
                 batches = [(pos, batch)]
                 if len(batch) < self._layout.batch_max:
                     await self._linger(batches)
@@ -114,6 +116,21 @@ class StreamSink:
     async def _send_records(self, pos: int, batch: Batch) -> None:
         ds_id = self._layout.ids[batch.schema.name]
         data = wire.per_record_events(batch, self._seq_offset + pos + 1, ds_id)
+        async with self._lock:
+            await self._writer.write(data)
+        self._edge.delivered(len(batch))
+        self.records_sent += len(batch)
+
+    async def _send_array_batch(self, batch: Batch) -> None:
+        """An array data source's batch (a snapshot, one top interval) as one
+        ``GadgetDataArray`` packet, split only where it would pass the message limit. Its seq
+        counts packets (array-only gadgets; per-record seqs are record positions)."""
+        ds_id = self._layout.ids[batch.schema.name]
+        widest = batch.schema.record_size + 16 + max(
+            (sum(len(col[i]) + 6 for col in batch.extra) for i in range(len(batch))), default=0)
+        cap = max(1, (MAX_MESSAGE - _MESSAGE_MARGIN) // widest)
+        data, packets = wire.array_events(batch, self._seq_offset + self._packets + 1, ds_id, cap)
+        self._packets += packets
         async with self._lock:
             await self._writer.write(data)
         self._edge.delivered(len(batch))

@@ -27,7 +27,10 @@ def column(batch: Batch, f: Field) -> npt.NDArray[Any]:
             return np.zeros(0, dtype=NUMPY_DTYPE[kind])
         col = np.ascontiguousarray(raw).view(NUMPY_DTYPE[kind]).reshape(-1)
     else:
-        data = b"".join(batch.extra[f.payload_index - 1])
+        entries = batch.extra[f.payload_index - 1]
+        # size > 0: a static member of a struct in a further payload (a map iterator's value).
+        data = b"".join(b[f.offs: f.offs + width] for b in entries) if f.size else \
+            b"".join(entries)
         col = np.frombuffer(data, dtype=NUMPY_DTYPE[kind])
     if kind is Kind.BOOL:
         return np.asarray(col == 1)

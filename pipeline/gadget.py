@@ -149,6 +149,19 @@ def _apply_annotations(fields: list[Field], raw: Mapping[str, Any]) -> list[Fiel
     return out
 
 
+def _key_value_fields(structs: StructRegistry, key: str, value: str) -> tuple[list[Field], int]:
+    """Fields of a key struct (payload 0, tagged ``role:key``) then of a value struct
+    (payload 1), numbered as one list; the size is the key's (payload 0)."""
+    key_fields, key_size = structs.fields(key, 0)
+    key_fields = [replace(f, tags=(*f.tags, "role:key")) for f in key_fields]
+    value_fields, _ = structs.fields(value, 1)
+    shift = len(key_fields)
+    value_fields = [replace(f, index=f.index + shift,
+                            parent=None if f.parent is None else f.parent + shift)
+                    for f in value_fields]
+    return [*key_fields, *value_fields], key_size
+
+
 def load_spec(folder: Path) -> GadgetSpec:
     """Reads one gadget folder; raises GadgetError naming the file and the problem."""
     path = folder / "gadget.yaml"
@@ -166,13 +179,19 @@ def load_spec(folder: Path) -> GadgetSpec:
         struct = ds.get("struct")
         if not struct:
             raise GadgetError(f"{path}: data source {ds_name!r} names no struct")
-        fields, size = structs.fields(struct)
+        payloads = 1
+        if ds.get("key"):
+            # Map iterators (top gadgets): payload 0 = key struct, payload 1 = value struct.
+            fields, size = _key_value_fields(structs, ds["key"], struct)
+            payloads = 2
+        else:
+            fields, size = structs.fields(struct)
         fields = _apply_annotations(fields, ds.get("fields") or {})
         ann = {k: str(v) for k, v in (ds.get("annotations") or {}).items()}
         ds_type = DataSourceType.ARRAY if ds.get("type") == "array" else DataSourceType.SINGLE
         datasources.append(DataSourceSchema(
             name=ds_name, type=ds_type, fields=tuple(fields), record_size=size,
-            tags=tuple(ds.get("tags", ())), annotations=ann))
+            payload_count=payloads, tags=tuple(ds.get("tags", ())), annotations=ann))
         struct_names[ds_name] = struct
     params = _param_specs(meta.get("params") or {}, folder.name)
     if meta.get("filters", True):

@@ -24,7 +24,8 @@ _SCALARS: Mapping[str, tuple[type[ctypes._SimpleCData], Kind]] = {  # type: igno
     "f32": (ctypes.c_float, Kind.FLOAT32), "f64": (ctypes.c_double, Kind.FLOAT64),
 }
 
-_MEMBER = re.compile(r"^\s*(?:struct\s+)?(?P<type>\w+)\s+(?P<name>\w+)\s*(?:\[(?P<n>\d+)\])?\s*$")
+_MEMBER = re.compile(r"^\s*(?:(?:struct|union)\s+)?(?P<type>\w+)\s+(?P<name>\w+)\s*"
+                     r"(?:\[(?P<n>\d+)\])?\s*$")
 
 DEFAULT_ANNOTATIONS: Mapping[str, str] = {
     "columns.width": "16", "columns.ellipsis": "end", "columns.alignment": "left",
@@ -56,7 +57,8 @@ class StructRegistry:
                  structs: Mapping[str, Sequence[str]] | None = None) -> None:
         self._typedefs: dict[str, str] = dict(typedefs or {})
         self._decls: dict[str, list[Member]] = {}
-        self._ctypes: dict[str, type[ctypes.Structure]] = {}
+        self._ctypes: dict[str, type[ctypes.Structure | ctypes.Union]] = {}
+        self._unions: set[str] = set()
         for name, members in (structs or {}).items():
             self.add_struct(name, members)
 
@@ -64,6 +66,14 @@ class StructRegistry:
         self._typedefs[name] = target
 
     def add_struct(self, name: str, members: Sequence[str]) -> None:
+        """Declares a struct, or a union when ``name`` reads ``union <name>`` (members then
+        overlap at offset 0, e.g. upstream's ``union gadget_ip_addr_t { u8 v6[16]; u32 v4; }``)."""
+        keyword, _, tag = name.partition(" ")
+        if keyword == "union" and tag:
+            name = tag.strip()
+            self._unions.add(name)
+        else:
+            self._unions.discard(name)
         self._decls[name] = [parse_member(m) for m in members]
         self._ctypes.pop(name, None)
 
@@ -93,12 +103,13 @@ class StructRegistry:
             raise LayoutError(f"unknown type {member.type!r} of member {member.name!r}")
         return t * member.count if member.count is not None else t
 
-    def struct(self, name: str) -> type[ctypes.Structure]:
+    def struct(self, name: str) -> type[ctypes.Structure | ctypes.Union]:
         if name not in self._ctypes:
             if name not in self._decls:
                 raise LayoutError(f"unknown struct {name!r}")
             fields = [(m.name, self.ctype(m)) for m in self._decls[name]]
-            self._ctypes[name] = type(name, (ctypes.Structure,), {"_fields_": fields})
+            base = ctypes.Union if name in self._unions else ctypes.Structure
+            self._ctypes[name] = type(name, (base,), {"_fields_": fields})
         return self._ctypes[name]
 
     def members(self, name: str) -> list[Member]:

@@ -13,6 +13,7 @@ from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.graph import Edge, Fanout, Overflow
 from pipeline.ledger import Ledger
 from pipeline.operators import Operator, OperatorError
+from pipeline.operators import enrich as enrich_op
 from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec, resolve
@@ -31,9 +32,10 @@ OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
               tags=("group:Data Filtering",)),
     ParamSpec("fields", "operator.fields.", "Fields to announce and emit: a,b or ds:a,b;ds2:c",
               "", "string", tags=("group:Data Manipulation",)),
+    *enrich_op.PARAMS,
 )
 OWNED_PREFIXES: tuple[str, ...] = (EBPF_PREFIX, RUNTIME_PREFIX, "operator.filter.",
-                                   "operator.fields.")
+                                   "operator.fields.", enrich_op.PREFIX)
 
 LogListener = Callable[[int, str], None]
 
@@ -45,6 +47,10 @@ class RunError(ValueError):
 def build_operators(values: Mapping[str, Any],
                     schemas: list[DataSourceSchema]) -> list[Operator]:
     ops: list[Operator] = []
+    if enrich_op.wanted(values):
+        # First, as upstream enriches before filtering: later operators see the new fields.
+        ops.append(enrich_op.Enrich(values, schemas))
+        schemas = [ops[-1].output_schema(s) for s in schemas]
     if values.get("operator.filter.filter"):
         ops.append(filter_op.Filter(values["operator.filter.filter"], schemas))
     if values.get("operator.fields.fields"):

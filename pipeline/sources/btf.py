@@ -360,7 +360,68 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     # Only with CONFIG_AUDIT (or CONFIG_AUDITSYSCALL on older kernels).
     ("GADGET_OFF_TASK_LOGINUID", "task_struct", "loginuid.val", 4, False),
     ("GADGET_OFF_TASK_SESSIONID", "task_struct", "sessionid", 4, False),
+    # Optional: gadgets that read them #error without them (snapshot_process, trace_capabilities,
+    # top_file); a kernel lacking one must still run the gadgets that do not.
+    ("GADGET_OFF_TASK_REAL_CRED", "task_struct", "real_cred", None, False),
+    ("GADGET_OFF_TASK_START_BOOTTIME", "task_struct", "start_boottime", 8, False),
+    ("GADGET_OFF_TASK_FILES", "task_struct", "files", None, False),
+    ("GADGET_OFF_CRED_UID", "cred", "uid", 4, False),
+    ("GADGET_OFF_CRED_GID", "cred", "gid", 4, False),
+    ("GADGET_OFF_CRED_CAP_EFFECTIVE", "cred", "cap_effective", 8, False),
+    ("GADGET_OFF_CRED_USER_NS", "cred", "user_ns", None, False),
+    ("GADGET_OFF_USER_NS_INUM", "user_namespace", "ns.inum", 4, False),
+    ("GADGET_OFF_FILES_FDT", "files_struct", "fdt", None, False),
+    ("GADGET_OFF_FDTABLE_MAX_FDS", "fdtable", "max_fds", 4, False),
+    ("GADGET_OFF_FDTABLE_FD", "fdtable", "fd", None, False),
+    ("GADGET_OFF_FILE_INODE", "file", "f_inode", None, False),
+    ("GADGET_OFF_FILE_DENTRY", "file", "f_path.dentry", None, False),
+    ("GADGET_OFF_DENTRY_NAME", "dentry", "d_name.name", None, False),
+    ("GADGET_OFF_INODE_INO", "inode", "i_ino", 8, False),
+    ("GADGET_OFF_INODE_MODE", "inode", "i_mode", 2, False),
+    ("GADGET_OFF_INODE_SB", "inode", "i_sb", None, False),
+    ("GADGET_OFF_SB_DEV", "super_block", "s_dev", 4, False),
+    ("GADGET_OFF_TASK_FLAGS", "task_struct", "flags", 4, False),
+    # x86_64 only: the syscall number in the registers saved at syscall entry.
+    ("GADGET_OFF_PT_REGS_ORIG_AX", "pt_regs", "orig_ax", 8, False),
+    # Optional, for the socket gadgets (bpf/gadget_net.h: trace_tcp, trace_bind): fd -> file ->
+    # socket -> sock, and the sock's addresses, ports, netns and options.
+    ("GADGET_OFF_FILE_PRIVATE_DATA", "file", "private_data", None, False),
+    ("GADGET_OFF_SOCKET_FILE", "socket", "file", None, False),
+    ("GADGET_OFF_SOCKET_SK", "socket", "sk", None, False),
+    ("GADGET_OFF_SK_DADDR", "sock", "__sk_common.skc_daddr", 4, False),
+    ("GADGET_OFF_SK_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr", 4, False),
+    ("GADGET_OFF_SK_DPORT", "sock", "__sk_common.skc_dport", 2, False),
+    ("GADGET_OFF_SK_NUM", "sock", "__sk_common.skc_num", 2, False),
+    ("GADGET_OFF_SK_FAMILY", "sock", "__sk_common.skc_family", 2, False),
+    ("GADGET_OFF_SK_BOUND_DEV_IF", "sock", "__sk_common.skc_bound_dev_if", 4, False),
+    ("GADGET_OFF_SK_NET", "sock", "__sk_common.skc_net.net", None, False),
+    ("GADGET_OFF_SK_V6_DADDR", "sock", "__sk_common.skc_v6_daddr", 16, False),
+    ("GADGET_OFF_SK_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr", 16, False),
+    ("GADGET_OFF_SK_PROTOCOL", "sock", "sk_protocol", 2, False),
+    ("GADGET_OFF_SK_ERR", "sock", "sk_err", 4, False),
+    ("GADGET_OFF_INET_SPORT", "inet_sock", "inet_sport", 2, False),
+    ("GADGET_OFF_INET_FLAGS", "inet_sock", "inet_flags", 8, False),  # since 6.6
+    ("GADGET_OFF_NET_NS_INUM", "net", "ns.inum", 4, False),
 )
+
+# Optional bitfields: (macro suffix, struct, member path) -> GADGET_BIT_<suffix> (bit offset from
+# the struct's start) and GADGET_BITS_<suffix> (width); gadget_net.h reads the enclosing byte.
+_BITFIELDS: tuple[tuple[str, str, str], ...] = (
+    ("SK_REUSE", "sock", "__sk_common.skc_reuse"),
+    ("SK_REUSEPORT", "sock", "__sk_common.skc_reuseport"),
+)
+
+
+def _bitfield(btf: KernelBTF, struct_name: str, path: str) -> tuple[int, int] | None:
+    """(bit offset, width) of a bitfield member, or None when no struct has it."""
+    for tid in btf._struct_ids(struct_name):
+        try:
+            bits, _, width = btf._member_path(tid, struct_name, path.split("."))
+        except BTFError:
+            continue
+        if width:
+            return bits, width
+    return None
 
 
 def task_offsets(btf: KernelBTF) -> dict[str, int]:
@@ -385,6 +446,10 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
             raise BTFError(f"{struct_name}.{path} is {actual} bytes in the running kernel; "
                            f"gadget_types.h reads {want}")
         offsets[macro] = offset
+    for suffix, struct_name, path in _BITFIELDS:
+        bit = _bitfield(btf, struct_name, path)
+        if bit is not None:
+            offsets[f"GADGET_BIT_{suffix}"], offsets[f"GADGET_BITS_{suffix}"] = bit
     return offsets
 
 

@@ -1,0 +1,104 @@
+// trace_capabilities: one record per capability check, from tracepoint capability:cap_capable
+// (it fires when cap_capable() returns, with the verdict). Tracepoints only.
+//
+// The `cap`, `syscall` and `kstack` strings are filled in user space (hooks.py) from cap_raw,
+// syscall_raw and kstack_raw; the program leaves them as they are.
+#include "gadget.h"
+
+#if !defined(GADGET_OFF_TASK_REAL_CRED) || !defined(GADGET_OFF_CRED_USER_NS) || \
+    !defined(GADGET_OFF_USER_NS_INUM) || !defined(GADGET_OFF_CRED_CAP_EFFECTIVE) || \
+    !defined(GADGET_OFF_TASK_FLAGS)
+#error "trace_capabilities needs the cred/user_namespace offsets from pipeline.sources.btf"
+#endif
+
+#ifndef GADGET_UNIQUE
+#define GADGET_UNIQUE 0
+#endif
+#ifndef GADGET_COLLECT_KSTACK
+#define GADGET_COLLECT_KSTACK 1
+#endif
+
+#define PF_KTHREAD 0x00200000
+
+struct event {
+    gadget_timestamp timestamp_raw;
+    struct gadget_process proc;
+    __u64 current_userns;
+    __u64 target_userns;
+    __u64 cap_effective_raw;
+    __u32 cap_raw;
+    bool capable;
+    __s32 audit;
+    __s32 insetid;
+    __u64 syscall_raw;
+    __u32 kstack_raw;
+    char cap[24];
+    char syscall[32];
+    char kstack[512];
+};
+
+struct unique_key {
+    __u64 mntns_id;
+    __s32 cap;
+    __u32 pad;
+};
+
+GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
+#include "gadget_lost.h"
+GADGET_LAYOUT(capabilities, struct event);
+BPF_STACK_TRACE(kstacks, 8192);
+BPF_HASH(seen, struct unique_key, __u8, 10240);
+
+TRACEPOINT_PROBE(capability, cap_capable)
+{
+    __u64 task = bpf_get_current_task();
+    __u64 real_cred = gadget_read_u64(task, GADGET_OFF_TASK_REAL_CRED);
+
+    // Subjective credentials overridden (override_creds(), e.g. overlayfs copy-up): the check
+    // is not the task's own, as upstream skips it too.
+    if ((__u64)args->cred != real_cred)
+        return 0;
+    if (gadget_should_discard())
+        return 0;
+    if (GADGET_UNIQUE) {
+        struct unique_key key = {.mntns_id = gadget_get_mntns_id(), .cap = args->cap};
+        __u8 one = 1;
+        if (seen.lookup(&key))
+            return 0;
+        seen.update(&key, &one);
+    }
+
+    struct event *e = gadget_reserve(events, sizeof(*e));
+    if (!e)
+        return 0;
+    e->timestamp_raw = bpf_ktime_get_boot_ns();
+    gadget_process_populate(&e->proc);
+    __u64 user_ns = gadget_read_u64(real_cred, GADGET_OFF_CRED_USER_NS);
+    e->current_userns = gadget_read_u32(user_ns, GADGET_OFF_USER_NS_INUM);
+    e->target_userns = gadget_read_u32((__u64)args->target_ns, GADGET_OFF_USER_NS_INUM);
+    e->cap_effective_raw = gadget_read_u64(real_cred, GADGET_OFF_CRED_CAP_EFFECTIVE);
+    e->cap_raw = (__u32)args->cap;
+    e->capable = args->ret == 0;
+    // The tracepoint does not carry cap_capable()'s opts: user space infers audit and insetid
+    // from the kernel stack (ns_capable_noaudit(), ns_capable_setid() ...); -1 = unknown.
+    e->audit = -1;
+    e->insetid = -1;
+
+    e->syscall_raw = (__u64)-1;
+#ifdef GADGET_OFF_PT_REGS_ORIG_AX
+    // The syscall this check happens in: orig_ax of the registers saved at syscall entry.
+    // Kernel threads have no syscall.
+    if (!(gadget_read_u32(task, GADGET_OFF_TASK_FLAGS) & PF_KTHREAD)) {
+        __u64 regs = bpf_task_pt_regs(bpf_get_current_task_btf());
+        e->syscall_raw = gadget_read_u64(regs, GADGET_OFF_PT_REGS_ORIG_AX);
+    }
+#endif
+    e->kstack_raw = (__u32)-1;
+    if (GADGET_COLLECT_KSTACK) {
+        int id = kstacks.get_stackid(args, 0);
+        if (id >= 0)
+            e->kstack_raw = (__u32)id;
+    }
+    gadget_submit(events, e);
+    return 0;
+}
