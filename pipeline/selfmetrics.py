@@ -187,7 +187,8 @@ class SelfMetricsCollector(Collector):
             counts: dict[str, int] = {}
             try:
                 for state in list_states():
-                    status = str(state[3])
+                    # an InstanceStatus (``.status``) or an (id, name, gadget, status, message)
+                    status = str(getattr(state, "status", None) or state[3])
                     counts[status] = counts.get(status, 0) + 1
             except Exception:  # a scrape must not fail because one part cannot answer
                 _logger.exception("reading instance states for metrics")

@@ -1,8 +1,12 @@
-"""The sink contract, and the runner that feeds one sink from one run.
+"""The sink contract, the runner that feeds one sink from one run, and the sink-type base.
 
 A sink only encodes and sends (the "where"); :class:`SinkRunner` owns the "when": its bounded
-edge, retries with backoff, and the ledger. A sink never sees a record twice unless it asked for
-a retry, and every record a runner accepted ends as delivered or as a counted drop.
+edge, coalescing of queued batches, retries with backoff, and the ledger. A sink never sees a
+record twice unless it asked for a retry, and every record a runner accepted ends as delivered
+or as a counted drop.
+
+A kind of sink is one module in ``pipeline/sinks`` with a class decorated by
+:func:`register_sink`; the registry finds it by scanning the package (no list to edit).
 """
 
 from __future__ import annotations
@@ -10,31 +14,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+import random
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
 
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import Ledger
 from pipeline.params import ParamSpec
+from pipeline.schema import DataSourceSchema
+
+__all__ = [
+    "OUTCOME_RETRIED",
+    "SINK_MARK",
+    "RetryPolicy",
+    "Sink",
+    "SinkContext",
+    "SinkError",
+    "SinkRunner",
+    "SinkState",
+    "SinkType",
+    "SinkTypeBase",
+    "coalesce",
+    "has_field",
+    "register_sink",
+]
 
 _logger = logging.getLogger(__name__)
 
+OUTCOME_RETRIED = "retried"
+"""Ledger outcome for records whose send failed once and was tried again (not a final fate)."""
+
+DROP_QUEUE_FULL = "queue_full"
+DROP_SEND_FAILED = "send_failed"
+DROP_REJECTED = "rejected"
+DROP_SINK_ERROR = "sink_error"
+DROP_SHUTDOWN = "shutdown"
+
+SINK_MARK = "__gadgetpipe_sink__"
+"""Class attribute :func:`register_sink` sets; the registry collects classes carrying it."""
+
+DROP_LOG_INTERVAL = 10.0
+"""Seconds between two log lines about drops of one sink and reason (the ledger counts all)."""
+
+DEFAULT_MAX_BATCH = 4096
+"""Records one ``write`` may carry after coalescing queued batches."""
+
 
 class SinkError(RuntimeError):
-    """A send failed. ``retryable`` says whether trying again can help."""
+    """A send failed. ``retryable`` says whether trying again can help; ``retry_after`` is
+    the peer's own wish for a delay in seconds (OTLP RetryInfo, HTTP Retry-After)."""
 
-    def __init__(self, message: str, retryable: bool = True) -> None:
+    def __init__(self, message: str, retryable: bool = True,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
-class Status(Enum):
-    DELIVERED = "delivered"
-    ERRORED = "errored"  # transient; the runner retries
-    REJECTED = "rejected"  # permanent; the runner drops and counts
+class SinkState(StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    RETRYING = "retrying"  # the last attempt failed; backing off
+    STOPPED = "stopped"
 
 
 class Sink(Protocol):
@@ -42,99 +89,262 @@ class Sink(Protocol):
 
     Lifecycle: :meth:`start` once, :meth:`write` any number of times (never concurrently),
     :meth:`flush`, :meth:`stop`. ``write`` returns only when the batch is delivered (or raises
-    SinkError): "accepted" is the runner's edge, "delivered" is this await.
+    SinkError): "accepted" is the runner's edge, "delivered" is this await. After a retryable
+    SinkError the runner calls ``write`` again with the *same* batch object, so a sink whose
+    peer may still deliver an earlier attempt (Kafka's idempotent producer) can recognise the
+    retry and wait instead of sending twice.
     """
 
     name: str
 
     async def start(self) -> None: ...
 
-    async def write(self, batch: Batch) -> None: ...
+    async def write(self, batch: Batch) -> int:
+        """Delivers ``batch``; returns how many of its records the peer refused after taking
+        the request (OTLP partial success), normally 0."""
+        ...
 
     async def flush(self, timeout: float) -> bool: ...
 
     async def stop(self, timeout: float) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What a sink may know about the run it serves.
+
+    Args:
+        gadget: the gadget's name (``trace_exec``).
+        instance: the run's ledger label (``instance:<name>``, or ``run-N`` for direct runs).
+        instance_name: a human name for the instance (the label when it has none).
+        node: this daemon's node name.
+        schemas: the run's data sources after its operators.
+        ledger: where the run's records are counted.
+    """
+
+    gadget: str
+    instance: str
+    instance_name: str
+    node: str
+    schemas: tuple[DataSourceSchema, ...]
+    ledger: Ledger
+    instance_id: str = ""
+    """The instance's id (the label when the run has none)."""
+
+    @property
+    def id(self) -> str:
+        return self.instance_id or self.instance
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff; after ``max_attempts`` a batch is dropped and counted."""
+    """Exponential backoff with jitter.
+
+    Args:
+        initial: first delay in seconds.
+        maximum: cap on one delay.
+        max_elapsed: seconds a batch may be retried before it is dropped and counted;
+            0 retries until the sink stops (then the records wait in the bounded edge, and
+            what does not fit is dropped there by its overflow policy).
+        jitter: +/- fraction applied to each delay, so runs do not retry in lockstep.
+    """
 
     initial: float = 0.2
     maximum: float = 5.0
-    max_attempts: int = 8
+    max_elapsed: float = 30.0
+    jitter: float = 0.2
 
     def delay(self, attempt: int) -> float:
-        return min(self.maximum, self.initial * (2 ** (attempt - 1)))
+        base = min(self.maximum, self.initial * 2.0 ** (attempt - 1))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+def coalesce(batches: list[Batch]) -> Batch:
+    """One batch holding the records of ``batches`` (same schema), in order."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    rows = np.concatenate([b.rows for b in batches])
+    extra: tuple[list[bytes], ...] = tuple(
+        [x for b in batches for x in b.extra[i]] for i in range(len(first.extra)))
+    return Batch(first.schema, rows, extra)
 
 
 class SinkRunner:
-    """Feeds one sink from one edge: retries, backoff, ledger, supervised task.
+    """Feeds one sink from one edge: coalescing, retries, backoff, ledger, supervised task.
 
-    Ledger stage ``sink:<name>``: produced (accepted into the edge) = delivered + dropped
-    (reasons: queue_full, send_failed, rejected, shutdown) + still queued.
+    Ledger stage ``sink:<name>`` (the edge's name): produced (offered to the edge) = delivered
+    + dropped (reasons: queue_full, closed, send_failed, rejected, sink_error, shutdown) +
+    still queued + in flight. Outcome ``retried`` counts records of failed attempts that were
+    tried again; it is not a fate.
+
+    Args:
+        sink: the sink to feed.
+        edge: its own edge of the run's fan-out.
+        ledger: the run's ledger.
+        instance: the ledger's instance label.
+        retry: the backoff policy.
+        max_batch: records one write may carry; queued batches of one schema are merged up to
+            it, so a slow peer gets fewer, larger requests instead of falling behind.
+        linger: seconds to wait for more records when a write would carry fewer than
+            ``max_batch`` (0: send what is queued at once).
     """
 
     def __init__(self, sink: Sink, edge: Edge, ledger: Ledger, instance: str,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 linger: float = 0.0) -> None:
         self.sink = sink
         self.edge = edge
         self._ledger = ledger
         self._instance = instance
         self._retry = retry or RetryPolicy()
+        self._max_batch = max(1, max_batch)
+        self._linger = max(0.0, linger)
         self._task: asyncio.Task[None] | None = None
-        self.state = "new"
+        self._held: Batch | None = None
+        self._inflight = 0
+        self._drop_log: dict[str, tuple[float, int]] = {}
+        self.state = SinkState.NEW
         self.last_error: str | None = None
+        self.errors = 0
+        """Failed attempts, retried or not."""
+        self.retries = 0
+        """Attempts that were retries of an earlier failed one."""
 
     @property
     def stage(self) -> str:
         return self.edge.name
 
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def inflight(self) -> int:
+        """Records taken from the edge and not yet delivered or dropped."""
+        return self._inflight + (len(self._held) if self._held is not None else 0)
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
     async def start(self) -> None:
         await self.sink.start()
-        self.state = "running"
+        self.state = SinkState.RUNNING
         self._task = asyncio.create_task(self._loop(), name=f"sink:{self.sink.name}")
+
+    async def _next(self) -> Batch:
+        """The next batch, merged with queued batches of the same schema up to max_batch."""
+        if self._held is not None:
+            first, self._held = self._held, None
+        else:
+            _, first = await self.edge.get()
+        parts = [first]
+        total = len(first)
+        deadline = time.monotonic() + self._linger
+        while total < self._max_batch:
+            item = self.edge.get_nowait()
+            if item is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.edge.closed:
+                    break
+                try:
+                    # Cancelling a waiting get() is safe: it pops only once it has an item.
+                    item = await asyncio.wait_for(self.edge.get(), remaining)
+                except (TimeoutError, EdgeClosed):
+                    break
+            nxt = item[1]
+            if nxt.schema is not first.schema or total + len(nxt) > self._max_batch:
+                self._held = nxt
+                break
+            parts.append(nxt)
+            total += len(nxt)
+        return coalesce(parts)
 
     async def _loop(self) -> None:
         while True:
             try:
-                _, batch = await self.edge.get()
+                batch = await self._next()
             except EdgeClosed:
                 return
+            # Left set when cancelled mid-delivery, so stop() can count those records.
+            self._inflight = len(batch)
             await self._deliver(batch)
+            self._inflight = 0
+
+    def _drop(self, n: int, reason: str) -> None:
+        self._ledger.dropped(self._instance, self.stage, n, reason)
+
+    def _log_drop(self, n: int, reason: str, detail: str) -> None:
+        """Logs drops at most every DROP_LOG_INTERVAL per reason, with the count since the
+        last line: a peer down for an hour must not write a line per batch."""
+        now = time.monotonic()
+        last, pending = self._drop_log.get(reason, (0.0, 0))
+        pending += n
+        if now - last >= DROP_LOG_INTERVAL:
+            _logger.error("sink %s of %s dropped %d records (%s) %s", self.sink.name,
+                          self._instance, pending, reason, detail)
+            self._drop_log[reason] = (now, 0)
+        else:
+            self._drop_log[reason] = (last, pending)
 
     async def _deliver(self, batch: Batch) -> None:
+        n = len(batch)
         attempt = 0
+        started = time.monotonic()
         while True:
             attempt += 1
+            if attempt > 1:
+                self.retries += 1
             try:
-                await self.sink.write(batch)
+                refused = await self.sink.write(batch)
             except SinkError as e:
+                self.errors += 1
                 self.last_error = str(e)
                 if not e.retryable:
-                    self._ledger.dropped(self._instance, self.stage, len(batch), "rejected")
-                    _logger.error("sink %s rejected %d records: %s", self.sink.name, len(batch), e)
+                    self._drop(n, DROP_REJECTED)
+                    self._log_drop(n, DROP_REJECTED, str(e))
+                    self.state = SinkState.RUNNING
                     return
-                if attempt >= self._retry.max_attempts:
-                    self._ledger.dropped(self._instance, self.stage, len(batch), "send_failed")
-                    _logger.error("sink %s dropped %d records after %d attempts: %s",
-                                  self.sink.name, len(batch), attempt, e)
+                elapsed = time.monotonic() - started
+                if self._retry.max_elapsed and elapsed >= self._retry.max_elapsed:
+                    self._drop(n, DROP_SEND_FAILED)
+                    self._log_drop(n, DROP_SEND_FAILED,
+                                   f"after {attempt} attempts in {elapsed:.1f}s: {e}")
+                    self.state = SinkState.RUNNING
                     return
-                self._ledger.add(self._instance, self.stage, "retried", len(batch))
-                self.state = "retrying"
-                await asyncio.sleep(self._retry.delay(attempt))
+                self._ledger.add(self._instance, self.stage, OUTCOME_RETRIED, n)
+                if self.state is not SinkState.RETRYING:
+                    _logger.warning("sink %s: %s; retrying with backoff", self.sink.name, e)
+                self.state = SinkState.RETRYING
+                delay = self._retry.delay(attempt)
+                if e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
+                if self._retry.max_elapsed:
+                    delay = min(delay, max(0.0, self._retry.max_elapsed - elapsed))
+                await asyncio.sleep(delay)
                 continue
             except Exception as e:  # a bug in a sink must not kill the run: count and go on
+                self.errors += 1
                 self.last_error = f"{type(e).__name__}: {e}"
-                self._ledger.dropped(self._instance, self.stage, len(batch), "sink_error")
+                self._drop(n, DROP_SINK_ERROR)
                 _logger.exception("sink %s failed", self.sink.name)
                 return
-            self.state = "running"
-            self.edge.delivered(len(batch))
+            if self.state is SinkState.RETRYING:
+                _logger.info("sink %s delivers again", self.sink.name)
+            self.state = SinkState.RUNNING
+            refused = min(max(0, int(refused or 0)), n)
+            if refused:
+                self._drop(refused, DROP_REJECTED)
+            self.edge.delivered(n - refused)
             return
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Closes the edge, lets the sink send what is queued within ``timeout``, then stops."""
+        """Closes the edge, lets the sink send what is queued within ``timeout``, then stops.
+
+        What is still queued or in flight at the deadline is dropped as ``shutdown``.
+        """
+        deadline = time.monotonic() + timeout
         self.edge.close()
         if self._task is not None:
             try:
@@ -143,11 +353,21 @@ class SinkRunner:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-            self.edge.discard_pending("shutdown")
+            if self._inflight:
+                self._drop(self._inflight, DROP_SHUTDOWN)
+                self._inflight = 0
+        if self._held is not None:
+            self._drop(len(self._held), DROP_SHUTDOWN)
+            self._held = None
+        self.edge.discard_pending(DROP_SHUTDOWN)
+        remaining = max(0.1, deadline - time.monotonic())
         with contextlib.suppress(Exception):
-            await self.sink.flush(timeout)
-        await self.sink.stop(timeout)
-        self.state = "stopped"
+            await self.sink.flush(remaining)
+        try:
+            await asyncio.wait_for(self.sink.stop(remaining), remaining + 1.0)
+        except Exception as e:  # a sink that cannot close cleanly must not block the others
+            _logger.warning("sink %s did not stop cleanly: %s", self.sink.name, e)
+        self.state = SinkState.STOPPED
 
 
 class SinkType(Protocol):
@@ -160,6 +380,135 @@ class SinkType(Protocol):
 
     def enabled(self, values: Mapping[str, Any]) -> bool: ...
 
-    def build(self, values: Mapping[str, Any], context: Mapping[str, Any]) -> Sink: ...
+    def build(self, values: Mapping[str, Any], context: SinkContext) -> Sink: ...
 
     def edge_settings(self, values: Mapping[str, Any]) -> tuple[int, Overflow]: ...
+
+    def retry_policy(self, values: Mapping[str, Any]) -> RetryPolicy: ...
+
+    def check(self, values: Mapping[str, Any],
+              schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None: ...
+
+    async def close(self) -> None: ...
+
+
+KEY_ENABLE = "enable"
+KEY_CAPACITY = "queue-capacity"
+KEY_OVERFLOW = "overflow"
+KEY_RETRY = "retry-timeout"
+KEY_MAX_BATCH = "max-batch"
+
+
+class SinkTypeBase:
+    """Common params and plumbing for sink types; subclasses set ``name``, list their own
+    params in :meth:`own_params` and implement :meth:`build`.
+
+    Every type gets ``operator.<name>.enable``, ``.queue-capacity``, ``.overflow``,
+    ``.retry-timeout`` and ``.max-batch``. Values handed to :meth:`build` are the run's
+    resolved params; :meth:`own` strips the prefix.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_capacity: ClassVar[int] = 16384
+    default_overflow: ClassVar[Overflow] = Overflow.DROP_NEWEST
+    default_retry_timeout: ClassVar[str] = "30s"
+    default_max_batch: ClassVar[int] = DEFAULT_MAX_BATCH
+    group: ClassVar[str] = "group:Sinks"
+
+    @property
+    def prefix(self) -> str:
+        return f"operator.{self.name}."
+
+    def own_params(self) -> tuple[ParamSpec, ...]:
+        return ()
+
+    def param(self, key: str, description: str, default: str = "",
+              type_hint: str = "string", possible: tuple[str, ...] = (),
+              advanced: bool = False) -> ParamSpec:
+        tags = (self.group, "advanced") if advanced else (self.group,)
+        return ParamSpec(key, self.prefix, description, default, type_hint,
+                         possible_values=possible, tags=tags)
+
+    def params(self) -> tuple[ParamSpec, ...]:
+        common = (
+            self.param(KEY_ENABLE, f"Send records to {self.description or self.name}",
+                       "false", "bool"),
+            self.param(KEY_CAPACITY, "Records that may wait for this sink before the overflow "
+                       "policy applies", str(self.default_capacity), "uint32", advanced=True),
+            self.param(KEY_OVERFLOW, "What a full queue does with new records",
+                       str(self.default_overflow), "string",
+                       tuple(str(o) for o in Overflow), advanced=True),
+            self.param(KEY_RETRY, "How long a failed send is retried before its records are "
+                       "dropped and counted (0: until the sink stops)",
+                       self.default_retry_timeout, "duration", advanced=True),
+            self.param(KEY_MAX_BATCH, "Records merged into one send at most",
+                       str(self.default_max_batch), "uint32", advanced=True),
+        )
+        return common + self.own_params()
+
+    def own(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The values under this type's prefix, keyed without it."""
+        p = self.prefix
+        return {k[len(p):]: v for k, v in values.items() if k.startswith(p)}
+
+    def enabled(self, values: Mapping[str, Any]) -> bool:
+        return bool(values.get(self.prefix + KEY_ENABLE))
+
+    def edge_settings(self, values: Mapping[str, Any]) -> tuple[int, Overflow]:
+        cap = values.get(self.prefix + KEY_CAPACITY) or self.default_capacity
+        over = values.get(self.prefix + KEY_OVERFLOW) or self.default_overflow
+        return max(1, int(cap)), Overflow(over)
+
+    def retry_policy(self, values: Mapping[str, Any]) -> RetryPolicy:
+        elapsed = values.get(self.prefix + KEY_RETRY)
+        return RetryPolicy(max_elapsed=float(elapsed if elapsed is not None else 30.0))
+
+    def max_batch(self, values: Mapping[str, Any]) -> int:
+        return int(values.get(self.prefix + KEY_MAX_BATCH) or self.default_max_batch)
+
+    def linger(self, values: Mapping[str, Any]) -> float:
+        """Seconds a send waits for more records (types with a ``linger`` param)."""
+        return float(values.get(self.prefix + "linger") or 0.0)
+
+    def check(self, values: Mapping[str, Any],
+              schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:
+        """The first problem of the settings that params alone cannot express, as (full
+        param key, reason), or None. No side effects: no file, no connection, no metric."""
+        return None
+
+    def build(self, values: Mapping[str, Any], context: SinkContext) -> Sink:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Releases daemon-wide resources of this type (none by default)."""
+
+
+_T = TypeVar("_T", bound=type)
+
+
+def has_field(schemas: tuple[DataSourceSchema, ...], name: str) -> bool:
+    """Whether any data source of a run has a field ``name``."""
+    for s in schemas:
+        try:
+            s.field(name)
+        except KeyError:
+            continue
+        return True
+    return False
+
+
+def register_sink(name: str) -> Callable[[_T], _T]:
+    """Marks a sink-type class for discovery under ``name`` (also its param prefix).
+
+    The mark is a class attribute, not an entry in a module-level table: the registry finds
+    marked classes by importing the modules of ``pipeline/sinks``.
+    """
+
+    def mark(cls: _T) -> _T:
+        setattr(cls, SINK_MARK, True)
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return mark
+
