@@ -33,6 +33,8 @@ from pipeline.sources.base import SourceError
 _logger = logging.getLogger(__name__)
 
 VERSION = 1
+DIRECT_RUNS = "direct-runs"
+"""Ledger label that finished direct runs are folded into."""
 FLAG_USE_INSTANCE = 1
 
 
@@ -59,9 +61,15 @@ def new_run(ctx: ServiceContext, spec: GadgetSpec, params: dict[str, str], name:
         extra += ctx.sinks.params()
         prefixes += ctx.sinks.prefixes()
     try:
-        return GadgetRun(spec, params, ctx.ledger, name, extra, prefixes)
+        run = GadgetRun(spec, params, ctx.ledger, name, extra, prefixes)
     except RunError as e:
         raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
+    if ctx.sinks is not None:
+        problems = ctx.sinks.check(run.values, run.schemas)
+        if problems:
+            raise GRPCError(Status.INVALID_ARGUMENT, "; ".join(
+                f"invalid parameter {key!r}: {reason}" for key, reason in problems))
+    return run
 
 
 def graph_mermaid(run: GadgetRun) -> str:
@@ -154,7 +162,10 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
         async with lock:
             await writer.write(info_event(info))
         if ctx.sinks is not None:
-            sinks = await ctx.sinks.attach(run)
+            try:
+                sinks = await ctx.sinks.attach(run)
+            except RunError as e:
+                raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
         try:
             await run.start()
         except SourceError as e:
@@ -168,6 +179,7 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
             await run.stop()
         if sinks is not None:
             await sinks.close()
+        ctx.ledger.retire(run.instance, DIRECT_RUNS)
 
 
 async def _until_done(ctx: ServiceContext, stream: Any, run: GadgetRun, sink: StreamSink,

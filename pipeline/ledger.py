@@ -50,6 +50,12 @@ class Ledger:
     def items(self) -> Iterator[tuple[LedgerKey, int]]:
         return iter(list(self._counts.items()))
 
+    def retire(self, instance: str, into: str) -> None:
+        """Folds a finished instance's rows into the rows of ``into`` (e.g. all direct runs),
+        so series do not accumulate per run while every total stays monotonic."""
+        for k in [k for k in self._counts if k.instance == instance]:
+            self._counts[k._replace(instance=into)] += self._counts.pop(k)
+
     def forget(self, instance: str) -> None:
         """Drops an instance's rows once it is removed, so series do not accumulate forever."""
         for k in [k for k in self._counts if k.instance == instance]:

@@ -117,3 +117,12 @@ async def test_closed_edge_drains_then_raises() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity"):
         Edge("e", 0, Overflow.BLOCK, Ledger(), "i")
+
+
+def test_retiring_an_instance_keeps_totals() -> None:
+    ledger = Ledger()
+    ledger.dropped("run-1", "grpc:x", 3, "queue_full")
+    ledger.dropped("direct-runs", "grpc:x", 2, "queue_full")
+    ledger.retire("run-1", "direct-runs")
+    assert ledger.get("direct-runs", "grpc:x", "dropped", "queue_full") == 5
+    assert ledger.get("run-1", "grpc:x", "dropped") == 0
