@@ -137,11 +137,18 @@ def _param_specs(raw: Mapping[str, Any], folder: str) -> list[ParamSpec]:
     return out
 
 
+def _annotation_text(value: Any) -> str:
+    """Annotation values are strings on the wire; a YAML ``true`` must read "true", as
+    upstream writes it (str() would give "True", which nothing recognises)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _apply_annotations(fields: list[Field], raw: Mapping[str, Any]) -> list[Field]:
     out = []
     for f in fields:
         conf = (raw or {}).get(f.full_name) or {}
-        ann = {**f.annotations, **{k: str(v) for k, v in (conf.get("annotations") or {}).items()}}
+        ann = {**f.annotations, **{k: _annotation_text(v)
+                                   for k, v in (conf.get("annotations") or {}).items()}}
         flags = f.flags
         if ann.get("columns.hidden") == "true":
             flags |= FieldFlag.HIDDEN

@@ -1,0 +1,110 @@
+// trace_open: one record per open/openat/openat2, emitted when the syscall returns so the
+// record carries the fd or the errno. Tracepoints only.
+#include "gadget.h"
+
+#ifndef GADGET_ONLY_FAILED
+#define GADGET_ONLY_FAILED 0
+#endif
+
+#define NAME_MAX 255
+
+struct event {
+    gadget_timestamp timestamp_raw;
+    struct gadget_process proc;
+    gadget_errno error_raw;
+    __u32 fd;
+    __u32 flags_raw;
+    __u32 mode_raw;
+    char fname[NAME_MAX];
+};
+
+// What sys_enter saw, kept per thread until sys_exit. The path stays a user pointer: it is
+// read at exit, straight into the ring record, so nothing is copied twice.
+struct args_t {
+    const char *fname;
+    __u32 flags;
+    __u32 mode;
+};
+
+// openat2's struct open_how (uapi, fixed layout).
+struct gadget_open_how {
+    __u64 flags;
+    __u64 mode;
+    __u64 resolve;
+};
+
+GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
+#include "gadget_lost.h"
+GADGET_LAYOUT(open, struct event);
+BPF_HASH(start, u32, struct args_t, 10240);
+
+static __always_inline int on_enter(const char *fname, __u32 flags, __u32 mode)
+{
+    // Filters run at entry so discarded threads never touch the map.
+    if (gadget_should_discard())
+        return 0;
+    struct args_t a = {.fname = fname, .flags = flags, .mode = mode};
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    start.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int on_exit(long ret)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct args_t *a = start.lookup(&tid);
+    if (!a)
+        return 0;
+    if (GADGET_ONLY_FAILED && ret >= 0) {
+        start.delete(&tid);
+        return 0;
+    }
+    struct event *e = gadget_reserve(events, sizeof(*e));
+    if (!e) {
+        start.delete(&tid);
+        return 0;
+    }
+    e->timestamp_raw = bpf_ktime_get_boot_ns();
+    gadget_process_populate(&e->proc);
+    e->error_raw = ret < 0 ? -ret : 0;
+    e->fd = ret < 0 ? 0 : ret;
+    e->flags_raw = a->flags;
+    e->mode_raw = a->mode;
+    if (bpf_probe_read_user_str(e->fname, sizeof(e->fname), a->fname) < 0)
+        e->fname[0] = 0;
+    gadget_submit(events, e);
+    start.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_open)
+{
+    return on_enter(args->filename, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    return on_enter(args->filename, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
+{
+    struct gadget_open_how how = {};
+    bpf_probe_read_user(&how, sizeof(how), args->how);
+    return on_enter(args->filename, (__u32)how.flags, (__u32)how.mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_open)
+{
+    return on_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+    return on_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
+{
+    return on_exit(args->ret);
+}
