@@ -109,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         params["operator.filter.filter"] = args.filter
     if args.fields:
         params["operator.fields.fields"] = args.fields
+    if args.detach:
+        from api.cli_instances import run_detached
+
+        return run_detached(args, params, _client)
     if not args.per_record:
         params.setdefault("operator.grpc.batch-max", str(args.batch_max))
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
@@ -159,6 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("hpack", "h2", "grpclib.protocol"):  # per-frame debug lines drown ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from api.serve_config import settings_from_args
 
     settings = settings_from_args(args)
@@ -203,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one message per record, as upstream clients receive them")
     r.add_argument("--batch-max", type=int, default=BATCH_DEFAULT)
     r.add_argument("-v", "--verbose", action="store_true")
+    r.add_argument("--detach", action="store_true", help="create a gadget instance instead")
+    r.add_argument("--name", help="instance name (with --detach; default: a random one)")
+    r.add_argument("--tag", action="append", default=[], help="instance tag (with --detach; "
+                   "repeatable or comma-separated)")
     _add_remote(r)
     r.set_defaults(fn=cmd_run)
 

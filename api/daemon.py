@@ -10,14 +10,21 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.builtin_manager import BuiltInGadgetManager
 from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
+from api.instance_manager import GadgetInstanceManager, InstanceManager
+from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
 from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
+from pipeline.selfmetrics import MetricsServer
+from pipeline.sinks.registry import SinkManager
+
+if TYPE_CHECKING:
+    from config.loader import LoadedConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -34,7 +41,16 @@ class DaemonSettings:
     socket_group: str | None = None
     events_buffer_length: int = 16384
     node: str | None = None
+    nodes: dict[str, str] = field(default_factory=dict)
+    """Peer daemons by node name (``{"node-b": "unix:///run/b.sock", "node-c": "10.0.0.3:8080"}``):
+    multi-node instances and legacy fan-out runs forward to them and merge their streams."""
+    sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
+    "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
     extra: dict[str, Any] = field(default_factory=dict)
+    config: LoadedConfig | None = None
+    """The validated YAML config the settings came from: its instances are created at start
+    and re-read on SIGHUP (api.reconcile); None: no declared instances."""
 
 
 class Daemon:
@@ -49,15 +65,38 @@ class Daemon:
         if settings.node:
             self.ctx.node = settings.node
         self.server: GrpcServer | None = None
+        self.instances: InstanceManager | None = None
+        self.sinks: SinkManager | None = None
+        self.metrics: MetricsServer | None = None
+        self.reconciler: ConfigReconciler | None = None
         self._stops: list[Callable[[], Any]] = []
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        handlers: list[Any] = [GadgetManager(self.ctx), BuiltInGadgetManager(self.ctx)]
-        for hook in _optional_components():
-            handler = await hook(self)
-            if handler is not None:
-                handlers.append(handler)
+        # Sinks before anything that starts runs; their stop runs after the server's (reverse
+        # order), so runs end first and their sinks drain within the deadline.
+        self.sinks = SinkManager(self.ledger, self.settings.sinks, node=self.ctx.node)
+        await self.sinks.start()
+        self.ctx.sinks = self.sinks
+        self.on_stop(self.sinks.stop)
+        if self.settings.metrics_listen:
+            self.metrics = MetricsServer(self.settings.metrics_listen, self.ledger, self.ctx)
+            await self.metrics.start()
+            self.on_stop(self.metrics.stop)
+        # Instances after the sinks they feed; their stop (drain, files kept) runs before the
+        # sinks' stop and after the server's.
+        self.instances = InstanceManager(self.ctx, self.settings.state_dir, self.settings.nodes)
+        await self.instances.start()
+        self.ctx.instances = self.instances
+        self.on_stop(self.instances.stop)
+        # Declared instances go through the manager's create (what CreateGadgetInstance calls),
+        # before the socket opens, so the first client already finds them.
+        self.reconciler = ConfigReconciler.for_daemon(self)
+        if self.reconciler is not None:
+            await self.reconciler.start()
+            self.on_stop(self.reconciler.stop)
+        handlers: list[Any] = [GadgetManager(self.ctx), BuiltInGadgetManager(self.ctx),
+                               GadgetInstanceManager(self.instances)]
         addresses = [ListenAddress.parse(a) for a in self.settings.listen]
         self.server = GrpcServer(handlers, addresses, self.settings.tls, self.settings.insecure,
                                  self.settings.socket_group)
@@ -82,6 +121,8 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Before start: SIGHUP's default action would kill the daemon.
+        loop.add_signal_handler(signal.SIGHUP, self.reload_config)
         await self.start()
         _logger.info("gadgetpipe serving on %s", ", ".join(self.server.bound if self.server
                                                             else []))
@@ -91,14 +132,11 @@ class Daemon:
             _logger.info("stopping")
             await self.stop()
 
+    def reload_config(self) -> None:
+        """SIGHUP: re-reads the config's instances; unchanged ones keep running untouched."""
+        if self.reconciler is None:
+            _logger.warning("SIGHUP: no config to reload (yet)")
+            return
+        _logger.info("SIGHUP: reloading the config")
+        self.reconciler.request_reload()
 
-def _optional_components() -> list[Callable[[Daemon], Any]]:
-    """Components that plug into the daemon when their modules exist (instances, metrics)."""
-    hooks: list[Callable[[Daemon], Any]] = []
-    with contextlib.suppress(ImportError):
-        from api.instance_manager import install as install_instances
-        hooks.append(install_instances)
-    with contextlib.suppress(ImportError):
-        from pipeline.sinks.registry import install as install_sinks
-        hooks.insert(0, install_sinks)
-    return hooks

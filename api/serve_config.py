@@ -1,21 +1,71 @@
-"""Daemon settings from the CLI flags (the YAML config layers under them)."""
+"""Daemon settings: the YAML config (``--config FILE``, else the embedded default), with the
+CLI flags layered over it.
+
+Order, later wins: :class:`api.daemon.DaemonSettings` defaults, the config's ``daemon:``
+section, the flags given to ``serve`` (``--listen`` replaces the config's whole list). The
+config is validated completely (instances included) before anything starts; an invalid one
+ends ``serve`` with its issues and exit status 1. The validated config rides along in
+``DaemonSettings.config``: the daemon creates its instances at start and re-reads the same
+files on SIGHUP.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from api.daemon import DaemonSettings
+from api.server import TLSConfig
+from config.loader import DEFAULT_CONFIG, ConfigError, ConfigLoader, LoadedConfig, Reachability
+
+_logger = logging.getLogger(__name__)
+
+
+def load_config(path: str | None) -> LoadedConfig:
+    """The validated config at ``path`` (None: the embedded default).
+
+    Raises:
+        SystemExit: the config is invalid; the message lists every issue.
+    """
+    # Unreachable sink endpoints are only logged: the daemon must start while a broker is
+    # down (sinks retry), unlike ``gadgetpipe config check``.
+    loader = ConfigLoader(reachability=Reachability.WARN)
+    try:
+        loaded = loader.load([path or DEFAULT_CONFIG])
+    except ConfigError as e:
+        raise SystemExit(f"gadgetpipe: invalid config, not starting:\n{e}") from None
+    for w in loaded.warnings:
+        _logger.warning("config: %s", w)
+    return loaded
 
 
 def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
-    s = DaemonSettings()
+    """Settings for ``serve``: config file (or the embedded default), then flags."""
+    loaded = load_config(getattr(args, "config", None))
+    s = DaemonSettings(config=loaded)
+    d = loaded.daemon
+    if d is not None:
+        s.listen = tuple(d.listen)
+        s.state_dir = Path(d.state_dir)
+        s.metrics_listen = d.metrics_listen
+        s.insecure = d.insecure
+        s.socket_group = d.socket_group
+        s.events_buffer_length = d.events_buffer_length
+        s.node = d.node
+        s.nodes = dict(d.nodes)
+        if d.tls is not None:
+            s.tls = TLSConfig(Path(d.tls.cert), Path(d.tls.key),
+                              Path(d.tls.client_ca) if d.tls.client_ca else None)
+    s.sinks = {k: dict(v) for k, v in loaded.sink_defaults.items()}
     if args.listen:
         s.listen = tuple(args.listen)
     if args.state_dir:
         s.state_dir = Path(args.state_dir)
     if args.metrics_listen:
         s.metrics_listen = None if args.metrics_listen == "off" else args.metrics_listen
-    s.insecure = args.insecure
-    s.socket_group = args.socket_group
+    # store_true flags cannot say "not given": they can only switch the config's value on.
+    s.insecure = s.insecure or args.insecure
+    if args.socket_group:
+        s.socket_group = args.socket_group
     return s

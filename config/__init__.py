@@ -1,0 +1,38 @@
+"""gadgetpipe's YAML config: models (:mod:`config.schema`) and loader (:mod:`config.loader`).
+
+``config/examples/default.yaml`` is the embedded default config (``serve`` without
+``--config``); ``config/schema.json`` is the generated JSON Schema; ``config/deploy`` holds a
+systemd unit and a Kubernetes DaemonSet.
+"""
+
+from config.loader import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    ConfigLoader,
+    DeclaredInstance,
+    Issue,
+    LoadedConfig,
+    Reachability,
+)
+from config.schema import (
+    ConfigDocument,
+    DaemonSection,
+    InstanceSection,
+    InstanceSpecManifest,
+    json_schema,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigDocument",
+    "ConfigError",
+    "ConfigLoader",
+    "DaemonSection",
+    "DeclaredInstance",
+    "InstanceSection",
+    "InstanceSpecManifest",
+    "Issue",
+    "LoadedConfig",
+    "Reachability",
+    "json_schema",
+]

@@ -1,0 +1,330 @@
+"""Instance manager pieces without eBPF: replay buffer, client queues, validation, restore,
+resolution; legacy param mapping and JSON; CLI reference resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from grpclib import GRPCError, Status
+
+from api._gen import gadget_service_pb2 as pb
+from api.cli_instances import ResolveError, resolve
+from api.context import ServiceContext
+from api.instance_manager import (
+    NAME_RE,
+    InstanceManager,
+    PacketRing,
+    PeerPool,
+    _Attacher,
+    _Chunk,
+    node_field,
+    random_name,
+)
+from api.legacy_run import JsonEncoder, legacy_params, select_nodes
+from api.store import InstanceStore
+from pipeline.batch import Batch
+from pipeline.gadget import Catalog
+from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
+from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
+from tests.specdecode import split_frames
+
+# -- packets ----------------------------------------------------------------------------------
+
+
+def demo_schema() -> DataSourceSchema:
+    return DataSourceSchema("demo", DataSourceType.SINGLE, (
+        Field("pid", "pid", 0, Kind.UINT32, 0, 0, 4, FieldFlag.STATIC_MEMBER),
+        Field("comm", "comm", 1, Kind.CSTRING, 0, 4, 8, FieldFlag.STATIC_MEMBER),
+    ), 12)
+
+
+def demo_batch(pids: list[int]) -> Batch:
+    rows = np.zeros((len(pids), 12), dtype=np.uint8)
+    for i, p in enumerate(pids):
+        rows[i, :4] = np.frombuffer(p.to_bytes(4, "little"), dtype=np.uint8)
+        rows[i, 4:8] = np.frombuffer(b"bash", dtype=np.uint8)
+    return Batch(demo_schema(), rows)
+
+
+def chunk(pids: list[int]) -> _Chunk:
+    return _Chunk(0, 0, batch=demo_batch(pids))
+
+
+def pids_of(chunks: list[_Chunk]) -> list[int]:
+    out: list[int] = []
+    for c in chunks:
+        assert c.batch is not None
+        out += c.batch.rows[:, :4].copy().view("<u4").reshape(-1).tolist()
+    return out
+
+
+def test_ring_numbers_packets_and_keeps_the_newest() -> None:
+    ring = PacketRing(5)
+    for pids in ([1, 2, 3], [4, 5], [6, 7, 8]):
+        c = chunk(pids)
+        c.seq = ring.next_seq
+        ring.append(c)
+    assert len(ring) == 5
+    assert ring.first_seq == 4 and ring.next_seq == 9
+    assert pids_of(ring.since(0)) == [4, 5, 6, 7, 8]
+    assert [c.seq for c in ring.since(0)] == [4, 6]
+    assert pids_of(ring.since(7)) == [7, 8]
+    assert ring.since(9) == []
+
+
+def test_ring_trims_a_chunk_bigger_than_itself_and_does_not_pin_it() -> None:
+    ring = PacketRing(2)
+    c = chunk(list(range(1, 101)))
+    c.seq = 1
+    ring.append(c)
+    [kept] = ring.since(0)
+    assert pids_of([kept]) == [99, 100] and kept.seq == 99
+    assert kept.batch is not None and kept.batch.rows.base is None  # a copy, not a view
+
+
+def test_chunk_frames_decode_with_the_spec_decoder_and_carry_stream_seqs() -> None:
+    c = chunk([10, 11, 12])
+    c.seq = 101
+    frames = split_frames(c.frame(base=100))
+    events = [pb.GadgetEvent.FromString(f) for f in frames]
+    assert [e.seq for e in events] == [1, 2, 3]
+    assert [pb.GadgetData.FromString(e.payload).data.payload[0][:4] for e in events] == \
+        [(p).to_bytes(4, "little") for p in (10, 11, 12)]
+    p = _Chunk(7, 2, payloads=[node_field("n1") + b"\x1a\x00"])
+    [ev] = [pb.GadgetEvent.FromString(f) for f in split_frames(p.frame(base=0))]
+    assert (ev.seq, ev.dataSourceID) == (7, 2)
+    assert pb.GadgetData.FromString(ev.payload).node == "n1"
+
+
+def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
+    ledger = Ledger()
+    a = _Attacher("attach-1", 4, ledger, "instance:x")
+    for pids in ([1, 2, 3], [4, 5, 6], [7]):
+        c = chunk(pids)
+        c.seq = pids[0]
+        a.offer(c)
+    assert a.dropped == 3
+    assert pids_of(list(a._items)) == [1, 2, 3, 4]
+    produced = ledger.get("instance:x", "attach", PRODUCED)
+    dropped = ledger.get("instance:x", "attach", DROPPED, "queue_full")
+    assert (produced, dropped) == (7, 3)
+    a.abandon("client_gone")
+    assert ledger.get("instance:x", "attach", DROPPED, "client_gone") == 4
+    assert ledger.get("instance:x", "attach", DELIVERED) == 0
+    a.offer(chunk([9]))  # closed: ignored
+    assert ledger.get("instance:x", "attach", PRODUCED) == 7
+
+
+def test_random_names_are_valid_and_unique() -> None:
+    names: set[str] = set()
+    for _ in range(200):
+        n = random_name(names)
+        assert NAME_RE.match(n)
+        names.add(n)
+    assert len(names) == 200
+
+
+# -- the manager, in-process (validation never reaches eBPF) ------------------------------------
+
+ID = "0123456789abcdef0123456789abcdef"
+
+
+def create_request(**kw: object) -> pb.CreateGadgetInstanceRequest:
+    gi = pb.GadgetInstance(id=str(kw.get("id", "")), name=str(kw.get("name", "")),
+                           nodes=list(kw.get("nodes", [])),  # type: ignore[call-overload]
+                           gadgetConfig=pb.GadgetRunRequest(
+                               imageName=str(kw.get("image", "trace_exec")),
+                               version=int(kw.get("version", 1)),  # type: ignore[call-overload]
+                               timeout=int(kw.get("timeout", 0)),  # type: ignore[call-overload]
+                               paramValues=dict(kw.get("params", {}))))  # type: ignore[call-overload]
+    return pb.CreateGadgetInstanceRequest(
+        gadgetInstance=gi, eventBufferLength=int(kw.get("buffer", 0)))  # type: ignore[call-overload]
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[InstanceManager]:
+    ctx = ServiceContext(Catalog(), Ledger(), node="here")
+    m = InstanceManager(ctx, tmp_path, {"peer1": "unix:///nonexistent.sock"}, ready_wait=60)
+    await m.start()
+    ctx.instances = m
+    yield m
+    await m.stop()
+
+
+# A param that passes validation but makes the source refuse to start, so the instance lands
+# in the Error state without loading any BPF.
+BAD_AT_START = {"operator.oci.ebpf.comm": "no;such;comm"}
+
+
+@pytest.mark.parametrize(("kw", "status", "text"), [
+    ({"id": "XYZ"}, Status.INVALID_ARGUMENT, "invalid gadget instance id: XYZ"),
+    ({"id": ID[:31]}, Status.INVALID_ARGUMENT, f"invalid gadget instance id: {ID[:31]}"),
+    ({"id": ID.upper()}, Status.INVALID_ARGUMENT, "invalid gadget instance id"),
+    ({"name": "Upper"}, Status.INVALID_ARGUMENT, "invalid gadget instance name: Upper"),
+    ({"name": "a" * 33}, Status.INVALID_ARGUMENT, "invalid gadget instance name"),
+    ({"name": "with space"}, Status.INVALID_ARGUMENT, "invalid gadget instance name"),
+    ({"image": "no_such_gadget"}, Status.NOT_FOUND, "unknown gadget 'no_such_gadget'"),
+    ({"version": 0}, Status.INVALID_ARGUMENT, "expected version to be 1, got 0"),
+    ({"params": {"operator.oci.ebpf.pid": "abc"}}, Status.INVALID_ARGUMENT,
+     "operator.oci.ebpf.pid"),
+    ({"params": {"operator.oci.ebpf.nosuch": "1"}}, Status.INVALID_ARGUMENT,
+     "operator.oci.ebpf.nosuch"),
+    ({"params": {"operator.filter.filter": "nofield==1"}}, Status.INVALID_ARGUMENT, "nofield"),
+    ({"timeout": -1}, Status.INVALID_ARGUMENT, "timeout"),
+    ({"buffer": -1}, Status.INVALID_ARGUMENT, "eventBufferLength"),
+    ({"buffer": 1 << 20}, Status.INVALID_ARGUMENT, "eventBufferLength"),
+    ({"nodes": ["mars"]}, Status.INVALID_ARGUMENT, "unknown node 'mars'"),
+])
+async def test_invalid_create_is_refused_and_nothing_is_persisted(
+        manager: InstanceManager, kw: dict[str, object], status: Status, text: str) -> None:
+    with pytest.raises(GRPCError) as e:
+        await manager.create(create_request(**kw))
+    assert e.value.status is status
+    assert text in (e.value.message or "")
+    assert list(manager.store.directory.iterdir()) == []
+    assert manager.list() == []
+
+
+async def test_create_fills_id_name_time_and_persists_then_duplicates_are_refused(
+        manager: InstanceManager) -> None:
+    resp = await manager.create(create_request(params=BAD_AT_START, buffer=5))
+    gi = resp.gadgetInstance
+    assert resp.result == 0
+    assert len(gi.id) == 32 and NAME_RE.match(gi.name) and gi.timeCreated > 0
+    assert manager.store.load(gi.id).gadgetInstance.name == gi.name
+    assert manager.store.load(gi.id).eventBufferLength == 5
+    with pytest.raises(GRPCError, match=f'gadget with id "{gi.id}" already exists'):
+        await manager.create(create_request(id=gi.id, params=BAD_AT_START))
+    with pytest.raises(GRPCError, match=f'gadget with name "{gi.name}" already exists'):
+        await manager.create(create_request(name=gi.name, params=BAD_AT_START))
+    # The start fails after the reply: the state says why (spec 6.1).
+    inst = manager.resolve(gi.id)
+    assert inst is not None
+    await asyncio.wait_for(inst.ready.wait(), 30)
+    [listed] = manager.list()
+    assert listed.state.status == pb.StatusError
+    assert listed.state.message
+    with pytest.raises(GRPCError) as e:
+        await manager.gadget_info(gi.name)
+    assert e.value.status is Status.FAILED_PRECONDITION
+    assert gi.id in (e.value.message or "")
+    await manager.stop()
+
+
+async def test_get_and_remove_follow_the_spec(manager: InstanceManager) -> None:
+    with pytest.raises(GRPCError, match="invalid gadget instance id: nope"):
+        manager.get("nope")
+    with pytest.raises(GRPCError) as e:
+        manager.get(ID)
+    assert e.value.status is Status.NOT_FOUND and ID in (e.value.message or "")
+    with pytest.raises(GRPCError, match="invalid gadget instance id: nope"):
+        await manager.remove("nope")
+    resp = await manager.remove(ID)
+    assert resp.result == 1 and ID in resp.message and "not found" in resp.message
+    gi = (await manager.create(create_request(id=ID, name="x1", params=BAD_AT_START))
+          ).gadgetInstance
+    assert manager.get(ID).name == "x1"
+    assert (await manager.remove(gi.id)).result == 0
+    assert not manager.store.exists(ID)
+    assert manager.list() == []
+
+
+async def test_gadget_info_resolves_id_name_then_prefix(manager: InstanceManager) -> None:
+    await manager.create(create_request(id=ID, name="first", params=BAD_AT_START))
+    await manager.create(create_request(id="f" * 32, name="second", params=BAD_AT_START))
+    for ref, want in ((ID, ID), ("first", ID), ("second", "f" * 32), ("0123", ID),
+                      ("fff", "f" * 32)):
+        inst = manager.resolve(ref)
+        assert inst is not None and inst.id == want
+    with pytest.raises(GRPCError, match="instance nothing not found"):
+        await manager.gadget_info("nothing")
+    assert manager.resolve("") is None
+    await manager.stop()
+
+
+async def test_restart_restores_instances_and_sets_corrupt_files_aside(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    store.start()
+    store.save(create_request(id=ID, name="kept", params=BAD_AT_START))
+    (store.directory / ("a" * 32 + ".gadget")).write_text("{broken")
+    ctx = ServiceContext(Catalog(), Ledger(), node="here")
+    m = InstanceManager(ctx, tmp_path)
+    await m.start()
+    assert [gi.name for gi in m.list()] == ["kept"]
+    [problem] = m.problems()
+    assert problem.moved_to is not None and problem.moved_to.name.endswith(".gadget.corrupt")
+    states = m.list_states()
+    assert [s.name for s in states] == ["kept"]
+    await m.stop()
+    assert store.exists(ID)  # stopping the daemon keeps instances
+
+
+# -- legacy -----------------------------------------------------------------------------------
+
+
+def test_legacy_params_map_bare_runtime_and_operator_keys() -> None:
+    spec = Catalog().legacy("trace", "exec")
+    values, ignored = legacy_params(spec, {
+        "ignore-failed": "false", "pid": "42", "runtime.ringbuf-size": "65536",
+        "operator.filter.filter": "proc.comm==x", "operator.LocalManager.host": "true",
+        "operator.oci.ebpf.uid": "0", "nonsense": "1"})
+    assert values == {
+        "operator.oci.ebpf.ignore-failed": "false", "operator.oci.ebpf.pid": "42",
+        "operator.bcc.ringbuf-size": "65536", "operator.filter.filter": "proc.comm==x",
+        "operator.LocalManager.host": "true", "operator.oci.ebpf.uid": "0"}
+    assert ignored == ["nonsense"]
+
+
+def test_select_nodes() -> None:
+    peers = PeerPool({"b": "unix:///b.sock", "c": "127.0.0.1:1"})
+    assert select_nodes("a", peers, [], False) == (True, [])
+    assert select_nodes("a", peers, [], True) == (True, ["b", "c"])
+    assert select_nodes("a", peers, ["c"], False) == (False, ["c"])
+    assert select_nodes("a", peers, ["a", "b", "b"], False) == (True, ["b"])
+    with pytest.raises(GRPCError, match="unknown node"):
+        select_nodes("a", peers, ["z"], False)
+
+
+def test_json_encoder_nests_by_parent_and_adds_the_node() -> None:
+    spec = Catalog().resolve("trace_exec")
+    ds = spec.datasources[0]
+    rec = np.zeros((2, ds.record_size), dtype=np.uint8)
+    comm = ds.field("proc.comm")
+    pid = ds.field("proc.pid")
+    args = ds.field("args")
+    for i, (name, p) in enumerate(((b"bash", 7), (b"sh", 8))):
+        rec[i, comm.offs: comm.offs + len(name)] = np.frombuffer(name, dtype=np.uint8)
+        rec[i, pid.offs: pid.offs + 4] = np.frombuffer(p.to_bytes(4, "little"), dtype=np.uint8)
+        a = "x\u00a0y".encode()
+        rec[i, args.offs: args.offs + len(a)] = np.frombuffer(a, dtype=np.uint8)
+    enc = JsonEncoder(ds, "node-1")
+    objs = [orjson.loads(b) for b in enc.objects(Batch(ds, rec))]
+    assert [o["proc"]["comm"] for o in objs] == ["bash", "sh"]
+    assert [o["proc"]["pid"] for o in objs] == [7, 8]
+    assert objs[0]["proc"]["creds"] == {"uid": 0, "gid": 0}
+    assert objs[0]["args"] == "x\u00a0y"
+    assert {o["node"] for o in objs} == {"node-1"}
+    assert json.loads(enc.array(Batch(ds, rec)))[1]["proc"]["pid"] == 8
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_resolves_id_then_name_then_unique_prefix() -> None:
+    insts = [pb.GadgetInstance(id="ab" + "0" * 30, name="web"),
+             pb.GadgetInstance(id="ac" + "0" * 30, name="ab"),
+             pb.GadgetInstance(id="b" * 32, name="db")]
+    assert resolve(insts, "b" * 32).name == "db"
+    assert resolve(insts, "ab").id == "ac" + "0" * 30  # an exact name beats a prefix
+    assert resolve(insts, "db").id == "b" * 32
+    assert resolve(insts, "bbb").name == "db"
+    with pytest.raises(ResolveError, match="ambiguous"):
+        resolve(insts, "a")
+    with pytest.raises(ResolveError, match="no gadget instance"):
+        resolve(insts, "zz")
