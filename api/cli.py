@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -17,6 +18,7 @@ from api.decode import DataSourceDecoder, flatten
 from pipeline.params import parse_duration
 
 BATCH_DEFAULT = 1024
+_SEVERITY = ("", "fatal", "error", "warn", "info", "debug", "trace")
 
 
 def _kv(items: Sequence[str]) -> dict[str, str]:
@@ -84,8 +86,7 @@ def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
         for ev in stream:
             if ev.log is not None:
                 if verbose or ev.severity <= 3:
-                    print(f"[{('', 'fatal', 'error', 'warn', 'info', 'debug', 'trace')[min(ev.severity, 6)]}] "
-                          f"{ev.log}", file=sys.stderr)
+                    print(f"[{_SEVERITY[min(ev.severity, 6)]}] {ev.log}", file=sys.stderr)
                 continue
             dec = next(d for d in stream.decoders.values() if d.name == ev.datasource)
             printer.records(dec, ev.records)
@@ -173,10 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit("--tls-cert and --tls-key go together")
         settings.tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key),
                                  Path(args.tls_client_ca) if args.tls_client_ca else None)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Daemon(settings).run_until_signalled())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -6,11 +6,13 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from api._gen import gadget_service_pb2 as pb
+from api.client import RunStream
 from tests.daemon import DaemonProcess
 from tests.e2e.helpers import bpf_programs_of, info_fields, keep_running, unique_binary
 from tests.specdecode import field_value
@@ -18,7 +20,8 @@ from tests.specdecode import field_value
 pytestmark = pytest.mark.bpf
 
 
-def records(stream, info_holder: dict, want: int, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+def records(stream: RunStream, info_holder: dict[str, Any], want: int,
+            timeout: float = 30.0) -> list[tuple[int, pb.DataElement]]:
     """Reads raw events, decoding payloads with the spec decoder, until ``want`` records."""
     got: list[tuple[int, pb.DataElement]] = []
     deadline = time.monotonic() + timeout
@@ -44,7 +47,7 @@ def test_exec_reaches_the_client_with_comm_pid_and_file(daemon: DaemonProcess,
                                                          tmp_path: Path) -> None:
     binary = unique_binary(tmp_path)
     comm = binary.name[:15]
-    holder: dict = {}
+    holder: dict[str, Any] = {}
     with daemon.client() as c:
         stream = c.run("trace_exec", {"operator.filter.filter": f"proc.comm=={comm}"})
         with keep_running([str(binary), "first-arg", "second"]) as pids:
@@ -71,7 +74,7 @@ def test_filter_on_comm_passes_matching_and_drops_others(daemon: DaemonProcess,
                                                           tmp_path: Path) -> None:
     wanted = unique_binary(tmp_path, "gpa")
     other = unique_binary(tmp_path, "gpb")
-    holder: dict = {}
+    holder: dict[str, Any] = {}
     with daemon.client() as c:
         stream = c.run("trace_exec", {
             "operator.filter.filter": f"proc.comm~^(gpa|gpb),proc.comm=={wanted.name[:15]}"})
@@ -86,7 +89,7 @@ def test_filter_on_comm_passes_matching_and_drops_others(daemon: DaemonProcess,
 
 def test_kernel_side_comm_param_filters_in_bpf(daemon: DaemonProcess, tmp_path: Path) -> None:
     wanted = unique_binary(tmp_path)
-    holder: dict = {}
+    holder: dict[str, Any] = {}
     with daemon.client() as c:
         stream = c.run("trace_exec", {"operator.oci.ebpf.comm": wanted.name[:15],
                                       "operator.grpc.batch-max": "64"})

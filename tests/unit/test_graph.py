@@ -21,7 +21,7 @@ def batch(*values: int) -> Batch:
 
 
 def ids(b: Batch) -> list[int]:
-    return b.rows.view("<u4").reshape(-1).tolist()  # type: ignore[no-any-return]
+    return b.rows.view("<u4").reshape(-1).tolist()
 
 
 def balance(ledger: Ledger, edge: Edge) -> None:

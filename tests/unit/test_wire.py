@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import numpy as np
 from hypothesis import given, settings
@@ -26,12 +27,13 @@ FMT = {Kind.BOOL: "?", Kind.INT8: "b", Kind.INT16: "h", Kind.INT32: "i", Kind.IN
        Kind.FLOAT32: "f", Kind.FLOAT64: "d"}
 
 
-def value_strategy(kind: Kind, size: int) -> st.SearchStrategy[object]:
+def value_strategy(kind: Kind, size: int) -> st.SearchStrategy[Any]:
     if kind is Kind.BOOL:
         return st.booleans()
     if kind in (Kind.FLOAT32, Kind.FLOAT64):
-        width = 32 if kind is Kind.FLOAT32 else 64
-        return st.floats(allow_nan=False, width=width)
+        if kind is Kind.FLOAT32:
+            return st.floats(allow_nan=False, width=32)
+        return st.floats(allow_nan=False, width=64)
     if kind in FMT:
         bits = struct.calcsize(FMT[kind]) * 8
         signed = FMT[kind].islower()
@@ -43,7 +45,7 @@ def value_strategy(kind: Kind, size: int) -> st.SearchStrategy[object]:
 
 
 @st.composite
-def schema_and_records(draw: st.DrawFn) -> tuple[DataSourceSchema, list[list[object]], bool]:
+def schema_and_records(draw: st.DrawFn) -> tuple[DataSourceSchema, list[list[Any]], bool]:
     kinds = draw(st.lists(st.sampled_from(list(Kind)[1:]), min_size=1, max_size=8))
     fields: list[Field] = []
     offs = 0
@@ -69,7 +71,7 @@ def schema_and_records(draw: st.DrawFn) -> tuple[DataSourceSchema, list[list[obj
     n = draw(st.integers(0, 30))
     records = []
     for _ in range(n):
-        row = []
+        row: list[Any] = []
         for f in fields:
             base = f.base_kind
             if f.is_array:
@@ -83,18 +85,18 @@ def schema_and_records(draw: st.DrawFn) -> tuple[DataSourceSchema, list[list[obj
     return schema, records, draw(st.booleans())
 
 
-def encode(schema: DataSourceSchema, records: list[list[object]]) -> Batch:
+def encode(schema: DataSourceSchema, records: list[list[Any]]) -> Batch:
     rows = np.zeros((len(records), schema.record_size), dtype=np.uint8)
     extra: list[list[bytes]] = [[] for _ in range(schema.payload_count - 1)]
     for r, values in enumerate(records):
         for f, v in zip(schema.fields, values, strict=True):
             base = f.base_kind
             if f.is_array:
-                raw = struct.pack(f"<{len(v)}{FMT[base]}", *v)  # type: ignore[arg-type]
+                raw = struct.pack(f"<{len(v)}{FMT[base]}", *v)
             elif base in FMT:
                 raw = struct.pack("<" + FMT[base], v)
             else:
-                raw = bytes(v)  # type: ignore[arg-type]
+                raw = bytes(v)
             if f.payload_index:
                 extra[f.payload_index - 1].append(raw)
             else:
@@ -113,7 +115,7 @@ def same(a: object, b: object) -> bool:
 @settings(max_examples=150, deadline=None)
 @given(schema_and_records(), st.integers(1, (1 << 32) - 40), st.integers(0, 3))
 def test_every_kind_round_trips_through_per_record_events(
-        case: tuple[DataSourceSchema, list[list[object]], bool], first_seq: int,
+        case: tuple[DataSourceSchema, list[list[Any]], bool], first_seq: int,
         ds_id: int) -> None:
     schema, records, _ = case
     batch = encode(schema, records)
@@ -133,7 +135,7 @@ def test_every_kind_round_trips_through_per_record_events(
 @settings(max_examples=80, deadline=None)
 @given(schema_and_records(), st.integers(1, 7))
 def test_every_kind_round_trips_through_array_packets(
-        case: tuple[DataSourceSchema, list[list[object]], bool], per_packet: int) -> None:
+        case: tuple[DataSourceSchema, list[list[Any]], bool], per_packet: int) -> None:
     schema, records, _ = case
     batch = encode(schema, records)
     data, packets_used = wire.array_events(batch, 10, 1, per_packet)
@@ -151,16 +153,16 @@ def test_every_kind_round_trips_through_array_packets(
 @settings(max_examples=80, deadline=None)
 @given(schema_and_records())
 def test_accessors_agree_with_the_spec_decoder(
-        case: tuple[DataSourceSchema, list[list[object]], bool]) -> None:
+        case: tuple[DataSourceSchema, list[list[Any]], bool]) -> None:
     schema, records, _ = case
     batch = encode(schema, records)
     for i, f in enumerate(schema.fields):
         got = accessors.values(batch, f)
         want = [r[i] for r in records]
         if f.base_kind is Kind.CSTRING or f.base_kind is Kind.STRING:
-            want = [bytes(w).decode("utf-8", "replace") for w in want]  # type: ignore[arg-type]
+            want = [bytes(w).decode("utf-8", "replace") for w in want]
         elif f.base_kind is Kind.BYTES and not f.is_array:
-            want = [bytes(w).hex() for w in want]  # type: ignore[arg-type]
+            want = [bytes(w).hex() for w in want]
         assert same(got, want), f.full_name
 
 
