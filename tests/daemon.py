@@ -39,8 +39,13 @@ class DaemonProcess:
     def start(self, timeout: float = 60.0) -> DaemonProcess:
         cmd = [sys.executable, "-m", "api.cli", "serve", "--listen", self.address,
                "--state-dir", str(self.state_dir), "--log-level", "debug", *self._args]
-        if self._config is not None:
-            cmd += ["--config", str(self._config)]
+        config = self._config
+        if config is None:
+            # Not the embedded default: its trace_exec instance would load BPF programs in
+            # every test daemon and blur what a test counts.
+            config = Path(self._tmp.name) / "empty.yaml"
+            config.write_text("instances: []\n")
+        cmd += ["--config", str(config)]
         if "--metrics-listen" not in self._args:
             cmd += ["--metrics-listen", "off"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
