@@ -35,6 +35,7 @@ _logger = logging.getLogger(__name__)
 VERSION = 1
 DIRECT_RUNS = "direct-runs"
 """Ledger label that finished direct runs are folded into."""
+RETIRE_AFTER_S = 300.0
 FLAG_USE_INSTANCE = 1
 
 
@@ -179,7 +180,9 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
             await run.stop()
         if sinks is not None:
             await sinks.close()
-        ctx.ledger.retire(run.instance, DIRECT_RUNS)
+        # Kept under its own label for a while so scrapes see its final counts, then folded.
+        asyncio.get_running_loop().call_later(RETIRE_AFTER_S, ctx.ledger.retire, run.instance,
+                                              DIRECT_RUNS)
 
 
 async def _until_done(ctx: ServiceContext, stream: Any, run: GadgetRun, sink: StreamSink,
