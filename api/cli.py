@@ -10,7 +10,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
@@ -160,7 +159,7 @@ def cmd_gadgets(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from api.daemon import Daemon
-    from api.server import TLSConfig
+    from api.server import ListenError
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -168,14 +167,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from api.serve_config import settings_from_args
 
-    settings = settings_from_args(args)
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("--tls-cert and --tls-key go together")
-        settings.tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key),
-                                 Path(args.tls_client_ca) if args.tls_client_ca else None)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Daemon(settings).run_until_signalled())
+    settings = settings_from_args(args)  # --tls-*, --insecure and the rest over the config
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Daemon(settings).run_until_signalled())
+    except ListenError as e:  # TCP without TLS, unreadable TLS files, unknown socket group
+        raise SystemExit(f"gadgetpipe: cannot serve: {e}") from None
     return 0
 
 

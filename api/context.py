@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ class ServiceContext:
         events_buffer_length: records a direct run's stream may queue before dropping.
         drain_deadline: seconds a stopping stream may take to send what is queued.
         instances: the instance manager, once the daemon has one.
+        shutting_down: set when the daemon begins to stop: every stream ends as a stop request
+            would end it (runs drain into their clients, which get status OK; attach streams
+            send what is queued), before the server closes what is left.
     """
 
     catalog: Catalog
@@ -33,6 +37,7 @@ class ServiceContext:
     drain_deadline: float = 5.0
     instances: Any = None
     sinks: Any = None
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     _runs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_run_name(self) -> str:

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
+DRAIN_MARGIN = 2.0
+"""Seconds the server waits for streams beyond their own drain deadline (their teardown)."""
+
 
 @dataclass
 class DaemonSettings:
@@ -108,6 +111,12 @@ class Daemon:
         self._stops.append(fn)
 
     async def stop(self) -> None:
+        # Streams end first, as a stop request ends them (a run drains its ring into its
+        # client, which gets status OK), within the drain deadline; then components stop in
+        # reverse order, the server cancelling whatever call is left.
+        self.ctx.shutting_down.set()
+        if self.server is not None:
+            await self.server.drain(self.ctx.drain_deadline + DRAIN_MARGIN)
         while self._stops:
             fn = self._stops.pop()
             with contextlib.suppress(Exception):
@@ -123,7 +132,11 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         # Before start: SIGHUP's default action would kill the daemon.
         loop.add_signal_handler(signal.SIGHUP, self.reload_config)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # what started before the failure (instances hold BPF programs)
+            raise
         _logger.info("gadgetpipe serving on %s", ", ".join(self.server.bound if self.server
                                                             else []))
         try:

@@ -191,6 +191,7 @@ async def _until_done(ctx: ServiceContext, stream: Any, run: GadgetRun, sink: St
     waiters = {
         asyncio.create_task(read_control(stream), name="control"),
         asyncio.create_task(run.wait(), name="source-end"),
+        asyncio.create_task(ctx.shutting_down.wait(), name="shutdown"),  # ends as a stop does
         sink_task,
     }
     if timeout > 0:

@@ -793,10 +793,19 @@ class Instance:
                     await writer.write(wire.log_event(
                         _WARN, f"node {m.node!r} ({m.address}) is unavailable: {m.message}"))
             await _write_replay(writer, replay, base)
-            await client.run(writer, base)
+            # The daemon stopping ends the stream cleanly: what is queued goes out, then OK.
+            closer = asyncio.create_task(self._close_on_shutdown(client))
+            try:
+                await client.run(writer, base)
+            finally:
+                closer.cancel()
         finally:
             self._attachers.discard(client)
             client.abandon("client_gone")
+
+    async def _close_on_shutdown(self, client: _Attacher) -> None:
+        await self._ctx.shutting_down.wait()
+        client.close()
 
     # -- peers ------------------------------------------------------------------------------
 
@@ -1025,12 +1034,14 @@ class InstanceManager:
         if inst is None:
             return pb.StatusResponse(result=1, message="gadget instance not found at "
                                      f'"{self.store.path(instance_id)}"')
-        await inst.stop(self._ctx.drain_deadline)
-        failures = await inst.remove_on_peers()
+        # The file goes first: when it cannot be removed (a read-only state dir) the instance
+        # keeps running untouched, rather than stopped here yet restored at the next start.
         try:
             await asyncio.to_thread(self.store.delete, instance_id)
         except Exception as e:
             return pb.StatusResponse(result=1, message=f"removing gadget instance: {e}")
+        await inst.stop(self._ctx.drain_deadline)
+        failures = await inst.remove_on_peers()
         if self._instances.get(instance_id) is inst:
             del self._instances[instance_id]
             if self._names.get(inst.name) == instance_id:

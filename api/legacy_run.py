@@ -281,7 +281,9 @@ class _Session:
         for node in remote:
             nodes[node] = asyncio.create_task(self._run_peer(node), name=f"legacy:{node}")
         control = asyncio.create_task(read_control(self._stream), name="legacy-control")
-        waiters: set[asyncio.Future[Any]] = {control, *nodes.values()}
+        # The daemon stopping ends the session as a stop request does: results, then OK.
+        shutdown = asyncio.create_task(self._ctx.shutting_down.wait(), name="legacy-shutdown")
+        waiters: set[asyncio.Future[Any]] = {control, shutdown, *nodes.values()}
         timer = None
         if self._rr.timeout > 0:
             timer = asyncio.create_task(asyncio.sleep(self._rr.timeout / 1e9))
@@ -299,7 +301,7 @@ class _Session:
                 if control in done:
                     client_gone = control.result() == "client gone"
                     break
-                if timer is not None and timer in done:
+                if (timer is not None and timer in done) or shutdown in done:
                     break
             self._stop.set()
             if client_gone:
@@ -321,9 +323,9 @@ class _Session:
                                                                     r.payload())))
         finally:
             self._stop.set()
-            for t in [control, *nodes.values(), *([timer] if timer else [])]:
+            for t in [control, shutdown, *nodes.values(), *([timer] if timer else [])]:
                 t.cancel()
-            for t in [control, *nodes.values(), *([timer] if timer else [])]:
+            for t in [control, shutdown, *nodes.values(), *([timer] if timer else [])]:
                 with contextlib.suppress(BaseException):
                     await t
             for t in list(self._pending_logs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from api.daemon import DaemonSettings
@@ -68,4 +69,30 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
     s.insecure = s.insecure or args.insecure
     if args.socket_group:
         s.socket_group = args.socket_group
+    s.tls = layer_tls(s.tls, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
+                      getattr(args, "tls_client_ca", None))
     return s
+
+
+def layer_tls(tls: TLSConfig | None, cert: str | None, key: str | None,
+              client_ca: str | None) -> TLSConfig | None:
+    """The config's TLS with the ``--tls-*`` flags given over it.
+
+    ``--tls-cert`` and ``--tls-key`` replace the config's pair (and keep its client CA unless
+    ``--tls-client-ca`` is given too); ``--tls-client-ca`` alone adds mutual TLS to the
+    config's pair, and is an error when there is none (it would silently do nothing).
+
+    Raises:
+        SystemExit: one of cert/key without the other, or a client CA without a certificate.
+    """
+    if cert or key:
+        if not (cert and key):
+            raise SystemExit("gadgetpipe: --tls-cert and --tls-key go together")
+        keep = tls.client_ca if tls is not None else None
+        return TLSConfig(Path(cert), Path(key), Path(client_ca) if client_ca else keep)
+    if client_ca:
+        if tls is None:
+            raise SystemExit("gadgetpipe: --tls-client-ca needs --tls-cert and --tls-key (or "
+                             "daemon.tls in the config)")
+        return replace(tls, client_ca=Path(client_ca))
+    return tls

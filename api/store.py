@@ -113,7 +113,13 @@ class InstanceStore:
             raise ValueError(f"invalid gadget instance id: {instance_id}")
         target = self.path(instance_id)
         data = json_format.MessageToJson(request, indent=None).encode()
-        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=SUFFIX, dir=self.directory)
+        try:
+            # Inside the try: on a read-only or full file system creating the temporary file
+            # is what fails, and the error must name the instance's file, not the temporary.
+            fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=SUFFIX,
+                                            dir=self.directory)
+        except OSError as e:
+            raise StoreError(f"writing {target}: {e.strerror or e}") from e
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -61,6 +61,16 @@ RUNTIME_PARAMS: tuple[ParamSpec, ...] = (
               "2ms", "duration", tags=("advanced", "group:eBPF")),
     ParamSpec("wakeup-fill", RUNTIME_PREFIX, "Ring fill level (percent) at which the BPF side "
               "wakes the reader early", "25", "uint8", tags=("advanced", "group:eBPF")),
+    ParamSpec("shed", RUNTIME_PREFIX, "Load shedding: while a subscriber's queue is above "
+              "shed-high, keep only 1 record in N in the kernel (N doubles, up to shed-max; "
+              "halves below shed-low); shed records are counted (stage kernel, reason shed)",
+              "false", "bool", tags=("advanced", "group:eBPF")),
+    ParamSpec("shed-high", RUNTIME_PREFIX, "Queue fill (percent of capacity) above which "
+              "shedding samples harder", "75", "uint8", tags=("advanced", "group:eBPF")),
+    ParamSpec("shed-low", RUNTIME_PREFIX, "Queue fill (percent of capacity) below which "
+              "shedding relaxes", "25", "uint8", tags=("advanced", "group:eBPF")),
+    ParamSpec("shed-max", RUNTIME_PREFIX, "Largest N of load shedding (keep 1 record in N)",
+              "1024", "uint32", tags=("advanced", "group:eBPF")),
 )
 
 

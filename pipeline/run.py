@@ -1,12 +1,34 @@
-"""A running gadget: source, operator chain and fan-out to subscribers, with the ledger."""
+"""A running gadget: source, operator chain and fan-out to subscribers, with the ledger.
+
+Load shedding (``operator.bcc.shed=true``, off by default: sampling changes what users see).
+Every subscriber of a run (a gRPC stream, a sink, an instance's own edge) owns a bounded
+queue, and a slow one drops, counted, what does not fit, after the record was copied out of the
+ring, filtered and queued. Shedding moves that loss to where it costs least: the kernel, before
+the record is written. After each drained batch (and on a 10 ms tick while no batch comes, so
+it also relaxes when nothing flows) the run looks at its fullest open queue.
+Above ``operator.bcc.shed-high`` percent of its capacity (75) the in-kernel sampling rate N
+doubles, up to ``operator.bcc.shed-max`` (1024); below ``operator.bcc.shed-low`` (25) it
+halves, back to 1; at most one step per :data:`SHED_STEP`. N is written into the BPF array
+``gadget_sample``, and ``gadget_reserve`` (pipeline/sources/bpf/gadget_sample.h) then keeps a
+record with probability 1/N; a record not kept is never written to the ring and is counted in
+the per-CPU array ``gadget_shed``. The run reads that counter with the ring's loss counter into
+the ledger: stage ``kernel``, reason ``shed`` (reason ``ringbuf_full`` for a full ring), so
+``produced(source) + dropped(kernel, shed) + dropped(kernel, ringbuf_full)`` is every record
+the gadget's hooks wanted to emit. Clients hear a warn log when shedding starts and an info log
+when it ends. The fullest queue decides for the whole run, since the kernel samples before the
+fan-out; gadgets whose source cannot sample (snapshot_process, top_file, trace_dns) log that
+the param is ignored.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from pipeline.batch import Batch
 from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
@@ -18,13 +40,22 @@ from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec, resolve
 from pipeline.schema import DataSourceSchema
-from pipeline.sources.base import Source
+from pipeline.sources.base import SheddingSource, Source
 
 _logger = logging.getLogger(__name__)
 
 STAGE_SOURCE = "source"
 STAGE_KERNEL = "kernel"
 STAGE_FILTER = "filter"
+REASON_RINGBUF_FULL = "ringbuf_full"
+REASON_SHED = "shed"
+SHED = RUNTIME_PREFIX + "shed"
+SHED_HIGH = RUNTIME_PREFIX + "shed-high"
+SHED_LOW = RUNTIME_PREFIX + "shed-low"
+SHED_MAX = RUNTIME_PREFIX + "shed-max"
+SHED_STEP = 0.01
+"""Seconds between two changes of the sampling rate: a few drains (2 ms each by default), so N
+follows the queues, not each batch."""
 
 OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("filter", "operator.filter.", "Keep records matching all comparisons, e.g. "
@@ -58,6 +89,58 @@ def build_operators(values: Mapping[str, Any],
     return ops
 
 
+@dataclass
+class ShedController:
+    """The in-kernel sampling rate N from the fill of a run's queues (see the module doc).
+
+    Args:
+        high: fill (0..1) above which N doubles.
+        low: fill below which N halves.
+        max_rate: the largest N.
+    """
+
+    high: float
+    low: float
+    max_rate: int
+    rate: int = 1
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> ShedController | None:
+        """The controller a run's params ask for (None: no shedding).
+
+        Raises:
+            RunError: thresholds that cannot work.
+        """
+        if not values.get(SHED):
+            return None
+        high, low, top = int(values[SHED_HIGH]), int(values[SHED_LOW]), int(values[SHED_MAX])
+        if not 0 < high <= 100:
+            raise RunError(f"invalid parameter {SHED_HIGH!r}: must be 1..100, got {high}")
+        if not low < high:
+            raise RunError(f"invalid parameter {SHED_LOW!r}: must be below {SHED_HIGH} "
+                           f"({high}), got {low}")
+        if top < 1:
+            raise RunError(f"invalid parameter {SHED_MAX!r}: must be at least 1, got {top}")
+        return cls(high / 100, low / 100, top)
+
+    def step(self, fill: float) -> int:
+        """The rate after one look at the queues, ``fill`` being the fullest one's."""
+        if fill > self.high:
+            self.rate = min(self.rate * 2, self.max_rate)
+        elif fill < self.low:
+            self.rate = max(self.rate // 2, 1)
+        return self.rate
+
+
+def queue_fill(edges: Iterable[Edge]) -> tuple[float, str]:
+    """The fill (depth / capacity) of the fullest open edge, and its name."""
+    fill, name = 0.0, ""
+    for e in edges:
+        if not e.closed and e.depth / e.capacity > fill:
+            fill, name = e.depth / e.capacity, e.name
+    return fill, name
+
+
 class GadgetRun:
     """One gadget running with one set of params, feeding any number of subscribers.
 
@@ -82,6 +165,7 @@ class GadgetRun:
             self._operators = build_operators(self.values, list(spec.datasources))
         except (ParamError, OperatorError) as e:
             raise RunError(str(e)) from e
+        self._shedder = ShedController.from_values(self.values)
         schemas = []
         for ds in spec.datasources:
             for op in self._operators:
@@ -93,6 +177,9 @@ class GadgetRun:
         self._source: Source | None = None
         self._log_listeners: list[LogListener] = []
         self._kernel_lost = 0
+        self._kernel_shed = 0
+        self._shed_at = 0.0
+        self._shed_task: asyncio.Task[None] | None = None
         self.error: str | None = None
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
@@ -135,6 +222,15 @@ class GadgetRun:
                 await self._source.stop()
             raise
         self.started.set()
+        if self._shedder is not None:
+            if hasattr(self._source, "set_sample_rate") and \
+                    cast(SheddingSource, self._source).set_sample_rate(1):
+                self._shed_task = asyncio.create_task(self._shed_ticker(),
+                                                      name=f"shed:{self.instance}")
+            else:
+                self._shedder = None
+                self.log(3, f"{SHED}: gadget {self.spec.name} cannot sample in the kernel; "
+                         "running without load shedding")
 
     async def _emit(self, batch: Batch) -> None:
         n = len(batch)
@@ -147,6 +243,42 @@ class GadgetRun:
         self._ledger.delivered(self.instance, STAGE_SOURCE, len(batch))
         if len(batch):
             await self.fanout.publish(batch)
+        self._shed_step()
+
+    @property
+    def sample_rate(self) -> int:
+        """The in-kernel sampling rate: 1 record kept in this many (1: no shedding)."""
+        return self._shedder.rate if self._shedder is not None else 1
+
+    async def _shed_ticker(self) -> None:
+        # Drains come only while records do; this lets the rate relax when they stop.
+        while True:
+            await asyncio.sleep(SHED_STEP)
+            self._shed_step()
+
+    def _shed_step(self) -> None:
+        if self._shedder is None:  # the hot path of every run that does not shed
+            return
+        now = time.monotonic()
+        if now - self._shed_at < SHED_STEP:
+            return
+        self._shed_at = now
+        before = self._shedder.rate
+        fill, edge = queue_fill(self.fanout.edges)
+        rate = self._shedder.step(fill)
+        if rate == before or self._source is None:
+            return
+        cast(SheddingSource, self._source).set_sample_rate(rate)
+        if before == 1:
+            self.log(3, f"shedding load: queue {edge} is {fill:.0%} full; the kernel keeps 1 "
+                     f"record in {rate} (the others are counted as shed)")
+        elif rate == 1:
+            self._sync_kernel_losses()
+            self.log(4, f"load shedding ended: the queues drained ({self._kernel_shed} records "
+                     "shed so far)")
+        else:
+            self.log(5, f"load shedding: the kernel keeps 1 record in {rate} (queue {edge} "
+                     f"{fill:.0%} full)")
 
     def _sync_kernel_losses(self) -> None:
         if self._source is None:
@@ -156,12 +288,24 @@ class GadgetRun:
             delta = lost - self._kernel_lost
             self._kernel_lost = lost
             self._ledger.produced(self.instance, STAGE_KERNEL, delta)
-            self._ledger.dropped(self.instance, STAGE_KERNEL, delta, "ringbuf_full")
+            self._ledger.dropped(self.instance, STAGE_KERNEL, delta, REASON_RINGBUF_FULL)
             self.log(3, f"kernel ring buffer full: {delta} records lost ({lost} in total)")
+        if self.values.get(SHED) and hasattr(self._source, "shed"):
+            shed = cast(SheddingSource, self._source).shed()
+            if shed > self._kernel_shed:
+                delta = shed - self._kernel_shed
+                self._kernel_shed = shed
+                self._ledger.produced(self.instance, STAGE_KERNEL, delta)
+                self._ledger.dropped(self.instance, STAGE_KERNEL, delta, REASON_SHED)
 
     @property
     def kernel_lost(self) -> int:
         return self._kernel_lost
+
+    @property
+    def kernel_shed(self) -> int:
+        """Records the kernel sampled out (load shedding), as last read."""
+        return self._kernel_shed
 
     async def wait(self) -> None:
         """Returns when the source ends by itself or the run is stopped."""
@@ -183,6 +327,10 @@ class GadgetRun:
         await asyncio.shield(self._stop_task)
 
     async def _teardown(self) -> None:
+        if self._shed_task is not None:
+            self._shed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shed_task
         try:
             if self._source is not None:
                 await self._source.stop()

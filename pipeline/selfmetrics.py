@@ -13,7 +13,9 @@ sets on every scraped series itself):
 - ``gadgetpipe_records_produced_total{gadget_instance,stage}``, ``…_delivered_total``,
   ``…_dropped_total{…,reason}``, ``…_retried_total``: the ledger, per stage
   (``source``, ``kernel``, ``filter``, ``grpc:<peer>``, ``sink:<name>``);
-- ``gadgetpipe_kernel_lost_records_total{gadget_instance}``: ring-buffer losses;
+- ``gadgetpipe_kernel_lost_records_total{gadget_instance}``: ring-buffer losses (records shed
+  on purpose are ``…_dropped_total{stage="kernel",reason="shed"}``);
+- ``gadgetpipe_kernel_sample_rate{gadget_instance}``: load shedding's N (1: no sampling);
 - ``gadgetpipe_queue_depth_records{gadget_instance,edge}`` and ``…_capacity_records``;
 - ``gadgetpipe_sink_up{gadget_instance,sink}`` (0 while retrying),
   ``gadgetpipe_sink_errors_total``, ``gadgetpipe_sink_retries_total``,
@@ -48,6 +50,7 @@ _logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 DEFAULT_LISTEN = "127.0.0.1:2224"
 STAGE_KERNEL = "kernel"
+REASON_RINGBUF_FULL = "ringbuf_full"
 _SANITIZE = re.compile(r"[^a-zA-Z0-9_]")
 _MAX_REQUEST_HEAD = 16 << 10
 _READ_TIMEOUT = 10.0
@@ -120,7 +123,9 @@ class SelfMetricsCollector(Collector):
                 delivered.add_metric((key.instance, key.stage), v)
             elif key.outcome == DROPPED:
                 dropped.add_metric((key.instance, key.stage, key.reason), v)
-                if key.stage == STAGE_KERNEL:
+                # Only ring losses: shed records (reason "shed") are dropped on purpose, and a
+                # second sample with the same labels would make the exposition invalid.
+                if key.stage == STAGE_KERNEL and key.reason == REASON_RINGBUF_FULL:
                     kernel.add_metric((key.instance,), v)
             elif key.outcome == OUTCOME_RETRIED:
                 retried.add_metric((key.instance, key.stage), v)
@@ -141,9 +146,15 @@ class SelfMetricsCollector(Collector):
         capacity = GaugeMetricFamily("gadgetpipe_queue_capacity_records",
                                      "Capacity of an edge in records",
                                      labels=("gadget_instance", "edge"))
+        sample_rate = GaugeMetricFamily("gadgetpipe_kernel_sample_rate",
+                                        "Load shedding: the kernel keeps 1 record in this many "
+                                        "(1: all)", labels=("gadget_instance",))
         streams = 0
         runs = _runs(self._ctx)
         for run in runs:
+            rate = getattr(run, "sample_rate", None)
+            if isinstance(rate, int):
+                sample_rate.add_metric((str(run.instance),), float(rate))
             fanout = getattr(run, "fanout", None)
             for edge in (fanout.edges if fanout is not None else ()):
                 labels = (str(run.instance), edge.name)
@@ -153,6 +164,7 @@ class SelfMetricsCollector(Collector):
                     streams += 1
         yield depth
         yield capacity
+        yield sample_rate
         yield GaugeMetricFamily("gadgetpipe_grpc_streams_open",
                                 "gRPC streams receiving a run's records", value=float(streams))
         yield GaugeMetricFamily("gadgetpipe_runs_active", "Gadget runs in this daemon",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pipeline.batch import Batch
 
@@ -12,6 +13,29 @@ Emit = Callable[[Batch], Awaitable[None]]
 
 Log = Callable[[int, str], None]
 """Reports a message with a logrus severity (2 error, 3 warn, 4 info, 5 debug)."""
+
+
+T = TypeVar("T")
+
+
+async def load_in_thread(load: Callable[[], T], free: Callable[[T], None]) -> T:
+    """``load()`` (a BPF compile and attach) in a worker thread.
+
+    A thread cannot be cancelled: if the caller is (a client that went away during the
+    compile), the thread still loads and attaches, and what it returns would be lost with its
+    programs attached for good. So the load goes on shielded, and ``free`` gets its result once
+    it is done.
+    """
+    loading = asyncio.ensure_future(asyncio.to_thread(load))
+    try:
+        return await asyncio.shield(loading)
+    except asyncio.CancelledError:
+        def free_when_loaded(f: asyncio.Future[T]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                free(f.result())
+
+        loading.add_done_callback(free_when_loaded)
+        raise
 
 
 class SourceError(RuntimeError):
@@ -39,4 +63,16 @@ class Source(Protocol):
 
     def extra_info(self) -> Mapping[str, tuple[str, bytes]]:
         """Inspection addenda: key -> (content type, content)."""
+        ...
+
+
+class SheddingSource(Protocol):
+    """A source that can sample in the kernel (load shedding, ``operator.bcc.shed``)."""
+
+    def set_sample_rate(self, rate: int) -> bool:
+        """Keeps 1 record in ``rate`` (1: all); False when this source cannot."""
+        ...
+
+    def shed(self) -> int:
+        """Records sampled out in the kernel, so far."""
         ...

@@ -1,7 +1,8 @@
 /* Per-ring loss counter; a program includes this right after its GADGET_RINGBUF declarations
  * (rings must be its first tables, see gadget_ringbuf.h), defining GADGET_NUM_RINGS first when
  * it has more than one ring. bcc rewrites map methods only in the program's own file, so this
- * header reaches the table through its pseudo fd: it is table GADGET_NUM_RINGS + 1. */
+ * header reaches the table through its pseudo fd: it is table GADGET_NUM_RINGS + 1. It also
+ * brings gadget_sample.h (load shedding), whose tables, when shedding is compiled in, follow. */
 #ifndef GADGETPIPE_GADGET_LOST_H
 #define GADGETPIPE_GADGET_LOST_H
 
@@ -19,4 +20,6 @@ static __always_inline void gadget_count_lost(__u32 ring_idx)
 	if (v)
 		__sync_fetch_and_add(v, 1); /* a nested program on this CPU may count too */
 }
+
+#include "gadget_sample.h"
 #endif

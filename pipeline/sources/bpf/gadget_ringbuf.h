@@ -29,6 +29,8 @@
  * map_type ... into func bpf_ringbuf_reserve"), or bcc a bad fd: it never writes elsewhere.
  * A program with several rings declares them as tables 1..R, defines GADGET_NUM_RINGS=R
  * before including gadget_lost.h, and user space reads loss counts per ring (index - 1).
+ * gadget_lost is table R+1; with load shedding compiled in (GADGET_SHED), gadget_sample and
+ * gadget_shed are R+2 and R+3 (gadget_sample.h), so the program's own tables come after them.
  */
 #ifndef GADGETPIPE_GADGET_RINGBUF_H
 #define GADGETPIPE_GADGET_RINGBUF_H
@@ -59,13 +61,17 @@
 	(bpf_ringbuf_query(gadget_ring_ptr(name), BPF_RB_AVAIL_DATA) >=            \
 			 gadget_wakeup_bytes(name) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP)
 
-/* A record of `size` bytes (a constant: the verifier requires it) in ring `name`, or NULL,
- * counted in gadget_lost, when the ring is full. */
+/* A record of `size` bytes (a constant: the verifier requires it) in ring `name`, or NULL:
+ * when the ring is full (counted in gadget_lost), or when load shedding samples the record out
+ * (counted in gadget_shed; see gadget_sample.h, a no-op unless compiled with GADGET_SHED). */
 #define gadget_reserve(name, size)                                                    \
 	({                                                                            \
-		void *__gadget_rec = bpf_ringbuf_reserve(gadget_ring_ptr(name), (size), 0); \
-		if (!__gadget_rec)                                                    \
-			gadget_count_lost(gadget_ring_idx_##name);                    \
+		void *__gadget_rec = 0;                                               \
+		if (gadget_keep(gadget_ring_idx_##name)) {                            \
+			__gadget_rec = bpf_ringbuf_reserve(gadget_ring_ptr(name), (size), 0); \
+			if (!__gadget_rec)                                            \
+				gadget_count_lost(gadget_ring_idx_##name);            \
+		}                                                                     \
 		__gadget_rec;                                                         \
 	})
 

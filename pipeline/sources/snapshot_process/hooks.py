@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.batch import Batch
 from pipeline.gadget import GadgetSpec
 from pipeline.schema import FieldFlag
-from pipeline.sources.base import Emit, Log, SourceError
+from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.tracer import (
     COMPILE_LOCK,
     TracerSource,
@@ -68,8 +68,14 @@ class SnapshotSource(TracerSource):
         check_environment()
         self._emit = emit
         self._log = log
-        self._bpf = await asyncio.to_thread(self._load)
+        self._bpf = await load_in_thread(self._load, self._free_abandoned)
         self._snap = asyncio.create_task(self._snapshot(), name=f"snapshot:{self._spec.name}")
+
+    def _free_abandoned(self, bpf: BPF) -> None:
+        if self._link_fd >= 0:
+            os.close(self._link_fd)
+            self._link_fd = -1
+        bpf.cleanup()
 
     def _load(self) -> BPF:
         bcc = import_bcc()

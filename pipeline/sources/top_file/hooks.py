@@ -25,7 +25,7 @@ import numpy.typing as npt
 from pipeline.batch import Batch
 from pipeline.gadget import EBPF_PREFIX, GadgetSpec
 from pipeline.schema import NUMPY_DTYPE, Field, Kind
-from pipeline.sources.base import Emit, Log, SourceError
+from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.tracer import (
     COMPILE_LOCK,
     TracerSource,
@@ -88,7 +88,7 @@ class TopFileSource(TracerSource):
             raise SourceError(f"{EBPF_PREFIX}map-fetch-interval must be more than 0")
         self._emit = emit
         self._log = log
-        self._bpf = await asyncio.to_thread(self._load_map)
+        self._bpf = await load_in_thread(self._load_map, self._free_abandoned)
         self._ticker = asyncio.create_task(self._tick(), name=f"top:{self._spec.name}")
 
     def _load_map(self) -> BPF:

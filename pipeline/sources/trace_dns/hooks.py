@@ -36,7 +36,7 @@ import numpy as np
 from pipeline.batch import Batch
 from pipeline.gadget import BPF_INCLUDE_DIR, EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.schema import DataSourceSchema
-from pipeline.sources.base import Emit, Log, SourceError
+from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.ringbuf import RingReader, RingWakeups, read_lost
 from pipeline.sources.tracer import (
     COMPILE_LOCK,
@@ -366,7 +366,7 @@ class DnsSource:
     async def start(self, emit: Emit, log: Log) -> None:
         check_environment()
         self._emit, self._log = emit, log
-        self._bpf = await asyncio.to_thread(self._load)
+        self._bpf = await load_in_thread(self._load, self._free_abandoned)
         self._ts_offset = boot_to_wall_offset_ns()
         assert self._reader is not None
         # Forced wake-ups through an edge-triggered epoll, as the tracer does: the ring's own
@@ -374,6 +374,16 @@ class DnsSource:
         self._wakeups = RingWakeups([self._reader.fileno()])
         asyncio.get_running_loop().add_reader(self._wakeups.fileno(), self._on_wakeup)
         self._task = asyncio.create_task(self._pump(), name=f"drain:{self._spec.name}")
+
+    def _free_abandoned(self, bpf: BPF) -> None:
+        """Frees a load whose start was cancelled (see load_in_thread)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        bpf.cleanup()
 
     def _load(self) -> BPF:
         bcc = import_bcc()
