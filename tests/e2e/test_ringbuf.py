@@ -184,7 +184,7 @@ def decode_fixed(rows: np.ndarray) -> tuple[list[int], list[bytes]]:
 def _compile(pages: int, *extra: str) -> Ring:
     bcc = pytest.importorskip("bcc")
     if os.geteuid() != 0:
-        pytest.skip("loading BPF programs needs root")
+        pytest.fail("loading BPF programs needs root: run the suite as root")
     flags = [f"-I{BPF_INCLUDE_DIR}", *gadget_cflags(), f"-DGADGET_RING_PAGES={pages}", *extra]
     return Ring(bcc.BPF(text=PROGRAM.encode(), cflags=flags), pages)
 
@@ -599,7 +599,7 @@ def test_a_full_speed_producer_loses_nothing_to_the_reader(tmp_path: Path) -> No
     target before packing, showed up here as a few lost records per million.)"""
     cc = shutil.which("cc")
     if cc is None:
-        pytest.skip("needs a C compiler for the load generator")
+        pytest.fail("needs a C compiler (cc) for the load generator")
     exe = tmp_path / "open_loop"
     subprocess.run([cc, "-O2", "-o", str(exe), str(OPEN_LOOP)], check=True)
     total = 1_000_000
