@@ -29,6 +29,8 @@ _VARINT_LIMITS = np.array([1 << 7, 1 << 14, 1 << 21, 1 << 28], dtype=np.uint64)
 
 
 def varint(value: int) -> bytes:
+    """Protobuf base-128 varint; negative int64 values take their two's-complement 64 bits."""
+    value &= 0xFFFFFFFFFFFFFFFF
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

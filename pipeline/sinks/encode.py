@@ -26,6 +26,8 @@ import numpy.typing as npt
 from pipeline.accessors import column, raw_slices, values
 from pipeline.batch import Batch
 from pipeline.schema import NUMPY_DTYPE, DataSourceSchema, Field, Kind
+from pipeline.wire import length_delimited as _ld
+from pipeline.wire import varint as _varint
 
 __all__ = [
     "JsonEncoder",
@@ -242,21 +244,6 @@ class JsonEncoder:
 
 # --------------------------------------------------------------------------------------------
 # Protobuf helpers (OTLP)
-
-
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _ld(tag: int, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    return bytes([tag]) + _varint(len(payload)) + payload
 
 
 _VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)

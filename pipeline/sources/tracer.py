@@ -94,6 +94,7 @@ class TracerSource:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._wakeups: RingWakeups | None = None
+        self._ts_cols: dict[str, list[int]] = {}
         self._stopping = False
         self._emit: Emit | None = None
         self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.002)
@@ -202,6 +203,14 @@ class TracerSource:
                                   f"in C but {f.offs}/{f.size} in gadget.yaml")
 
     def _timestamp_columns(self, ds: DataSourceSchema) -> list[int]:
+        # Computed once per data source: this runs on every drain.
+        cols = self._ts_cols.get(ds.name)
+        if cols is None:
+            cols = self._ts_cols[ds.name] = self._find_timestamp_columns(ds)
+        return cols
+
+    @staticmethod
+    def _find_timestamp_columns(ds: DataSourceSchema) -> list[int]:
         return [f.offs for f in ds.fields if "type:gadget_timestamp" in f.tags and
                 f.payload_index == 0 and not f.flags & FieldFlag.HAS_PARENT]
 
