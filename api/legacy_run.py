@@ -51,7 +51,7 @@ from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_manager import DIRECT_RUNS, new_run
-from api.instance_manager import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, describe_error, peer_problem
 from api.run_stream import read_control
 from api.stream_writer import FramedWriter
 from pipeline import accessors, wire
