@@ -14,9 +14,8 @@ time from the data source's timestamp field, and a body that is either a constan
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from json.encoder import encode_basestring_ascii
 from typing import Any, Generic, TypeVar
 
@@ -26,6 +25,7 @@ import numpy.typing as npt
 from pipeline.accessors import column, raw_slices, values
 from pipeline.batch import Batch
 from pipeline.schema import NUMPY_DTYPE, DataSourceSchema, Field, Kind
+from pipeline.sinks.jsonvec import JsonLines
 from pipeline.wire import length_delimited as _ld
 from pipeline.wire import varint as _varint
 
@@ -219,7 +219,9 @@ def _json_template(schema: DataSourceSchema) -> _Template:
 
 
 class JsonEncoder:
-    """One JSON object per record of a data source, as UTF-8 bytes.
+    """One JSON object per record of a data source, as UTF-8 bytes; built for the whole batch
+    at once by :class:`pipeline.sinks.jsonvec.JsonLines` (this module's per-value encoders are
+    its fallback for kinds it has no vectorised form of).
 
     Example (trace_exec)::
 
@@ -229,17 +231,19 @@ class JsonEncoder:
     def __init__(self, schema: DataSourceSchema) -> None:
         self.schema = schema
         self._template = _json_template(schema)
+        self._lines = JsonLines(self._template.pieces, self._template.fields, _json_column)
+
+    def encode_lines(self, batch: Batch) -> tuple[bytes, npt.NDArray[np.intp]]:
+        """Every record's JSON and a newline, concatenated, and where each line ends."""
+        return self._lines.encode(batch)
 
     def encode(self, batch: Batch) -> list[bytes]:
-        n = len(batch)
-        if n == 0:
+        """Each record's JSON (no newline)."""
+        data, ends = self._lines.encode(batch)
+        if not len(ends):
             return []
-        fields = iter(self._template.fields)
-        cols: list[Iterable[str]] = []
-        for p in self._template.pieces:
-            cols.append(repeat(p, n) if p is not None else _json_column(batch, next(fields)))
-        # Non-ASCII is escaped (encode_basestring_ascii), so str.encode is a plain copy.
-        return [s.encode() for s in map("".join, zip(*cols, strict=False))]
+        starts = [0, *ends[:-1].tolist()]
+        return [data[a: b - 1] for a, b in zip(starts, ends.tolist(), strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
