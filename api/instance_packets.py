@@ -5,10 +5,24 @@ seq* (1, 2, ...; one packet per record for single data sources, one ``GadgetData
 batch for array data sources or when the instance was created with
 ``operator.grpc.batch-max``). :class:`PacketRing` keeps the last ``eventBufferLength`` of them
 for replay; each attached client has an :class:`Attacher`, a bounded drop-newest queue of
-:data:`ATTACH_QUEUE` packets. A stream's ``seq`` is ``instance seq - base`` (see
-api/instance.py for how an attach stream picks ``base``); packets a slow client lost show as
-gaps, are counted in the ledger (stage ``attach``, in packets, reason ``queue_full``) and are
-announced to that client by a warn log event.
+``operator.grpc.attach-queue`` packets (:data:`ATTACH_QUEUE` by default; api/run_stream.py
+declares the param). A stream's ``seq`` is
+``instance seq - base`` (see api/instance.py for how an attach stream picks ``base``); packets a
+slow client lost show as gaps, are counted in the ledger (stage ``attach``, in packets, reason
+``queue_full``) and are announced to that client by a warn log event.
+
+One encoding for everyone. A batch becomes a :class:`Chunk` once: its packets framed as
+``GadgetEvent`` messages, ready for the wire, with each ``seq`` written as a five-byte varint (a
+varint may carry redundant continuation bytes, and every protobuf decoder reads them: gRPC's
+Go and Python runtimes, protowire) holding the instance seq. The replay ring and every client's
+queue hold that same object. A client numbered from base 0 (a resuming one, and every client of
+an instance whose ring has not wrapped yet) is sent the chunk's bytes as they are; any other
+gets a copy with its five seq bytes per packet rewritten in one numpy pass.
+
+Compact buffers. A record whose last field is a large C string (trace_exec's 5 KiB ``args``)
+is kept without the bytes after that string's end; they are zeros on the wire (and the record's
+stale ring bytes there never leave the daemon), put back when a client's copy is made. So the
+ring and the queues hold the used part of such records, not their maximum size.
 """
 
 from __future__ import annotations
@@ -17,48 +31,170 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
 from pipeline.ledger import Ledger
+from pipeline.schema import DataSourceSchema, Kind
 
-__all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk", "PacketRing", "node_field",
-           "write_replay"]
+__all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk",
+           "PacketRing", "node_field", "write_replay"]
 
-ATTACH_QUEUE = 1024
-"""Live packets one attached client may have waiting before new ones are dropped (spec 3.3)."""
+ATTACH_QUEUE = 65536
+"""Live packets one attached client may have waiting before new ones are dropped, by default.
+Upstream keeps 1024 (spec 3.3); here one drain at the kernel-side limit is already ~1000
+records, so a client that misses a few scheduler slices would lose packets with that. The queue
+holds references to the chunks the ring holds too, so its length costs memory only while a
+client is behind: 65536 trace_open packets are ~25 MB then."""
 ATTACH_STAGE = "attach"
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
 DROP_REPORT_INTERVAL = 1.0
 """At most one "you lost N events" log event per client per this many seconds."""
+COMPACT_TAIL = 1024
+"""A trailing C string field this large or larger is kept only up to its end (see above)."""
 _WRITE_BUDGET = 1 << 20
 """Bytes (roughly) one attach write gathers before it goes out."""
 _SEQ_MASK = 0xFFFFFFFF
 _TAG_NODE = 0x0A  # GadgetData.node and GadgetDataArray.node are both field 1, string
+_TAG_SEQ = 0x10  # GadgetEvent.seq, varint
+_TAG_PAYLOAD = 0x1A  # GadgetEvent.payload, GadgetData.data: field 3, bytes
+_TAG_ELEMENT = 0x0A  # DataElement.payload, field 1, bytes
+_TAG_DSID = 0x20  # GadgetEvent.dataSourceID, varint
+_SEQ_AT = 6
+"""Where a packet's seq bytes start: after the gRPC prefix (5 bytes) and the seq tag."""
+_SEQ_LEN = 5
 _WARN = 3
 
 
-@dataclass(slots=True)
-class Chunk:
-    """Consecutive payload packets of one data source, numbered from instance seq ``seq``.
+def _frame_head(body_len: int) -> bytes:
+    """gRPC prefix and seq field (seq bytes zero until numbered) of a GadgetEvent whose other
+    fields take ``body_len`` bytes."""
+    return (b"\x00" + (1 + _SEQ_LEN + body_len).to_bytes(4, "big") + bytes([_TAG_SEQ])
+            + b"\x80\x80\x80\x80\x00")
 
-    Either ``batch`` (one ``GadgetData`` packet per record, framed on demand with numpy) or
-    ``payloads`` (already serialized ``GadgetData``/``GadgetDataArray`` packets) is set.
+
+def _dsid_tail(ds_id: int) -> bytes:
+    return bytes([_TAG_DSID]) + wire.varint(ds_id) if ds_id else b""
+
+
+def _tail_field(schema: DataSourceSchema) -> tuple[int, int] | None:
+    """(offset, size) of payload 0's last field when it is a C string worth cutting."""
+    last = max((f for f in schema.fields if f.payload_index == 0 and f.size and f.has_value),
+               key=lambda f: f.offs + f.size, default=None)
+    if (last is None or last.base_kind is not Kind.CSTRING or last.is_array
+            or last.size < COMPACT_TAIL or last.offs + last.size != schema.record_size):
+        return None
+    return last.offs, last.size
+
+
+def _put_seqs(buf: npt.NDArray[np.uint8], at: npt.NDArray[np.intp],
+              seqs: npt.NDArray[np.uint64]) -> None:
+    """Writes each seq as a five-byte varint at ``at`` (the seq bytes of each packet)."""
+    for k in range(_SEQ_LEN):
+        byte = (seqs >> np.uint64(7 * k)) & np.uint64(0x7F)
+        if k < _SEQ_LEN - 1:
+            byte |= np.uint64(0x80)
+        buf[at + k] = byte.astype(np.uint8)
+
+
+class Chunk:
+    """Consecutive payload packets of one data source, numbered from instance seq ``seq``:
+    a window ``[lo, hi)`` onto packets framed once (see the module docstring).
+
+    Build one with :meth:`from_records` or :meth:`from_payloads`, number it with
+    :meth:`number`; slices share the encoded bytes.
     """
 
-    seq: int
-    ds_id: int
-    batch: Batch | None = None
-    payloads: list[bytes] | None = None
+    __slots__ = ("_data", "_gap_at", "_gap_len", "_starts", "ds_id", "hi", "lo", "seq")
+
+    def __init__(self, data: bytearray, starts: npt.NDArray[np.intp], ds_id: int,
+                 gap_at: npt.NDArray[np.intp] | None = None,
+                 gap_len: npt.NDArray[np.intp] | None = None, seq: int = 0, lo: int = 0,
+                 hi: int | None = None) -> None:
+        self._data = data
+        self._starts = starts
+        """Where each packet starts in ``_data`` (one more entry: the end)."""
+        self._gap_at = gap_at
+        """Per packet, where (from its start) the zeros that were cut go back; None: no cut."""
+        self._gap_len = gap_len
+        self.ds_id = ds_id
+        self.lo = lo
+        self.hi = len(starts) - 1 if hi is None else hi
+        self.seq = seq
+        """Instance seq of the window's first packet (0 until numbered)."""
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_records(cls, batch: Batch, ds_id: int) -> Chunk:
+        """One ``GadgetEvent{GadgetData}`` packet per record (payload 0 only; records with
+        further payloads go through :meth:`from_payloads`)."""
+        if batch.extra:
+            return cls.from_payloads(wire.gadget_data(batch), ds_id)
+        n = len(batch)
+        size = batch.schema.record_size
+        element = bytes([_TAG_ELEMENT]) + wire.varint(size)
+        data_head = bytes([_TAG_PAYLOAD]) + wire.varint(len(element) + size)
+        gd_len = len(data_head) + len(element) + size
+        tail = _dsid_tail(ds_id)
+        body = bytes([_TAG_PAYLOAD]) + wire.varint(gd_len) + data_head + element
+        head = _frame_head(len(body) + size + len(tail)) + body
+        frame = len(head) + size + len(tail)
+        out = np.empty((n, frame), dtype=np.uint8)
+        out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+        out[:, len(head): len(head) + size] = batch.rows
+        if tail:
+            out[:, len(head) + size:] = np.frombuffer(tail, dtype=np.uint8)
+        cut = _tail_field(batch.schema)
+        if cut is None or n == 0:
+            return cls(bytearray(out.tobytes()), np.arange(0, (n + 1) * frame, frame), ds_id)
+        offs, fsize = cut
+        field = batch.rows[:, offs: offs + fsize]
+        nul = field.argmin(axis=1)  # the first NUL (0 is the least byte), if there is one
+        has_nul = field[np.arange(n), nul] == 0
+        used = np.where(has_nul, nul + 1, fsize)  # the NUL is kept: the string ends there
+        gap_len = (fsize - used).astype(np.intp)
+        gap_at = (len(head) + offs + used).astype(np.intp)
+        col = np.arange(frame)[None, :]
+        keep = (col < gap_at[:, None]) | (col >= (gap_at + gap_len)[:, None])
+        lens = frame - gap_len
+        starts = np.zeros(n + 1, dtype=np.intp)
+        np.cumsum(lens, out=starts[1:])
+        return cls(bytearray(out[keep].tobytes()), starts, ds_id, gap_at, gap_len)
+
+    @classmethod
+    def from_payloads(cls, payloads: Sequence[bytes], ds_id: int) -> Chunk:
+        """One ``GadgetEvent`` per already serialized ``GadgetData``/``GadgetDataArray``."""
+        tail = _dsid_tail(ds_id)
+        parts: list[bytes] = []
+        starts = [0]
+        for p in payloads:
+            body = bytes([_TAG_PAYLOAD]) + wire.varint(len(p))
+            frame = _frame_head(len(body) + len(p) + len(tail)) + body + p + tail
+            parts.append(frame)
+            starts.append(starts[-1] + len(frame))
+        return cls(bytearray(b"".join(parts)), np.array(starts, dtype=np.intp), ds_id)
+
+    def number(self, seq: int) -> None:
+        """Gives the packets instance seqs ``seq, seq+1, ...`` (written into the frames)."""
+        self.seq = seq
+        if self.packets:
+            at = self._starts[self.lo: self.hi] + _SEQ_AT
+            seqs = (np.arange(self.packets, dtype=np.uint64) + np.uint64(seq)) & np.uint64(
+                _SEQ_MASK)
+            _put_seqs(np.frombuffer(self._data, dtype=np.uint8), at, seqs)
+
+    # -- reading ----------------------------------------------------------------------------
 
     @property
     def packets(self) -> int:
-        return len(self.batch) if self.batch is not None else len(self.payloads or ())
+        return self.hi - self.lo
 
     @property
     def end(self) -> int:
@@ -67,35 +203,64 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        if self.batch is not None:
-            return self.batch.rows.nbytes + 32 * len(self.batch)
-        return sum(len(p) + 16 for p in self.payloads or ())
+        """Bytes this window holds (its share of the encoded bytes)."""
+        return int(self._starts[self.hi] - self._starts[self.lo])
+
+    @property
+    def encoded(self) -> bytearray:
+        """The encoded bytes behind this window: the same object for every slice of a chunk
+        (what the ring and the clients' queues share)."""
+        return self._data
 
     def slice(self, start: int, stop: int | None = None) -> Chunk:
-        """Packets ``[start, stop)`` of this chunk, keeping their instance seqs."""
-        if self.batch is not None:
-            b = self.batch
-            sub = Batch(b.schema, b.rows[start:stop], tuple(col[start:stop] for col in b.extra))
-            return Chunk(self.seq + start, self.ds_id, batch=sub)
-        return Chunk(self.seq + start, self.ds_id, payloads=(self.payloads or [])[start:stop])
+        """Packets ``[start, stop)`` of this window, keeping their instance seqs (no copy)."""
+        lo, hi, _ = slice(start, stop).indices(self.packets)
+        return Chunk(self._data, self._starts, self.ds_id, self._gap_at, self._gap_len,
+                     self.seq + lo, self.lo + lo, self.lo + max(lo, hi))
 
     def compact(self) -> Chunk:
-        """A copy that no longer pins a larger array it was sliced from."""
-        if self.batch is not None and self.batch.rows.base is not None:
-            b = self.batch
-            return Chunk(self.seq, self.ds_id,
-                          batch=Batch(b.schema, np.ascontiguousarray(b.rows).copy(), b.extra))
-        return self
+        """A copy holding only this window's bytes (no longer pinning the rest)."""
+        a, b = int(self._starts[self.lo]), int(self._starts[self.hi])
+        if a == 0 and b == len(self._data):
+            return self
+        gaps = (None, None) if self._gap_at is None or self._gap_len is None else (
+            self._gap_at[self.lo: self.hi].copy(), self._gap_len[self.lo: self.hi].copy())
+        return Chunk(self._data[a:b], self._starts[self.lo: self.hi + 1] - a, self.ds_id,
+                     gaps[0], gaps[1], self.seq)
 
-    def frame(self, base: int) -> bytes:
-        """Framed ``GadgetEvent``s with stream seq = instance seq - ``base``."""
-        first = self.seq - base
-        if self.batch is not None:
-            return wire.per_record_events(self.batch, first & _SEQ_MASK, self.ds_id)
-        return b"".join(
-            wire.grpc_frame(wire.gadget_event(wire.EVENT_TYPE_PAYLOAD, (first + i) & _SEQ_MASK,
-                                              p, self.ds_id))
-            for i, p in enumerate(self.payloads or ()))
+    def frame(self, base: int) -> bytes | memoryview:
+        """The window's packets for the wire, with stream seq = instance seq - ``base``."""
+        a, b = int(self._starts[self.lo]), int(self._starts[self.hi])
+        if base == 0 and self._gap_at is None:
+            return memoryview(self._data)[a:b]
+        buf = np.frombuffer(self._data, dtype=np.uint8)[a:b].copy()
+        rel = self._starts[self.lo: self.hi] - a
+        if base:
+            seqs = (np.arange(self.packets, dtype=np.uint64)
+                    + np.uint64((self.seq - base) & _SEQ_MASK)) & np.uint64(_SEQ_MASK)
+            _put_seqs(buf, rel + _SEQ_AT, seqs)
+        if self._gap_at is None or self._gap_len is None:
+            return buf.tobytes()
+        return _refill(buf, rel, self._gap_at[self.lo: self.hi], self._gap_len[self.lo: self.hi])
+
+
+def _refill(buf: npt.NDArray[np.uint8], rel: npt.NDArray[np.intp], gap_at: npt.NDArray[np.intp],
+            gap_len: npt.NDArray[np.intp]) -> bytes:
+    """The packets with their cut zeros put back (each packet's gap at ``gap_at`` from its
+    start, ``gap_len`` long)."""
+    n = len(rel)
+    full = np.diff(np.append(rel, len(buf))) + gap_len
+    out_starts = np.zeros(n, dtype=np.intp)
+    np.cumsum(full[:-1], out=out_starts[1:])
+    total = int(full.sum())
+    # +1 at each gap's start, -1 at its end; the running sum marks the zeros.
+    marks = np.zeros(total + 1, dtype=np.int8)
+    np.add.at(marks, out_starts + gap_at, 1)
+    np.add.at(marks, out_starts + gap_at + gap_len, -1)
+    zero = np.cumsum(marks[:-1], dtype=np.int32) > 0
+    out = np.zeros(total, dtype=np.uint8)
+    out[~zero] = buf
+    return out.tobytes()
 
 
 class PacketRing:
@@ -228,7 +393,7 @@ class Attacher:
                 if not self._items and not self._logs:
                     await writer.write(self._drop_report(final=False))
                 continue
-            parts = [self._drop_report(final=False), *self._logs]
+            parts: list[bytes | memoryview] = [self._drop_report(final=False), *self._logs]
             self._logs.clear()
             taken = packets = size = 0
             for chunk in self._items:
@@ -249,7 +414,7 @@ class Attacher:
 
 
 async def write_replay(writer: FramedWriter, chunks: list[Chunk], base: int) -> int:
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     size = 0
     sent = 0
     for c in chunks:
