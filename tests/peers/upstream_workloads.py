@@ -347,19 +347,20 @@ def _snapshot() -> Iterator[Workload]:
 
 @contextlib.contextmanager
 def _top_file() -> Iterator[Workload]:
-    """Writes to a file named by the token, over and over."""
-    with tempfile.TemporaryDirectory(prefix="gp-uw-") as d:
-        w = Workload("top_file", _token("gpf"))
-        fd = os.open(Path(d) / w.token, os.O_CREAT | os.O_WRONLY, 0o644)
+    """Writes to /tmp/<token>, over and over (a short path: the FILE column is 30 wide)."""
+    w = Workload("top_file", _token("gpf"))
+    path = Path(tempfile.gettempdir()) / w.token
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
 
-        def trigger() -> None:
-            os.pwrite(fd, b"gadgetpipe\n", 0)
+    def trigger() -> None:
+        os.pwrite(fd, b"gadgetpipe\n", 0)
 
-        try:
-            with _repeat(w, trigger, interval=0.05):
-                yield w
-        finally:
-            os.close(fd)
+    try:
+        with _repeat(w, trigger, interval=0.05):
+            yield w
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 WORKLOADS: dict[str, Callable[[], contextlib.AbstractContextManager[Workload]]] = {
