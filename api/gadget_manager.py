@@ -14,10 +14,6 @@ from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import field_table, gadget_info, sorted_datasources
 from api.run_stream import (
-    BATCH_LINGER,
-    BATCH_MAX,
-    GRPC_PARAMS,
-    GRPC_PREFIX,
     LogForwarder,
     StreamLayout,
     StreamSink,
@@ -31,6 +27,7 @@ from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.run import GadgetRun, RunError
 from pipeline.sources.base import SourceError
+from pipeline.wire import BATCH_LINGER, BATCH_MAX, GRPC_PARAMS, GRPC_PREFIX
 
 _logger = logging.getLogger(__name__)
 
