@@ -5,7 +5,7 @@ seq* (1, 2, ...; one packet per record for single data sources, one ``GadgetData
 batch for array data sources or when the instance was created with
 ``operator.grpc.batch-max``). :class:`PacketRing` keeps the last ``eventBufferLength`` of them
 for replay; each attached client has an :class:`Attacher`, a bounded drop-newest queue of
-``operator.grpc.attach-queue`` packets (:data:`ATTACH_QUEUE` by default; api/run_stream.py
+``operator.grpc.attach-queue`` packets (:data:`ATTACH_QUEUE` by default; pipeline/wire.py
 declares the param). A stream's ``seq`` is
 ``instance seq - base`` (see api/instance.py for how an attach stream picks ``base``); packets a
 slow client lost show as gaps, are counted in the ledger (stage ``attach``, in packets, reason
@@ -45,7 +45,7 @@ from pipeline.schema import DataSourceSchema, Kind
 __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk",
            "PacketRing", "node_field", "write_replay"]
 
-ATTACH_QUEUE = 65536
+ATTACH_QUEUE = wire.ATTACH_QUEUE_DEFAULT
 """Live packets one attached client may have waiting before new ones are dropped, by default.
 Upstream keeps 1024 (spec 3.3); here one drain at the kernel-side limit is already ~1000
 records, so a client that misses a few scheduler slices would lose packets with that. The queue
