@@ -84,11 +84,12 @@ def _dsid_tail(ds_id: int) -> bytes:
 
 
 def _tail_field(schema: DataSourceSchema) -> tuple[int, int] | None:
-    """(offset, size) of payload 0's last field when it is a C string worth cutting."""
+    """(offset, size) of payload 0's last field when it is a C string worth cutting (only
+    the struct's tail padding may follow it)."""
     last = max((f for f in schema.fields if f.payload_index == 0 and f.size and f.has_value),
                key=lambda f: f.offs + f.size, default=None)
     if (last is None or last.base_kind is not Kind.CSTRING or last.is_array
-            or last.size < COMPACT_TAIL or last.offs + last.size != schema.record_size):
+            or last.size < COMPACT_TAIL or schema.record_size - (last.offs + last.size) >= 8):
         return None
     return last.offs, last.size
 
@@ -159,7 +160,7 @@ class Chunk:
         nul = field.argmin(axis=1)  # the first NUL (0 is the least byte), if there is one
         has_nul = field[np.arange(n), nul] == 0
         used = np.where(has_nul, nul + 1, fsize)  # the NUL is kept: the string ends there
-        gap_len = (fsize - used).astype(np.intp)
+        gap_len = (size - offs - used).astype(np.intp)  # the rest, tail padding included
         gap_at = (len(head) + offs + used).astype(np.intp)
         col = np.arange(frame)[None, :]
         keep = (col < gap_at[:, None]) | (col >= (gap_at + gap_len)[:, None])

@@ -157,6 +157,21 @@ def test_a_long_trailing_string_is_kept_compact_and_sent_at_full_size() -> None:
     assert len(kept.encoded) == kept.nbytes and len(split_frames(bytes(kept.frame(0)))) == 1
 
 
+def test_trace_exec_records_are_kept_at_their_used_size() -> None:
+    schema = Catalog().resolve("trace_exec").datasources[0]
+    args = schema.field("args")
+    rows = np.full((4, schema.record_size), 0xEE, dtype=np.uint8)
+    rows[:, args.offs: args.offs + 8] = np.frombuffer(b"/bin/ls\0", dtype=np.uint8)
+    c = Chunk.from_records(Batch(schema, rows), 0)
+    c.number(1)
+    assert c.nbytes < 4 * (args.offs + 100)  # not 4 x 5.7 KB
+    for e in events_of([c], base=0):
+        p = pb.GadgetData.FromString(e.payload).data.payload[0]
+        assert len(p) == schema.record_size
+        assert p[: args.offs] == rows[0, : args.offs].tobytes()
+        assert p[args.offs:] == b"/bin/ls" + bytes(schema.record_size - args.offs - 7)
+
+
 def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
     ledger = Ledger()
     a = Attacher("attach-1", 4, ledger, "instance:x")
