@@ -195,6 +195,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+KCOST_GADGETS = ("trace_open", "trace_exec")
+"""The gadgets measured by ``bench/run --only k`` (those with a load generator)."""
+
+
+def run_kcost(bench: Any) -> None:
+    """Scenario k of bench/run: one ``kcost`` line per gadget (trace_open's is the summary
+    line); the median of the profile's repeats. ``bench`` is bench/session.py's Bench."""
+    count = 200_000 if bench.profile.repeats < 5 else 1_000_000
+    for gadget in KCOST_GADGETS:
+        n = count if gadget == "trace_open" else count // 100  # execs are ~100x slower
+        costs = sorted((measure(gadget, n) for _ in range(bench.profile.repeats)),
+                       key=lambda c: c.ns_per_event)
+        cost = costs[len(costs) // 2]
+        bench.raw[f"kcost {gadget}"] = [as_dict(c) for c in costs]
+        key = "kcost" if gadget == "trace_open" else f"kcost {gadget}"
+        bench.lines[key] = cost.line()
+
+
 def as_dict(cost: Cost) -> dict[str, Any]:
     return {"gadget": cost.gadget, "events": cost.events, "generated": cost.generated,
             "ns_per_event": cost.ns_per_event,
