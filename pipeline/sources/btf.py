@@ -348,7 +348,8 @@ class KernelBTF:
         return bits, current, bitfield
 
 
-# (macro, struct, member path, byte size the C code reads, required)
+# (macro, struct, member path, byte size the C code reads (None: a pointer; 0: an embedded struct
+# whose offset only is used), required)
 _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_TASK_PID", "task_struct", "pid", 4, True),
     ("GADGET_OFF_TASK_TGID", "task_struct", "tgid", 4, True),
@@ -376,6 +377,15 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_FILE_INODE", "file", "f_inode", None, False),
     ("GADGET_OFF_FILE_DENTRY", "file", "f_path.dentry", None, False),
     ("GADGET_OFF_DENTRY_NAME", "dentry", "d_name.name", None, False),
+    # Optional, for bpf/gadget_path.h (a file's absolute path: dentries up to the mount root,
+    # then the parent mount's mount point; struct mount is private to fs/, but in BTF).
+    ("GADGET_OFF_FILE_MNT", "file", "f_path.mnt", None, False),
+    ("GADGET_OFF_DENTRY_NAME_LEN", "dentry", "d_name.len", 4, False),
+    ("GADGET_OFF_DENTRY_PARENT", "dentry", "d_parent", None, False),
+    ("GADGET_OFF_VFSMOUNT_MNT_ROOT", "vfsmount", "mnt_root", None, False),
+    ("GADGET_OFF_MOUNT_MNT", "mount", "mnt", 0, False),
+    ("GADGET_OFF_MOUNT_PARENT", "mount", "mnt_parent", None, False),
+    ("GADGET_OFF_MOUNT_MOUNTPOINT", "mount", "mnt_mountpoint", None, False),
     ("GADGET_OFF_INODE_INO", "inode", "i_ino", 8, False),
     ("GADGET_OFF_INODE_MODE", "inode", "i_mode", 2, False),
     ("GADGET_OFF_INODE_SB", "inode", "i_sb", None, False),
@@ -440,8 +450,8 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
             if required:
                 raise
             continue
-        actual = btf._member_size(struct_name, path)
         want = 8 if size is None else size  # None = a pointer, read as a u64
+        actual = btf._member_size(struct_name, path) if want else 0  # 0: an embedded struct
         if actual != want:
             raise BTFError(f"{struct_name}.{path} is {actual} bytes in the running kernel; "
                            f"gadget_types.h reads {want}")

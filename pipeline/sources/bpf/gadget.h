@@ -15,6 +15,10 @@ typedef __u32 gadget_gid;
 typedef __u32 gadget_pid;
 typedef __u32 gadget_tid;
 typedef __u32 gadget_netns_id;
+typedef __u64 gadget_syscall;
+typedef __u32 gadget_kernel_stack;
+typedef char gadget_comm;
+typedef __u64 gadget_bytes;
 #include "gadget_types.h"
 #include "gadget_filter.h"
 
