@@ -412,7 +412,38 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_INET_SPORT", "inet_sock", "inet_sport", 2, False),
     ("GADGET_OFF_INET_FLAGS", "inet_sock", "inet_flags", 8, False),  # since 6.6
     ("GADGET_OFF_NET_NS_INUM", "net", "ns.inum", 4, False),
+    # Optional, for trace_oomkill: the victim's resident pages (task->mm->rss_stat[]).
+    ("GADGET_OFF_TASK_MM", "task_struct", "mm", None, False),
 )
+
+NR_MM_COUNTERS = 4  # MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES
+
+
+def _mm_rss(btf: KernelBTF) -> dict[str, int]:
+    """Where ``mm_struct.rss_stat[i]``'s count is: ``GADGET_OFF_MM_RSS_STAT`` (the array),
+    ``GADGET_MM_RSS_STRIDE`` (bytes per counter) and ``GADGET_OFF_MM_RSS_COUNT`` (the count's
+    offset in one). Since 6.2 the counters are ``struct percpu_counter`` (their global ``count``
+    is what get_mm_counter() reads); before, ``atomic_long_t``. Empty when the kernel has
+    neither shape."""
+    try:
+        base = btf.offsetof("mm_struct", "rss_stat")
+        size = btf._member_size("mm_struct", "rss_stat")
+    except BTFError:
+        return {}
+    stride, rem = divmod(size, NR_MM_COUNTERS)
+    if rem:
+        return {}
+    if stride == 8:
+        count = 0  # struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }
+    else:
+        try:
+            if btf.sizeof("struct percpu_counter") != stride:
+                return {}
+            count = btf.offsetof("percpu_counter", "count")
+        except BTFError:
+            return {}
+    return {"GADGET_OFF_MM_RSS_STAT": base, "GADGET_MM_RSS_STRIDE": stride,
+            "GADGET_OFF_MM_RSS_COUNT": count}
 
 # Optional bitfields: (macro suffix, struct, member path) -> GADGET_BIT_<suffix> (bit offset from
 # the struct's start) and GADGET_BITS_<suffix> (width); gadget_net.h reads the enclosing byte.
@@ -456,6 +487,7 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
             raise BTFError(f"{struct_name}.{path} is {actual} bytes in the running kernel; "
                            f"gadget_types.h reads {want}")
         offsets[macro] = offset
+    offsets.update(_mm_rss(btf))
     for suffix, struct_name, path in _BITFIELDS:
         bit = _bitfield(btf, struct_name, path)
         if bit is not None:
