@@ -1,89 +1,84 @@
-"""trace_capabilities: the ring-buffer tracer, plus what upstream derives from raw fields.
+"""trace_capabilities: the ring-buffer tracer, plus what the BPF side cannot do.
 
-The strings ``cap``, ``syscall`` and ``kstack`` are static CString fields of the record that the
-BPF program leaves alone; they are written here per batch with numpy (table lookups, one
-symbolisation per distinct stack), so records keep one payload and the fast wire path.
-``audit`` and ``insetid`` are inferred from the stack, because the ``capability:cap_capable``
-tracepoint does not carry cap_capable()'s ``opts``.
+Per batch, with numpy over the batch's columns and one stack-map walk per distinct stack of
+the run (stack ids are stable: the kernel never reuses a taken bucket for another stack
+without BPF_F_REUSE_STACKID):
+
+- ``audit`` and ``insetid`` are inferred from the kernel stack, because the
+  ``capability:cap_capable`` tracepoint does not carry cap_capable()'s ``opts``;
+- the private ``__kstack`` (the last member of the record) gets the stack's addresses, which
+  the derived ``kstack`` (:func:`kstack_text`, declared in gadget.yaml) symbolises only when a
+  consumer reads it.
+
+``cap``, ``cap_effective`` and ``syscall`` are derived from their raw fields by the generic
+rules (pipeline/derive: enums and ``gadget_syscall``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, Coded
+from pipeline.derive.formatters import by_unique_rows
 from pipeline.gadget import EBPF_PREFIX, GadgetSpec
 from pipeline.schema import Field
-from pipeline.sources.base import Emit, Log
+from pipeline.sources.base import Emit, Log, SourceError
 from pipeline.sources.tracer import TracerSource
 
-# include/uapi/linux/capability.h, by number.
-CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
-    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-)
-# Where Debian's linux-libc-dev puts the syscall numbers of this architecture.
-UNISTD_HEADERS = ("/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
-                  "/usr/include/asm/unistd_64.h")
-_NR = re.compile(r"^#define __NR_(\w+)\s+(\d+)\s*$", re.M)
+KSTACK_FRAMES = 32
+"""Frames kept in the private ``__kstack`` (program.bpf.c's GADGET_KSTACK_FRAMES)."""
+_KSTACK_BYTES = KSTACK_FRAMES * 8
+_NO_STACK = 0xFFFFFFFF
 # Wrappers of cap_capable() that pass CAP_OPT_NOAUDIT / CAP_OPT_INSETID (include/linux/security.h
 # callers in kernel/capability.c); their frames name the option.
 _NOAUDIT = b"noaudit"
 _INSETID = (b"ns_capable_setid",)
-MAX_FRAMES = 32
 
 
-def syscall_names(headers: tuple[str, ...] = UNISTD_HEADERS) -> dict[int, str]:
-    """Syscall number -> ``SYS_<NAME>``, from the first readable unistd header (else empty)."""
-    for h in headers:
-        try:
-            text = Path(h).read_text()
-        except OSError:
-            continue
-        return {int(nr): f"SYS_{name.upper()}" for name, nr in _NR.findall(text)}
-    return {}
+def _kstack_block(batch: Batch) -> npt.NDArray[np.uint8]:
+    """Every record's private ``__kstack`` bytes: the record's last KSTACK_FRAMES words."""
+    size = batch.schema.record_size
+    return batch.rows[:, size - _KSTACK_BYTES: size]
 
 
-def _table(names: Mapping[int, str], width: int) -> npt.NDArray[np.uint8]:
-    """Row i = the NUL-padded name of i; the last row is empty (for unknown values)."""
-    size = max(names, default=-1) + 2
-    out = np.zeros((size, width), dtype=np.uint8)
-    for i, name in names.items():
-        b = name.encode()[: width - 1]
-        out[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-    return out
+def _symbolise(stack: bytes) -> bytes:
+    """One stack as upstream's ebpf operator prints it: each frame's symbol and "; ", innermost
+    first, up to the first empty slot."""
+    from bcc import BPF
+
+    addrs = np.frombuffer(stack, dtype="<u8")
+    out = bytearray()
+    for a in addrs.tolist():
+        if not a:
+            break
+        out += BPF.ksym(a) + b"; "
+    return bytes(out)
 
 
-def _lookup(table: npt.NDArray[np.uint8], values: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-    idx = values.astype(np.uint64)
-    idx = np.where(idx < table.shape[0] - 1, idx, table.shape[0] - 1).astype(np.intp)
-    return table[idx]
+def kstack_text(batch: Batch, memo: dict[str, Any]) -> Coded:
+    """Derived ``kstack``: each distinct stack of the batch symbolised once."""
+    return by_unique_rows(np.ascontiguousarray(_kstack_block(batch)), _symbolise)
 
 
 class CapabilitiesSource(TracerSource):
-    """TracerSource whose batches get their derived fields before they are emitted."""
+    """TracerSource whose batches get ``audit``, ``insetid`` and ``__kstack`` before they are
+    emitted."""
 
     def __init__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> None:
         super().__init__(spec, values)
         ds = spec.datasource("capabilities")
         self._f: dict[str, Field] = {f.full_name: f for f in ds.fields}
-        self._caps = _table(dict(enumerate(CAPABILITIES)), self._f["cap"].size)
-        self._syscalls = _table(syscall_names(), self._f["syscall"].size)
+        last = getattr(spec.structs.struct(spec.struct_names["capabilities"]), "__kstack")
+        if last.offset + last.size != ds.record_size or last.size != _KSTACK_BYTES:
+            raise SourceError("trace_capabilities: __kstack must be the record's last "
+                              f"{_KSTACK_BYTES} bytes (gadget.yaml)")
         self._audit_only = bool(values.get(EBPF_PREFIX + "audit-only"))
-        self._stacks: dict[int, tuple[int, int, bytes]] = {}
+        # stack id -> (audit, insetid, addresses): per run, since ids are per stack map.
+        self._stacks: dict[int, tuple[int, int, npt.NDArray[np.uint8]]] = {}
         self._stack_table: Any = None
 
     async def start(self, emit: Emit, log: Log) -> None:
@@ -101,60 +96,52 @@ class CapabilitiesSource(TracerSource):
         f = self._f[name]
         return rows[:, f.offs: f.offs + f.size].view(dtype)[:, 0]
 
-    def _span(self, rows: npt.NDArray[np.uint8], name: str) -> npt.NDArray[np.uint8]:
-        f = self._f[name]
-        return rows[:, f.offs: f.offs + f.size]
-
     def derive(self, batch: Batch) -> Batch:
         rows = batch.rows
         if not len(rows):
             return batch
-        self._span(rows, "cap")[:] = _lookup(self._caps, self._col(rows, "cap_raw", "<u4"))
-        self._span(rows, "syscall")[:] = _lookup(self._syscalls,
-                                                 self._col(rows, "syscall_raw", "<u8"))
         stack_ids = self._col(rows, "kstack_raw", "<u4")
         audit = self._col(rows, "audit", "<i4")
         insetid = self._col(rows, "insetid", "<i4")
-        kstack = self._span(rows, "kstack")
+        kstack = _kstack_block(batch)
         kstack[:] = 0
         for sid in np.unique(stack_ids).tolist():
-            if sid == 0xFFFFFFFF:
+            if sid == _NO_STACK:
                 continue  # not collected: audit and insetid stay -1
-            a, s, text = self._stack(sid, kstack.shape[1])
+            a, s, addrs = self._stack(sid)
             mask = stack_ids == sid
             audit[mask] = a
             insetid[mask] = s
-            kstack[mask, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+            kstack[mask] = addrs
         if self._audit_only:
             keep = audit != 0
             if not keep.all():
                 return batch.select(keep)
         return batch
 
-    def _stack(self, sid: int, width: int) -> tuple[int, int, bytes]:
-        """(audit, insetid, symbolised stack) of stack ``sid``, once per id: ids are stable,
-        the kernel never reuses a taken bucket for another stack without BPF_F_REUSE_STACKID."""
+    def _stack(self, sid: int) -> tuple[int, int, npt.NDArray[np.uint8]]:
+        """(audit, insetid, addresses as the __kstack bytes) of stack ``sid``, once per id."""
         hit = self._stacks.get(sid)
         if hit is not None:
             return hit
         from bcc import BPF
 
-        names: list[bytes] = []
+        addrs: list[int] = []
         if self._stack_table is not None:
             try:
-                for addr in self._stack_table.walk(sid):
-                    names.append(BPF.ksym(addr))
-                    if len(names) >= MAX_FRAMES:
-                        break
+                addrs = list(self._stack_table.walk(sid))
             except KeyError:
-                names = []
-        if not names:
-            return -1, -1, b""
+                addrs = []
+        if not addrs:
+            return -1, -1, np.zeros(_KSTACK_BYTES, dtype=np.uint8)
+        names = [BPF.ksym(a) for a in addrs]
         audit = 0 if any(_NOAUDIT in n for n in names) else 1
         insetid = 1 if any(n in _INSETID for n in names) else 0
-        text = b"; ".join(names)[: width - 1]
-        self._stacks[sid] = (audit, insetid, text)
-        return audit, insetid, text
+        kept = np.zeros(KSTACK_FRAMES, dtype="<u8")
+        kept[: min(len(addrs), KSTACK_FRAMES)] = addrs[:KSTACK_FRAMES]
+        hit = (audit, insetid, kept.view(np.uint8))
+        self._stacks[sid] = hit
+        return hit
 
 
 def make_source(spec: GadgetSpec, values: Mapping[str, Any]) -> CapabilitiesSource:

@@ -1,8 +1,9 @@
 // trace_capabilities: one record per capability check, from tracepoint capability:cap_capable
 // (it fires when cap_capable() returns, with the verdict). Tracepoints only.
 //
-// The `cap`, `syscall` and `kstack` strings are filled in user space (hooks.py) from cap_raw,
-// syscall_raw and kstack_raw; the program leaves them as they are.
+// The readable `cap`, `cap_effective`, `syscall` and `kstack` fields are derived in user space
+// from cap_raw, cap_effective_raw, syscall_raw and kstack_raw (gadget.yaml, hooks.py); the
+// private __kstack (the stack's addresses) is filled in user space from the stack map.
 #include "gadget.h"
 
 #if !defined(GADGET_OFF_TASK_REAL_CRED) || !defined(GADGET_OFF_CRED_USER_NS) || \
@@ -19,6 +20,8 @@
 #endif
 
 #define PF_KTHREAD 0x00200000
+// Frames of the kernel stack kept in the record (innermost first), for the derived `kstack`.
+#define GADGET_KSTACK_FRAMES 32
 
 struct event {
     gadget_timestamp timestamp_raw;
@@ -30,11 +33,9 @@ struct event {
     bool capable;
     __s32 audit;
     __s32 insetid;
-    __u64 syscall_raw;
-    __u32 kstack_raw;
-    char cap[24];
-    char syscall[32];
-    char kstack[512];
+    gadget_syscall syscall_raw;
+    gadget_kernel_stack kstack_raw;
+    __u64 __kstack[GADGET_KSTACK_FRAMES];
 };
 
 struct unique_key {
