@@ -414,6 +414,25 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_NET_NS_INUM", "net", "ns.inum", 4, False),
     # Optional, for trace_oomkill: the victim's resident pages (task->mm->rss_stat[]).
     ("GADGET_OFF_TASK_MM", "task_struct", "mm", None, False),
+    # Optional, for bpf/gadget_user_stack.h: the executable (mm->exe_file's inode, device and
+    # mtime), the address-space hash (mm, start_code, start_stack) and the pid in the first
+    # two pid namespaces (task->thread_pid->numbers[]).
+    ("GADGET_OFF_MM_EXE_FILE", "mm_struct", "exe_file", None, False),
+    ("GADGET_OFF_MM_START_CODE", "mm_struct", "start_code", 8, False),
+    ("GADGET_OFF_MM_START_STACK", "mm_struct", "start_stack", 8, False),
+    ("GADGET_OFF_INODE_MTIME_SEC", "inode", "i_mtime_sec", 8, False),  # since 6.11
+    ("GADGET_OFF_INODE_MTIME_NSEC", "inode", "i_mtime_nsec", 4, False),
+    ("GADGET_OFF_TASK_THREAD_PID", "task_struct", "thread_pid", None, False),
+    ("GADGET_OFF_PID_LEVEL", "pid", "level", 4, False),
+    ("GADGET_OFF_PID_NUMBERS", "pid", "numbers", 0, False),
+    ("GADGET_OFF_UPID_NR", "upid", "nr", 4, False),
+    ("GADGET_OFF_UPID_NS", "upid", "ns", None, False),
+    ("GADGET_OFF_PID_NS_INUM", "pid_namespace", "ns.inum", 4, False),
+)
+
+# Optional type sizes: (macro, type) -> GADGET_SIZE_<macro>.
+_SIZES: tuple[tuple[str, str], ...] = (
+    ("GADGET_SIZE_UPID", "struct upid"),
 )
 
 NR_MM_COUNTERS = 4  # MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES
@@ -488,6 +507,11 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
                            f"gadget_types.h reads {want}")
         offsets[macro] = offset
     offsets.update(_mm_rss(btf))
+    for macro, type_name in _SIZES:
+        try:
+            offsets[macro] = btf.sizeof(type_name)
+        except BTFError:
+            continue
     for suffix, struct_name, path in _BITFIELDS:
         bit = _bitfield(btf, struct_name, path)
         if bit is not None:

@@ -6,9 +6,10 @@ without BPF_F_REUSE_STACKID):
 
 - ``audit`` and ``insetid`` are inferred from the kernel stack, because the
   ``capability:cap_capable`` tracepoint does not carry cap_capable()'s ``opts``;
-- the private ``__kstack`` (the last member of the record) gets the stack's addresses, which
-  the derived ``kstack`` (:func:`kstack_text`, declared in gadget.yaml) symbolises only when a
-  consumer reads it.
+- the private ``__kstack`` and, with ``collect-ustack``, ``__ustack`` (the members right after
+  ``ustack``) get the stacks' addresses, which the derived ``kstack`` and ``ustack.*``
+  (:func:`kstack_text`, :func:`ustack_addresses`, :func:`ustack_symbols`, declared in
+  gadget.yaml) format only when a consumer reads them.
 
 ``cap``, ``cap_effective`` and ``syscall`` are derived from their raw fields by the generic
 rules (pipeline/derive: enums and ``gadget_syscall``).
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.accessors import column
 from pipeline.batch import Batch, Coded
 from pipeline.derive.formatters import by_unique_rows
 from pipeline.gadget import EBPF_PREFIX, GadgetSpec
@@ -29,9 +31,10 @@ from pipeline.schema import Field
 from pipeline.sources.base import Emit, Log, SourceError
 from pipeline.sources.tracer import TracerSource
 
-KSTACK_FRAMES = 32
-"""Frames kept in the private ``__kstack`` (program.bpf.c's GADGET_KSTACK_FRAMES)."""
+KSTACK_FRAMES = USTACK_FRAMES = 32
+"""Frames kept in the private ``__kstack``/``__ustack`` (program.bpf.c's GADGET_*STACK_FRAMES)."""
 _KSTACK_BYTES = KSTACK_FRAMES * 8
+_USTACK_BYTES = USTACK_FRAMES * 8
 _NO_STACK = 0xFFFFFFFF
 # Wrappers of cap_capable() that pass CAP_OPT_NOAUDIT / CAP_OPT_INSETID (include/linux/security.h
 # callers in kernel/capability.c); their frames name the option.
@@ -39,29 +42,82 @@ _NOAUDIT = b"noaudit"
 _INSETID = (b"ns_capable_setid",)
 
 
-def _kstack_block(batch: Batch) -> npt.NDArray[np.uint8]:
-    """Every record's private ``__kstack`` bytes: the record's last KSTACK_FRAMES words."""
-    size = batch.schema.record_size
-    return batch.rows[:, size - _KSTACK_BYTES: size]
+def _private(batch: Batch) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Every record's private ``__ustack`` and ``__kstack`` bytes, which follow ``ustack``."""
+    u = batch.schema.field("ustack")
+    start = u.offs + u.size
+    return (batch.rows[:, start: start + _USTACK_BYTES],
+            batch.rows[:, start + _USTACK_BYTES: start + _USTACK_BYTES + _KSTACK_BYTES])
 
 
-def _symbolise(stack: bytes) -> bytes:
-    """One stack as upstream's ebpf operator prints it: each frame's symbol and "; ", innermost
-    first, up to the first empty slot."""
-    from bcc import BPF
-
-    addrs = np.frombuffer(stack, dtype="<u8")
-    out = bytearray()
-    for a in addrs.tolist():
+def _frames(stack: bytes) -> list[int]:
+    """A stack's addresses up to its first empty slot."""
+    out = []
+    for a in np.frombuffer(stack, dtype="<u8").tolist():
         if not a:
             break
-        out += BPF.ksym(a) + b"; "
-    return bytes(out)
+        out.append(a)
+    return out
+
+
+def _kernel_symbols(stack: bytes) -> bytes:
+    """One kernel stack as upstream's ebpf operator prints it: each frame's symbol and "; ",
+    innermost first."""
+    from bcc import BPF
+
+    return b"".join(BPF.ksym(a) + b"; " for a in _frames(stack))
 
 
 def kstack_text(batch: Batch, memo: dict[str, Any]) -> Coded:
     """Derived ``kstack``: each distinct stack of the batch symbolised once."""
-    return by_unique_rows(np.ascontiguousarray(_kstack_block(batch)), _symbolise)
+    return by_unique_rows(np.ascontiguousarray(_private(batch)[1]), _kernel_symbols)
+
+
+def ustack_addresses(batch: Batch, memo: dict[str, Any]) -> Coded:
+    """Derived ``ustack.addresses``: ``0x%016x; `` per frame, as upstream's ustack operator
+    (empty when the stack was not collected)."""
+    return by_unique_rows(np.ascontiguousarray(_private(batch)[0]),
+                          lambda s: "".join(f"0x{a:016x}; " for a in _frames(s)).encode())
+
+
+def ustack_buildid(batch: Batch, memo: dict[str, Any]) -> Coded:
+    """Derived ``ustack.buildid``: always empty, build ids are not collected (README)."""
+    return Coded([b""], np.zeros(len(batch), dtype=np.intp))
+
+
+def ustack_symbols(batch: Batch, memo: dict[str, Any]) -> Coded:
+    """Derived ``ustack.symbols``: each distinct (process, stack) of the batch symbolised once
+    from the process's mappings (bcc's symbol cache for its pid, made and freed per call), a
+    frame it cannot name as ``0x%x``, each followed by "; " as upstream's ustack operator."""
+    stacks = _private(batch)[0]
+    tgid = column(batch, batch.schema.field("ustack.tgid_level0")).astype("<u4")
+    key = np.ascontiguousarray(np.concatenate([tgid.view(np.uint8).reshape(-1, 4), stacks],
+                                              axis=1))
+    caches: dict[int, Any] = {}
+
+    def symbolise(k: bytes) -> bytes:
+        frames = _frames(k[4:])
+        if not frames:
+            return b""
+        pid = int.from_bytes(k[:4], "little")
+        sc = caches.get(pid)
+        if sc is None:
+            from bcc import SymbolCache
+
+            sc = caches[pid] = SymbolCache(pid)
+        out = bytearray()
+        for a in frames:
+            name = sc.resolve(a, True)[0]
+            out += (name if name else f"0x{a:x}".encode()) + b"; "
+        return bytes(out)
+
+    try:
+        return by_unique_rows(key, symbolise)
+    finally:
+        from bcc import lib
+
+        for pid, sc in caches.items():
+            lib.bcc_free_symcache(sc.cache, pid)
 
 
 class CapabilitiesSource(TracerSource):
@@ -72,14 +128,20 @@ class CapabilitiesSource(TracerSource):
         super().__init__(spec, values)
         ds = spec.datasource("capabilities")
         self._f: dict[str, Field] = {f.full_name: f for f in ds.fields}
-        last = getattr(spec.structs.struct(spec.struct_names["capabilities"]), "__kstack")
-        if last.offset + last.size != ds.record_size or last.size != _KSTACK_BYTES:
-            raise SourceError("trace_capabilities: __kstack must be the record's last "
-                              f"{_KSTACK_BYTES} bytes (gadget.yaml)")
+        layout = spec.structs.struct(spec.struct_names["capabilities"])
+        u = self._f["ustack"]
+        if getattr(layout, "__ustack").offset != u.offs + u.size or \
+                getattr(layout, "__kstack").offset != u.offs + u.size + _USTACK_BYTES:
+            raise SourceError("trace_capabilities: __ustack and __kstack must follow ustack "
+                              f"({_USTACK_BYTES} and {_KSTACK_BYTES} bytes, gadget.yaml)")
         self._audit_only = bool(values.get(EBPF_PREFIX + "audit-only"))
-        # stack id -> (audit, insetid, addresses): per run, since ids are per stack map.
+        self._collect_ustack = bool(values.get(EBPF_PREFIX + "collect-ustack"))
+        # Per run, since ids are per stack table: kernel stack id -> (audit, insetid,
+        # addresses), user stack id -> addresses.
         self._stacks: dict[int, tuple[int, int, npt.NDArray[np.uint8]]] = {}
+        self._ustacks: dict[int, npt.NDArray[np.uint8]] = {}
         self._stack_table: Any = None
+        self._ustack_table: Any = None
 
     async def start(self, emit: Emit, log: Log) -> None:
         async def derived(batch: Batch) -> None:
@@ -90,6 +152,7 @@ class CapabilitiesSource(TracerSource):
         await super().start(derived, log)
         # Kept apart from self._bpf, which stop() clears before its last drain.
         self._stack_table = self._bpf["kstacks"] if self._bpf is not None else None
+        self._ustack_table = self._bpf["ustacks"] if self._bpf is not None else None
 
     def _col(self, rows: npt.NDArray[np.uint8], name: str, dtype: str) -> npt.NDArray[Any]:
         """A writable view of a fixed-width field of every row."""
@@ -103,7 +166,8 @@ class CapabilitiesSource(TracerSource):
         stack_ids = self._col(rows, "kstack_raw", "<u4")
         audit = self._col(rows, "audit", "<i4")
         insetid = self._col(rows, "insetid", "<i4")
-        kstack = _kstack_block(batch)
+        ustack, kstack = _private(batch)
+        self._fill_ustacks(rows, ustack)
         kstack[:] = 0
         for sid in np.unique(stack_ids).tolist():
             if sid == _NO_STACK:
@@ -118,6 +182,26 @@ class CapabilitiesSource(TracerSource):
             if not keep.all():
                 return batch.select(keep)
         return batch
+
+    def _fill_ustacks(self, rows: npt.NDArray[np.uint8], ustack: npt.NDArray[np.uint8]) -> None:
+        """``__ustack`` of every row from the user stack table, once per distinct stack id
+        (zeros where the stack was not collected)."""
+        ustack[:] = 0
+        if not self._collect_ustack or self._ustack_table is None:
+            return
+        ids = self._col(rows, "ustack.stack_id", "<u4")
+        taken = self._col(rows, "ustack.inode", "<u8") != 0
+        for sid in np.unique(ids[taken]).tolist():
+            addrs = self._ustacks.get(sid)
+            if addrs is None:
+                try:
+                    frames = list(self._ustack_table.walk(sid))[:USTACK_FRAMES]
+                except KeyError:
+                    frames = []  # a failed get_stackid() (negative id) or a lost stack
+                kept = np.zeros(USTACK_FRAMES, dtype="<u8")
+                kept[: len(frames)] = frames
+                addrs = self._ustacks[sid] = kept.view(np.uint8)
+            ustack[taken & (ids == sid)] = addrs
 
     def _stack(self, sid: int) -> tuple[int, int, npt.NDArray[np.uint8]]:
         """(audit, insetid, addresses as the __kstack bytes) of stack ``sid``, once per id."""

@@ -5,6 +5,7 @@
 // from cap_raw, cap_effective_raw, syscall_raw and kstack_raw (gadget.yaml, hooks.py); the
 // private __kstack (the stack's addresses) is filled in user space from the stack map.
 #include "gadget.h"
+#include "gadget_user_stack.h"
 
 #if !defined(GADGET_OFF_TASK_REAL_CRED) || !defined(GADGET_OFF_CRED_USER_NS) || \
     !defined(GADGET_OFF_USER_NS_INUM) || !defined(GADGET_OFF_CRED_CAP_EFFECTIVE) || \
@@ -18,10 +19,15 @@
 #ifndef GADGET_COLLECT_KSTACK
 #define GADGET_COLLECT_KSTACK 1
 #endif
+#ifndef GADGET_COLLECT_USTACK
+#define GADGET_COLLECT_USTACK 0
+#endif
 
 #define PF_KTHREAD 0x00200000
-// Frames of the kernel stack kept in the record (innermost first), for the derived `kstack`.
+// Frames of the stacks kept in the record (innermost first), for the derived `kstack` and
+// `ustack.*` (user space copies them from the stack tables, hooks.py).
 #define GADGET_KSTACK_FRAMES 32
+#define GADGET_USTACK_FRAMES 32
 
 struct event {
     gadget_timestamp timestamp_raw;
@@ -35,6 +41,8 @@ struct event {
     __s32 insetid;
     gadget_syscall syscall_raw;
     gadget_kernel_stack kstack_raw;
+    struct gadget_user_stack ustack;
+    __u64 __ustack[GADGET_USTACK_FRAMES];
     __u64 __kstack[GADGET_KSTACK_FRAMES];
 };
 
@@ -48,6 +56,7 @@ GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 #include "gadget_lost.h"
 GADGET_LAYOUT(capabilities, struct event);
 BPF_STACK_TRACE(kstacks, 8192);
+BPF_STACK_TRACE(ustacks, GADGET_COLLECT_USTACK ? 10000 : 1);
 BPF_HASH(seen, struct unique_key, __u8, 10240);
 
 TRACEPOINT_PROBE(capability, cap_capable)
@@ -100,6 +109,10 @@ TRACEPOINT_PROBE(capability, cap_capable)
         if (id >= 0)
             e->kstack_raw = (__u32)id;
     }
+    __builtin_memset(&e->ustack, 0, sizeof(e->ustack));
+    if (GADGET_COLLECT_USTACK && !(gadget_read_u32(task, GADGET_OFF_TASK_FLAGS) & PF_KTHREAD))
+        gadget_user_stack_fill(&e->ustack,
+                               ustacks.get_stackid(args, BPF_F_USER_STACK | BPF_F_FAST_STACK_CMP));
     gadget_submit(events, e);
     return 0;
 }
