@@ -130,7 +130,9 @@ def record(gadget: str, info: pb.GadgetInfo, commit: str) -> dict[str, Any]:
                    f"params {HOST_PARAMS}; regenerate with scripts/upstream_fields.py",
         },
         "dataSources": sources,
-        "params": [param_entry(p) for p in info.params],
+        # Upstream announces params in map order, which changes from run to run.
+        "params": sorted((param_entry(p) for p in info.params),
+                         key=lambda p: (p["prefix"], p["key"])),
     }
 
 

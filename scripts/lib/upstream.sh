@@ -4,7 +4,8 @@
 # upstream source given by path into $GP_CACHE/upstream/<source-hash>/ and listed in
 # $GP_CACHE/upstream.env for the tests (tests/peers/upstream.py).
 #
-#   GADGETPIPE_UPSTREAM_SRC   an upstream source tree or a bare git dir; default: the mirror below
+#   GADGETPIPE_UPSTREAM_SRC   an upstream source tree or a bare git dir; default: the mirror
+#                             below when it exists; `none`: build nothing (use a cached build)
 #
 # With no source and no cached build this part says so and succeeds: the suite then runs
 # everything else and its summary says the upstream-client tests did not run.
@@ -29,7 +30,9 @@ upstream_find_go() {
 
 # upstream_src: the source path to build from, or nothing.
 upstream_src() {
-  if [ -n "${GADGETPIPE_UPSTREAM_SRC:-}" ]; then
+  if [ "${GADGETPIPE_UPSTREAM_SRC:-}" = none ]; then
+    return 0
+  elif [ -n "${GADGETPIPE_UPSTREAM_SRC:-}" ]; then
     [ -e "$GADGETPIPE_UPSTREAM_SRC" ] || die "GADGETPIPE_UPSTREAM_SRC=$GADGETPIPE_UPSTREAM_SRC does not exist"
     printf '%s\n' "$GADGETPIPE_UPSTREAM_SRC"
   elif [ -e "$UPSTREAM_DEFAULT_SRC" ]; then
@@ -37,10 +40,14 @@ upstream_src() {
   fi
 }
 
+# The source may belong to another user (a sudo user's checkout read as root): git refuses such
+# repositories ("dubious ownership") unless told they are safe; we only read them.
+ugit() { git -c safe.directory='*' "$@"; }
+
 # upstream_is_bare DIR: DIR is a git directory itself (a bare clone or a mirror's repo), not a
 # checkout. (`rev-parse --is-bare-repository` is false for a mirror without core.bare.)
 upstream_is_bare() {
-  [ -e "$1/HEAD" ] && [ -d "$1/objects" ] && git --git-dir="$1" rev-parse -q --verify HEAD >/dev/null 2>&1
+  [ -e "$1/HEAD" ] && [ -d "$1/objects" ] && ugit --git-dir="$1" rev-parse -q --verify HEAD >/dev/null 2>&1
 }
 
 # upstream_key SRC: the commit the source is at (plus a hash of local changes), or a hash of
@@ -48,11 +55,11 @@ upstream_is_bare() {
 upstream_key() {
   local src="$1" head dirty
   if upstream_is_bare "$src"; then
-    git --git-dir="$src" rev-parse HEAD
-  elif head=$(git -C "$src" rev-parse HEAD 2>/dev/null); then
-    dirty=$(git -C "$src" status --porcelain --untracked-files=no 2>/dev/null)
+    ugit --git-dir="$src" rev-parse HEAD
+  elif head=$(ugit -C "$src" rev-parse HEAD 2>/dev/null); then
+    dirty=$(ugit -C "$src" status --porcelain --untracked-files=no 2>/dev/null)
     if [ -n "$dirty" ]; then
-      printf '%s-dirty-%s\n' "$head" "$(git -C "$src" diff HEAD | sha256sum | cut -c1-12)"
+      printf '%s-dirty-%s\n' "$head" "$(ugit -C "$src" diff HEAD | sha256sum | cut -c1-12)"
     else
       printf '%s\n' "$head"
     fi
@@ -69,7 +76,7 @@ upstream_export() {
   rm -rf "$dest"
   mkdir -p "$dest"
   if upstream_is_bare "$src"; then
-    git --git-dir="$src" archive HEAD | tar -x -C "$dest"
+    ugit --git-dir="$src" archive HEAD | tar -x -C "$dest"
   else
     # Local changes are part of the source (the key says so).
     (cd "$src" && tar --exclude=./.git -cf - .) | tar -x -C "$dest"
@@ -94,6 +101,7 @@ upstream_goenv() {
 upstream_in_ns() {
   local dir="$1"; shift
   mkdir -p "$UPSTREAM_IG_STORE" /usr/include/gadget "$dir/oci-store"
+  # shellcheck disable=SC2016  # expanded by the inner sh, from its arguments
   unshare -m --propagation private -- sh -euc '
     mount --bind "$1/oci-store" "$2"
     mount --bind "$1/src/include/gadget" /usr/include/gadget
@@ -160,7 +168,8 @@ upstream_build() {
 # upstream_newest_build: the most recent complete build in the cache, or nothing.
 upstream_newest_build() {
   local stamp
-  stamp=$(ls -t "$GP_CACHE"/upstream/*/.built-r"$UPSTREAM_RECIPE" 2>/dev/null | head -n1 || true)
+  stamp=$(find "$GP_CACHE"/upstream -mindepth 2 -maxdepth 2 -name ".built-r$UPSTREAM_RECIPE" \
+    -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -n1 | cut -d' ' -f2-)
   [ -n "$stamp" ] && dirname "$stamp"
   return 0
 }
@@ -176,6 +185,7 @@ upstream_write_env() {
 
 setup_upstream() {
   local lock src key dir
+  command -v git >/dev/null || apt_install git
   mkdir -p "$GP_CACHE/upstream"
   exec {lock}>"$GP_CACHE/.upstream.lock"
   flock "$lock"
@@ -190,7 +200,7 @@ setup_upstream() {
     dir=$(upstream_newest_build)
     if [ -z "$dir" ]; then
       upstream_write_env "$(printf 'UPSTREAM_MISSING=%s\n' \
-        "no upstream source at $UPSTREAM_DEFAULT_SRC and no cached build in $GP_CACHE/upstream")"
+        "no upstream source (GADGETPIPE_UPSTREAM_SRC unset and no $UPSTREAM_DEFAULT_SRC) and no cached build in $GP_CACHE/upstream")"
       exec {lock}>&-
       log "upstream clients: no upstream source and no cached build; the upstream-client tests" \
           "will not run (set GADGETPIPE_UPSTREAM_SRC=/path/to/inspektor-gadget and run again)"
@@ -202,7 +212,7 @@ setup_upstream() {
   fi
   upstream_write_env "$(printf 'UPSTREAM_SRC=%s\nUPSTREAM_COMMIT=%s\nGADGETCTL_BIN=%s\nIG_BIN=%s\nIG_OCI_STORE=%s\nIG_STORE_MOUNT=%s\nUPSTREAM_GADGETS=%s\n' \
     "$src" "$key" "$dir/gadgetctl" "$dir/ig" "$dir/oci-store" "$UPSTREAM_IG_STORE" \
-    "$(echo $UPSTREAM_GADGETS)")"
+    "$(tr -s ' \n' '  ' <<<"$UPSTREAM_GADGETS" | sed 's/^ //; s/ $//')")"
   exec {lock}>&-
   log "upstream clients ready ($GP_CACHE/upstream.env)"
 }
