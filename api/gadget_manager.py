@@ -27,6 +27,8 @@ from api.run_stream import (
 from api.stream_writer import FramedWriter
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
+from pipeline.operators import fields as fields_op
+from pipeline.operators import filter as filter_op
 from pipeline.run import GadgetRun, RunError
 from pipeline.sources.base import SourceError
 
@@ -75,7 +77,7 @@ def new_run(ctx: ServiceContext, spec: GadgetSpec, params: dict[str, str], name:
 
 def graph_mermaid(run: GadgetRun) -> str:
     lines = ["flowchart LR", f"  src[{run.spec.name}: BPF ring buffers]"]
-    ops = [k.split(".")[1] for k in ("operator.filter.filter", "operator.fields.fields")
+    ops = [k.split(".")[1] for k in (filter_op.PARAM, fields_op.PARAM)
            if run.values.get(k)]
     prev = "src"
     for op in ops:
