@@ -141,8 +141,24 @@ class Coded:
         return object_column(self.table)[self.codes].tolist()  # type: ignore[no-any-return]
 
 
-Derived = list[bytes] | Coded
-"""What a derivation returns: one payload entry per record, plainly or coded."""
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """A column whose entries all have the same length, as one (n, width) byte matrix (what a
+    timestamp text is): encoders copy it as a block, with no object per record."""
+
+    matrix: npt.NDArray[np.uint8]
+
+    def values(self) -> list[bytes]:
+        n, width = self.matrix.shape
+        if width == 0:
+            return [b""] * n
+        out: list[bytes] = np.ascontiguousarray(self.matrix).view(f"V{width}").reshape(
+            -1).tolist()
+        return out
+
+
+Derived = list[bytes] | Coded | Fixed
+"""What a derivation returns: one payload entry per record, plainly, coded or fixed-width."""
 
 
 class DeriveStats:
@@ -185,43 +201,63 @@ class LazyColumn(Sequence[bytes]):
         key: the derived field's full name (for errors and the memo).
     """
 
-    __slots__ = ("_coded", "_values", "derive", "group", "key")
+    __slots__ = ("_done", "_form", "_values", "derive", "group", "key")
 
     def __init__(self, derive: Derivation, group: DerivedGroup, key: str) -> None:
         self.derive = derive
         self.group = group
         self.key = key
+        self._done = False
         self._values: list[bytes] | None = None
-        self._coded: Coded | None = None
+        self._form: Coded | Fixed | None = None
+
+    @classmethod
+    def _computed(cls, like: LazyColumn, group: DerivedGroup, values: list[bytes] | None,
+                  form: Coded | Fixed | None) -> LazyColumn:
+        out = cls(like.derive, group, like.key)
+        out._done, out._values, out._form = True, values, form
+        return out
 
     @property
     def computed(self) -> bool:
-        return self._values is not None
+        return self._done
+
+    def _ensure(self) -> None:
+        if self._done:
+            return
+        out = self.derive(self.group.base, self.group.memo)
+        n = len(self.group.base)
+        if isinstance(out, Coded):
+            got = len(out.codes)
+            self._form = out
+        elif isinstance(out, Fixed):
+            got = out.matrix.shape[0]
+            self._form = out
+        else:
+            got = len(out)
+            self._values = out
+        if got != n:
+            raise ValueError(f"derived field {self.key!r}: {got} values for {n} records")
+        self._done = True
+        self.group.stats.columns += 1
+        self.group.stats.records += n
 
     def _compute(self) -> list[bytes]:
+        self._ensure()
         if self._values is None:
-            out = self.derive(self.group.base, self.group.memo)
-            if isinstance(out, Coded):
-                self._coded = out
-                values = out.values()
-            else:
-                values = out
-            if len(values) != len(self.group.base):
-                raise ValueError(f"derived field {self.key!r}: {len(values)} values for "
-                                 f"{len(self.group.base)} records")
-            self._values = values
-            self.group.stats.columns += 1
-            self.group.stats.records += len(values)
+            assert self._form is not None
+            self._values = self._form.values()
         return self._values
 
     def values(self) -> list[bytes]:
         """Every record's entry (computes it if nobody has yet)."""
         return self._compute()
 
-    def coded(self) -> Coded | None:
-        """The column in coded form, when its derivation produced one (computes it)."""
-        self._compute()
-        return self._coded
+    def form(self) -> Coded | Fixed | None:
+        """The column as its derivation produced it when coded or fixed-width (computes it);
+        None for a plain list."""
+        self._ensure()
+        return self._form
 
     def __len__(self) -> int:
         return len(self.group.base)
@@ -248,30 +284,40 @@ class LazyColumn(Sequence[bytes]):
     def taken(self, idx: npt.NDArray[np.intp], rows: Rows,
               groups: dict[int, DerivedGroup]) -> Sequence[bytes]:
         """The entries at ``idx``; ``rows`` are the batch's rows already taken."""
-        if self._values is not None:
-            return _take(self._values, idx)
         g = groups.get(id(self.group))
         if g is None:
             stored = tuple(_take(c, idx) for c in self.group.base.extra)
             g = groups[id(self.group)] = self.group.rebased(rows, stored)
-        return LazyColumn(self.derive, g, self.key)
+        if not self._done:
+            return LazyColumn(self.derive, g, self.key)
+        form = self._form
+        if isinstance(form, Coded):
+            form = Coded(form.table, form.codes[idx])
+        elif isinstance(form, Fixed):
+            form = Fixed(form.matrix[idx])
+        values = _take(self._values, idx) if self._values is not None else None
+        return LazyColumn._computed(self, g, values, form)
 
     def sliced(self, start: int, stop: int | None, rows: Rows,
                groups: dict[int, DerivedGroup]) -> Sequence[bytes]:
-        if self._values is not None:
-            return self._values[start:stop]
         g = groups.get(id(self.group))
         if g is None:
             stored = tuple(c[start:stop] for c in self.group.base.extra)
             g = groups[id(self.group)] = self.group.rebased(rows, stored)
-        return LazyColumn(self.derive, g, self.key)
+        if not self._done:
+            return LazyColumn(self.derive, g, self.key)
+        form = self._form
+        if isinstance(form, Coded):
+            form = Coded(form.table, form.codes[start:stop])
+        elif isinstance(form, Fixed):
+            form = Fixed(form.matrix[start:stop])
+        values = self._values[start:stop] if self._values is not None else None
+        return LazyColumn._computed(self, g, values, form)
 
     @staticmethod
     def joined(parts: Sequence[LazyColumn], rows: Rows,
                groups: dict[tuple[int, ...], DerivedGroup]) -> Sequence[bytes]:
         """``parts`` one after the other; ``rows`` are the concatenated rows."""
-        if all(p._values is not None for p in parts):
-            return [x for p in parts for x in p._compute()]
         key = tuple(id(p.group) for p in parts)
         g = groups.get(key)
         if g is None:
@@ -279,4 +325,7 @@ class LazyColumn(Sequence[bytes]):
             stored = tuple([x for p in parts for x in p.group.base.extra[i]]
                            for i in range(len(first.base.extra)))
             g = groups[key] = first.rebased(rows, stored)
+        if all(p._done for p in parts):
+            return LazyColumn._computed(parts[0], g, [x for p in parts for x in p._compute()],
+                                        None)
         return LazyColumn(parts[0].derive, g, parts[0].key)

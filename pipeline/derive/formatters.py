@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Coded
+from pipeline.batch import Coded, Fixed
 from pipeline.derive.syscalls import SYSCALL_NAMES
 from pipeline.derive.tables import ERRNO_NAMES, SIGNAL_NAMES
 
@@ -150,9 +150,7 @@ def duration_text(ns: int) -> bytes:
 
 # -- time -------------------------------------------------------------------------------------
 
-def _utc_offset(ns: int) -> int:
-    """The local zone's offset from UTC, in seconds, at wall-clock time ``ns``."""
-    return time.localtime(ns // 1_000_000_000).tm_gmtoff
+_SECOND = 1_000_000_000
 
 
 def _zone(offset: int) -> bytes:
@@ -163,27 +161,51 @@ def _zone(offset: int) -> bytes:
     return f"{sign}{h:02d}:{m:02d}".encode()
 
 
-def timestamps(ns: Column) -> list[bytes]:
+def timestamps(ns: Column) -> Fixed | list[bytes]:
     """Wall-clock ns as upstream's timestamp formatter writes them, in the local zone:
-    ``2006-01-02T15:04:05.000000000Z07:00`` in Go's layout (``…Z`` in UTC)."""
+    ``2006-01-02T15:04:05.000000000Z07:00`` in Go's layout (``…Z`` in UTC).
+
+    The date and time of day are formatted once per distinct second of the batch, the nine
+    digits of the fraction by numpy; the result is one fixed-width block (a list only when
+    the zone's offset changes inside the batch).
+    """
     n = len(ns)
     if n == 0:
-        return []
+        return Fixed(np.zeros((0, 0), dtype=np.uint8))
     v = ns.astype(np.int64)
-    lo, hi = int(v.min()), int(v.max())
-    off_lo, off_hi = _utc_offset(lo), _utc_offset(hi)
-    if off_lo == off_hi:
-        offsets = np.full(n, off_lo, dtype=np.int64)
-    else:  # a zone change inside the batch: per distinct hour, still not per record
-        hours, inv = np.unique(v // 3_600_000_000_000, return_inverse=True)
-        offsets = np.array([_utc_offset(int(h) * 3_600_000_000_000) for h in hours.tolist()],
-                           dtype=np.int64)[inv.reshape(-1)]
-    local = (v + offsets * 1_000_000_000).astype("datetime64[ns]")
-    text = np.char.encode(np.datetime_as_string(local, unit="ns"), "ascii")
-    if off_lo == off_hi:
-        return np.char.add(text, _zone(off_lo)).tolist()  # type: ignore[no-any-return]
-    zones = np.array([_zone(int(o)) for o in offsets.tolist()], dtype=object)
-    return [t + z for t, z in zip(text.tolist(), zones.tolist(), strict=True)]
+    secs, frac = np.divmod(v, _SECOND)
+    uniq, inv = np.unique(secs, return_inverse=True)
+    inv = inv.reshape(-1)
+    heads: list[bytes] = []
+    zones: list[bytes] = []
+    for sec in uniq.tolist():
+        lt = time.localtime(sec)
+        heads.append(time.strftime("%Y-%m-%dT%H:%M:%S", lt).encode().rjust(19, b"0"))
+        zones.append(_zone(lt.tm_gmtoff))
+    head = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), 19)
+    digits = np.empty((n, 10), dtype=np.uint8)
+    digits[:, 0] = ord(".")
+    for k in range(9):
+        digits[:, 1 + k] = 48 + (frac // 10 ** (8 - k)) % 10
+    distinct = sorted(set(zones))
+
+    def block(sel: npt.NDArray[np.intp] | slice, zone: bytes) -> npt.NDArray[np.uint8]:
+        rows = head[inv[sel]]
+        m = np.empty((rows.shape[0], 29 + len(zone)), dtype=np.uint8)
+        m[:, :19] = rows
+        m[:, 19:29] = digits[sel]
+        m[:, 29:] = np.frombuffer(zone, dtype=np.uint8)
+        return m
+
+    if len(distinct) == 1:
+        return Fixed(block(slice(None), distinct[0]))
+    out = np.empty(n, dtype=object)  # the zone's offset changed inside the batch (DST)
+    zone_of = np.array(zones, dtype=object)[inv]
+    for zone in distinct:
+        sel = np.flatnonzero(zone_of == zone)
+        out[sel] = Fixed(block(sel, zone)).values()
+    texts: list[bytes] = out.tolist()
+    return texts
 
 
 # -- enums ------------------------------------------------------------------------------------

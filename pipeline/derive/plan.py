@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from pipeline import annotations as ann
 from pipeline.accessors import column
-from pipeline.batch import Batch, Coded, Derivation, Derived
+from pipeline.batch import Batch, Coded, Derivation, Derived, Fixed
 from pipeline.derive import formatters as fmt
 from pipeline.derive import net
 from pipeline.derive.tables import ERRNO_ONE_OF, SIGNAL_ONE_OF
@@ -254,8 +254,10 @@ def _checked(d: DeclaredField) -> Derivation:
 
     def derive(batch: Batch, memo: dict[str, Any]) -> Derived:
         out = d.derive(batch, memo)
-        entries = out.table if isinstance(out, Coded) else out
-        bad = set(map(len, entries)) - {width}
+        if isinstance(out, Fixed):
+            bad = {out.matrix.shape[1]} - {width}
+        else:
+            bad = set(map(len, out.table if isinstance(out, Coded) else out)) - {width}
         if bad:
             raise DeriveError(f"derived field {d.full_name!r}: entries of {sorted(bad)} bytes, "
                               f"kind {d.kind.name} needs {width}")

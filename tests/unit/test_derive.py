@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from api._gen import gadget_service_pb2 as pb
 from pipeline import wire
 from pipeline.accessors import column, values
-from pipeline.batch import Batch, Coded, LazyColumn
+from pipeline.batch import Batch, Coded, Fixed, LazyColumn
 from pipeline.derive import DeclaredField, DeriveEnv, DeriveSpec, EnumSpec, build_plan, net
 from pipeline.derive import formatters as fmt
 from pipeline.derive.users import IdNames, UserNames, parse_id_file
@@ -141,13 +141,31 @@ def test_by_unique_equals_formatting_each_record(vals: list[int]) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 4_102_444_800 * 10**9), min_size=1, max_size=200))
 def test_timestamps_match_go_layout_in_local_time(ns: list[int]) -> None:
-    got = fmt.timestamps(np.array(ns, dtype=np.uint64))
+    out = fmt.timestamps(np.array(ns, dtype=np.uint64))
+    got = out.values() if isinstance(out, Fixed) else out
     for v, text in zip(ns, got, strict=True):
         secs, frac = divmod(v, 10**9)
         local = dt.datetime.fromtimestamp(secs).astimezone()
         off = local.utcoffset() or dt.timedelta(0)
         zone = "Z" if not off else local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:]
         assert text.decode() == local.strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}" + zone
+
+
+def test_timestamps_follow_the_local_zone_across_a_change(monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        # Half a second before and a quarter after CET -> CEST (2024-03-31 01:00 UTC).
+        ns = [1_711_846_799_500_000_000, 1_711_846_800_250_000_000, 1_711_846_800_250_000_001]
+        assert fmt.timestamps(np.array(ns, dtype=np.uint64)) == [
+            b"2024-03-31T01:59:59.500000000+01:00", b"2024-03-31T03:00:00.250000000+02:00",
+            b"2024-03-31T03:00:00.250000001+02:00"]
+        out = fmt.timestamps(np.array(ns[1:], dtype=np.uint64))
+        assert isinstance(out, Fixed) and out.values()[0].endswith(b"+02:00")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 # -- user and group names -----------------------------------------------------------------------
