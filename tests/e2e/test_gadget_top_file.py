@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.e2e.gadget_fields import assert_upstream_fields
 from tests.e2e.gadget_helpers import Collected, collect
 
 pytestmark = pytest.mark.bpf
@@ -87,9 +88,28 @@ def test_reads_and_writes_of_a_file_are_counted_per_interval(daemon: DaemonProce
     # report (the rows' keys are upstream's: the pid_tgid member is private).
     assert r["file"] == str(target).encode()
     assert "pid_tgid" not in r and "__pid_tgid" not in r and "fd" not in r
+    # The readable fields upstream derives: the type's name, the byte counts as go-humanize
+    # prints them, the user name.
+    assert r["t"] == b"R"
+    assert r["proc.creds.user"] == b"root"
+    if len(rows) == 1:  # one interval held all the I/O: 1500 and 150 bytes
+        assert r["wbytes"] == b"1.5 kB" and r["rbytes"] == b"150 B"
+    for row in rows:
+        assert row["wbytes"] == _human(row["wbytes_raw"])
+        assert row["rbytes"] == _human(row["rbytes_raw"])
     # Each report is one packet: seq counts packets, one per interval with activity.
     seqs = [seq for seq, _ in got.packets]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def _human(n: int) -> bytes:
+    """go-humanize's Bytes for the small sizes here: "N B" below 1000, "x.y kB" below 10 kB."""
+    return f"{n} B".encode() if n < 1000 else f"{n / 1000:.1f} kB".encode()
+
+
+def test_announces_upstreams_fields(daemon: DaemonProcess) -> None:
+    assert_upstream_fields(daemon, "top_file", ["reads", "writes", "rbytes_raw", "wbytes_raw",
+                                                "t", "t_raw", "file", "dev", "inode"])
 
 
 def test_sort_by_and_max_entries_keep_the_top_row(daemon: DaemonProcess, tmp_path: Path) -> None:
