@@ -17,7 +17,7 @@ rules (pipeline/derive: enums and ``gadget_syscall``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ import numpy.typing as npt
 
 from pipeline.accessors import column
 from pipeline.batch import Batch, Coded
-from pipeline.derive.formatters import by_unique_rows
 from pipeline.gadget import EBPF_PREFIX, GadgetSpec
 from pipeline.schema import Field
 from pipeline.sources.base import Emit, Log, SourceError
@@ -36,6 +35,7 @@ KSTACK_FRAMES = USTACK_FRAMES = 32
 _KSTACK_BYTES = KSTACK_FRAMES * 8
 _USTACK_BYTES = USTACK_FRAMES * 8
 _NO_STACK = 0xFFFFFFFF
+_NO_ADDRESSES = np.zeros(_KSTACK_BYTES, dtype=np.uint8)
 # Wrappers of cap_capable() that pass CAP_OPT_NOAUDIT / CAP_OPT_INSETID (include/linux/security.h
 # callers in kernel/capability.c); their frames name the option.
 _NOAUDIT = b"noaudit"
@@ -68,16 +68,37 @@ def _kernel_symbols(stack: bytes) -> bytes:
     return b"".join(BPF.ksym(a) + b"; " for a in _frames(stack))
 
 
+def _by_key(key: npt.NDArray[Any], block: npt.NDArray[np.uint8],
+            fmt: Callable[[int, bytes], bytes]) -> Coded:
+    """``fmt(key, row)`` of one row per distinct ``key``: a stack id names its addresses within
+    a run, so rows are grouped by the id (a sort of integers), not by their 256 bytes."""
+    if len(key) == 0:
+        return Coded([], np.zeros(0, dtype=np.intp))
+    uniq, first, codes = np.unique(key, return_index=True, return_inverse=True)
+    return Coded([fmt(k, block[i].tobytes()) for k, i in zip(uniq.tolist(), first.tolist(),
+                                                             strict=True)],
+                 codes.reshape(-1))
+
+
 def kstack_text(batch: Batch, memo: dict[str, Any]) -> Coded:
     """Derived ``kstack``: each distinct stack of the batch symbolised once."""
-    return by_unique_rows(np.ascontiguousarray(_private(batch)[1]), _kernel_symbols)
+    ids = column(batch, batch.schema.field("kstack_raw"))
+    return _by_key(ids, _private(batch)[1], lambda _, stack: _kernel_symbols(stack))
+
+
+def _ustack_key(batch: Batch) -> npt.NDArray[np.uint64]:
+    """(process, user stack id) as one integer: the stack table is per run, and a process's
+    mappings name the addresses."""
+    tgid = column(batch, batch.schema.field("ustack.tgid_level0")).astype(np.uint64)
+    sid = column(batch, batch.schema.field("ustack.stack_id")).astype(np.uint64)
+    return (tgid << np.uint64(32)) | sid
 
 
 def ustack_addresses(batch: Batch, memo: dict[str, Any]) -> Coded:
     """Derived ``ustack.addresses``: ``0x%016x; `` per frame, as upstream's ustack operator
     (empty when the stack was not collected)."""
-    return by_unique_rows(np.ascontiguousarray(_private(batch)[0]),
-                          lambda s: "".join(f"0x{a:016x}; " for a in _frames(s)).encode())
+    return _by_key(_ustack_key(batch), _private(batch)[0],
+                   lambda _, s: "".join(f"0x{a:016x}; " for a in _frames(s)).encode())
 
 
 def ustack_buildid(batch: Batch, memo: dict[str, Any]) -> Coded:
@@ -89,17 +110,13 @@ def ustack_symbols(batch: Batch, memo: dict[str, Any]) -> Coded:
     """Derived ``ustack.symbols``: each distinct (process, stack) of the batch symbolised once
     from the process's mappings (bcc's symbol cache for its pid, made and freed per call), a
     frame it cannot name as ``0x%x``, each followed by "; " as upstream's ustack operator."""
-    stacks = _private(batch)[0]
-    tgid = column(batch, batch.schema.field("ustack.tgid_level0")).astype("<u4")
-    key = np.ascontiguousarray(np.concatenate([tgid.view(np.uint8).reshape(-1, 4), stacks],
-                                              axis=1))
     caches: dict[int, Any] = {}
 
-    def symbolise(k: bytes) -> bytes:
-        frames = _frames(k[4:])
+    def symbolise(key: int, stack: bytes) -> bytes:
+        pid = key >> 32
+        frames = _frames(stack)
         if not frames:
             return b""
-        pid = int.from_bytes(k[:4], "little")
         sc = caches.get(pid)
         if sc is None:
             from bcc import SymbolCache
@@ -112,7 +129,7 @@ def ustack_symbols(batch: Batch, memo: dict[str, Any]) -> Coded:
         return bytes(out)
 
     try:
-        return by_unique_rows(key, symbolise)
+        return _by_key(_ustack_key(batch), _private(batch)[0], symbolise)
     finally:
         from bcc import lib
 
@@ -168,15 +185,14 @@ class CapabilitiesSource(TracerSource):
         insetid = self._col(rows, "insetid", "<i4")
         ustack, kstack = _private(batch)
         self._fill_ustacks(rows, ustack)
-        kstack[:] = 0
-        for sid in np.unique(stack_ids).tolist():
-            if sid == _NO_STACK:
-                continue  # not collected: audit and insetid stay -1
-            a, s, addrs = self._stack(sid)
-            mask = stack_ids == sid
-            audit[mask] = a
-            insetid[mask] = s
-            kstack[mask] = addrs
+        # One lookup per distinct stack id, then every row takes its id's entry (a gather,
+        # O(records)); an id that was not collected keeps audit and insetid at -1.
+        uniq, inv = np.unique(stack_ids, return_inverse=True)
+        found = [self._stack(sid) if sid != _NO_STACK else (-1, -1, _NO_ADDRESSES)
+                 for sid in uniq.tolist()]
+        audit[:] = np.array([a for a, _, _ in found], dtype="<i4")[inv]
+        insetid[:] = np.array([i for _, i, _ in found], dtype="<i4")[inv]
+        kstack[:] = np.stack([k for _, _, k in found])[inv]
         if self._audit_only:
             keep = audit != 0
             if not keep.all():
@@ -191,17 +207,23 @@ class CapabilitiesSource(TracerSource):
             return
         ids = self._col(rows, "ustack.stack_id", "<u4")
         taken = self._col(rows, "ustack.inode", "<u8") != 0
-        for sid in np.unique(ids[taken]).tolist():
-            addrs = self._ustacks.get(sid)
-            if addrs is None:
-                try:
-                    frames = list(self._ustack_table.walk(sid))[:USTACK_FRAMES]
-                except KeyError:
-                    frames = []  # a failed get_stackid() (negative id) or a lost stack
-                kept = np.zeros(USTACK_FRAMES, dtype="<u8")
-                kept[: len(frames)] = frames
-                addrs = self._ustacks[sid] = kept.view(np.uint8)
-            ustack[taken & (ids == sid)] = addrs
+        if not taken.any():
+            return
+        uniq, inv = np.unique(ids[taken], return_inverse=True)
+        ustack[taken] = np.stack([self._ustack(sid) for sid in uniq.tolist()])[inv]
+
+    def _ustack(self, sid: int) -> npt.NDArray[np.uint8]:
+        """The addresses of user stack ``sid`` as the __ustack bytes, once per id."""
+        addrs = self._ustacks.get(sid)
+        if addrs is None:
+            try:
+                frames = list(self._ustack_table.walk(sid))[:USTACK_FRAMES]
+            except KeyError:
+                frames = []  # a failed get_stackid() (negative id) or a lost stack
+            kept = np.zeros(USTACK_FRAMES, dtype="<u8")
+            kept[: len(frames)] = frames
+            addrs = self._ustacks[sid] = kept.view(np.uint8)
+        return addrs
 
     def _stack(self, sid: int) -> tuple[int, int, npt.NDArray[np.uint8]]:
         """(audit, insetid, addresses as the __kstack bytes) of stack ``sid``, once per id."""
@@ -217,7 +239,7 @@ class CapabilitiesSource(TracerSource):
             except KeyError:
                 addrs = []
         if not addrs:
-            return -1, -1, np.zeros(_KSTACK_BYTES, dtype=np.uint8)
+            return -1, -1, _NO_ADDRESSES
         names = [BPF.ksym(a) for a in addrs]
         audit = 0 if any(_NOAUDIT in n for n in names) else 1
         insetid = 1 if any(n in _INSETID for n in names) else 0
