@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline import annotations as ann
 from pipeline.schema import KIND_FLAG_ARRAY, Field, FieldFlag, Kind
@@ -120,6 +120,25 @@ class StructRegistry:
 
     def members(self, name: str) -> list[Member]:
         return self._decls[name]
+
+    def payload_fields(self, line: str, payload_index: int, first_index: int) -> list[Field]:
+        """The fields of a payload of its own holding one member (``struct
+        gadget_user_stack ustack``, ``char fpath[512]``): a struct's fields lie at their
+        offsets in it; any other member is the whole entry (``size`` 0), so a string or an
+        array may be shorter than declared. Indexes start at ``first_index``."""
+        m = parse_member(line)
+        wrapper = f"__payload_{m.name}"
+        self.add_struct(wrapper, [line])
+        try:
+            fields, _ = self.fields(wrapper, payload_index)
+        finally:
+            self._decls.pop(wrapper, None)
+            self._ctypes.pop(wrapper, None)
+        if not self.is_struct(m.type) or m.count is not None:
+            fields = [replace(fields[0], size=0)]
+        return [replace(f, index=f.index + first_index,
+                        parent=None if f.parent is None else f.parent + first_index)
+                for f in fields]
 
     def fields(self, struct_name: str, payload_index: int = 0) -> tuple[list[Field], int]:
         """Static fields of ``struct_name`` in declaration order, and the struct's size.

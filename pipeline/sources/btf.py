@@ -402,7 +402,45 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_INET_SPORT", "inet_sock", "inet_sport", 2, False),
     ("GADGET_OFF_INET_FLAGS", "inet_sock", "inet_flags", 8, False),  # since 6.6
     ("GADGET_OFF_NET_NS_INUM", "net", "ns.inum", 4, False),
+    # Optional, for paths and executables (bpf/gadget_path.h, bpf/gadget_exe.h: trace_open's
+    # fpath, trace_exec's cwd/exepath/file/tty/ctime/upper layer, trace_dns's cwd/exepath). A
+    # size of 0: only the offset is used (an embedded struct whose size varies).
+    ("GADGET_OFF_TASK_FS", "task_struct", "fs", None, False),
+    ("GADGET_OFF_FS_ROOT", "fs_struct", "root", 16, False),
+    ("GADGET_OFF_FS_PWD", "fs_struct", "pwd", 16, False),
+    ("GADGET_OFF_PATH_MNT", "path", "mnt", None, False),
+    ("GADGET_OFF_PATH_DENTRY", "path", "dentry", None, False),
+    ("GADGET_OFF_DENTRY_PARENT", "dentry", "d_parent", None, False),
+    ("GADGET_OFF_DENTRY_NAME_LEN", "dentry", "d_name.len", 4, False),
+    ("GADGET_OFF_VFSMOUNT_MNT_ROOT", "vfsmount", "mnt_root", None, False),
+    ("GADGET_OFF_MOUNT_MNT", "mount", "mnt", 0, False),
+    ("GADGET_OFF_MOUNT_PARENT", "mount", "mnt_parent", None, False),
+    ("GADGET_OFF_MOUNT_MOUNTPOINT", "mount", "mnt_mountpoint", None, False),
+    ("GADGET_OFF_FILE_PATH", "file", "f_path", 16, False),
+    ("GADGET_OFF_TASK_MM", "task_struct", "mm", None, False),
+    ("GADGET_OFF_MM_EXE_FILE", "mm_struct", "exe_file", None, False),
+    ("GADGET_OFF_SB_MAGIC", "super_block", "s_magic", 8, False),
+    ("GADGET_OFF_TASK_SIGNAL", "task_struct", "signal", None, False),
+    ("GADGET_OFF_SIGNAL_TTY", "signal_struct", "tty", None, False),
+    ("GADGET_OFF_TTY_INDEX", "tty_struct", "index", 4, False),
+    ("GADGET_OFF_TTY_DRIVER", "tty_struct", "driver", None, False),
+    ("GADGET_OFF_TTY_DRIVER_MAJOR", "tty_driver", "major", 4, False),
+    ("GADGET_OFF_TTY_DRIVER_MINOR_START", "tty_driver", "minor_start", 4, False),
 )
+
+# Optional members that moved between kernel versions: macro -> (struct, [(path, sizes the C
+# code can read)]), the first that exists wins. An inode's change time: i_ctime_sec and
+# i_ctime_nsec since 6.11, __i_ctime (timespec64) in 6.6-6.10, i_ctime before (nanoseconds are
+# read as their low 32 bits, which hold all of them).
+_MOVED_FIELDS: tuple[tuple[str, str, tuple[tuple[str, tuple[int, ...]], ...]], ...] = (
+    ("GADGET_OFF_INODE_CTIME_SEC", "inode", (("i_ctime_sec", (8,)), ("__i_ctime.tv_sec", (8,)),
+                                             ("i_ctime.tv_sec", (8,)))),
+    ("GADGET_OFF_INODE_CTIME_NSEC", "inode", (("i_ctime_nsec", (4,)),
+                                              ("__i_ctime.tv_nsec", (4, 8)),
+                                              ("i_ctime.tv_nsec", (4, 8)))),
+)
+_SIZES: tuple[tuple[str, str], ...] = (("GADGET_SIZEOF_INODE", "struct inode"),)
+"""Type sizes: an overlayfs inode's upper dentry follows the VFS inode (ovl_inode)."""
 
 # Optional bitfields: (macro suffix, struct, member path) -> GADGET_BIT_<suffix> (bit offset from
 # the struct's start) and GADGET_BITS_<suffix> (width); gadget_net.h reads the enclosing byte.
@@ -442,10 +480,24 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
             continue
         actual = btf._member_size(struct_name, path)
         want = 8 if size is None else size  # None = a pointer, read as a u64
-        if actual != want:
+        if want and actual != want:
             raise BTFError(f"{struct_name}.{path} is {actual} bytes in the running kernel; "
                            f"gadget_types.h reads {want}")
         offsets[macro] = offset
+    for macro, struct_name, choices in _MOVED_FIELDS:
+        for path, sizes in choices:
+            try:
+                offset = btf.offsetof(struct_name, path)
+            except BTFError:
+                continue
+            if btf._member_size(struct_name, path) in sizes:
+                offsets[macro] = offset
+            break
+    for macro, type_name in _SIZES:
+        try:
+            offsets[macro] = btf.sizeof(type_name)
+        except BTFError:
+            continue
     for suffix, struct_name, path in _BITFIELDS:
         bit = _bitfield(btf, struct_name, path)
         if bit is not None:
