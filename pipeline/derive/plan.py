@@ -392,10 +392,12 @@ def _empty(batch: Batch, memo: dict[str, Any]) -> Derived:
 
 def _user_stacks(b: _Builder) -> None:
     """upstream's ustack operator: ``addresses``, ``buildid`` and ``symbols`` (String, hidden)
-    under each ``struct gadget_user_stack``. They stay empty: no gadget here collects user
-    stacks (the operator leaves them empty too when the stack's inode is 0)."""
+    under each ``struct gadget_user_stack``, empty (what the operator sends when no stack was
+    collected: the stack's inode is 0), unless the gadget declares its own."""
     for i in b.with_tag("type:gadget_user_stack"):
         for name in ("addresses", "buildid", "symbols"):
+            if b.get(f"{b.fields[i].full_name}.{name}") is not None:
+                continue  # the gadget derives its own (it collects user stacks)
             b.add(name, Kind.STRING, i, _empty, annotations={}, flags=FieldFlag.HIDDEN,
                   tags=(f"name:{name}", "operator:ustack"), sub=True)
 

@@ -349,7 +349,7 @@ def _snapshot() -> Iterator[Workload]:
 def _top_file() -> Iterator[Workload]:
     """Writes to /tmp/<token>, over and over (a short path: the FILE column is 30 wide)."""
     w = Workload("top_file", _token("gpf"))
-    path = Path(tempfile.gettempdir()) / w.token
+    path = Path("/tmp") / w.token  # not $TMPDIR, which may be long
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
 
     def trigger() -> None:

@@ -13,7 +13,7 @@
     !defined(GADGET_OFF_INODE_SB) || !defined(GADGET_OFF_SB_MAGIC) || \
     !defined(GADGET_OFF_SB_DEV) || !defined(GADGET_OFF_INODE_INO) || \
     !defined(GADGET_OFF_INODE_CTIME_SEC) || !defined(GADGET_OFF_INODE_CTIME_NSEC) || \
-    !defined(GADGET_SIZEOF_INODE) || !defined(GADGET_OFF_TASK_SIGNAL) || \
+    !defined(GADGET_SIZE_INODE) || !defined(GADGET_OFF_TASK_SIGNAL) || \
     !defined(GADGET_OFF_SIGNAL_TTY) || !defined(GADGET_OFF_TTY_INDEX) || \
     !defined(GADGET_OFF_TTY_DRIVER) || !defined(GADGET_OFF_TTY_DRIVER_MAJOR) || \
     !defined(GADGET_OFF_TTY_DRIVER_MINOR_START)
@@ -56,7 +56,7 @@ static __always_inline bool gadget_inode_upper_layer(__u64 inode)
 
 	if (!sb || gadget_read_u64(sb, GADGET_OFF_SB_MAGIC) != GADGET_OVERLAYFS_SUPER_MAGIC)
 		return false;
-	return gadget_read_u64(inode, GADGET_SIZEOF_INODE) != 0;
+	return gadget_read_u64(inode, GADGET_SIZE_INODE) != 0;
 }
 
 /* The device (major, minor) of the inode's file system and its inode number. */

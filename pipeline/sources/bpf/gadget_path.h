@@ -1,15 +1,17 @@
 /* Full paths of kernel `struct path`s (a file's f_path, a task's cwd), as upstream's
- * get_path_str() builds them: walk the dentries up to the mount's root, cross to the parent
- * mount at mount points, up to the global root, writing the names backwards into a per-CPU
- * scratch buffer. No kprobe or kfunc: kernel memory is read at offsets from the running
- * kernel's BTF (pipeline/sources/btf.py), like gadget_types.h does.
+ * get_path_str() (include/gadget/filesystem.h) builds them: walk the dentries up to the mount's
+ * root, cross to the parent mount at mount points, up to the root of the task's mount
+ * namespace, writing the names backwards into a per-CPU scratch buffer. bpf_d_path() would be
+ * simpler, but the kernel allows it only in some fentry/LSM programs, not tracepoints. Kernel
+ * memory is read at offsets from the running kernel's BTF (pipeline/sources/btf.py; struct
+ * mount is private to fs/, but in BTF), like gadget_types.h does.
  *
- * Include after the gadget's ring buffer (gadget_ringbuf.h: bcc wants that table first). bcc
- * rewrites map calls only in the program's own file, so the program looks the scratch buffer
- * up itself and hands it in:
+ * The program declares the scratch buffer (bcc rewrites table methods only in the program's own
+ * file, and wants the ring buffer declared first) and hands it in:
  *
- *     struct gadget_path_scratch_t *s = gadget_path_scratch.lookup(&zero);
- *     gadget_path_of_fd(s, fd, e->fpath, sizeof(e->fpath));
+ *     BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
+ *     ...
+ *     gadget_path_of_fd(path_scratch.lookup(&zero), fd, e->fpath, sizeof(e->fpath));
  * Needs GADGET_OFF_{PATH_MNT,PATH_DENTRY,DENTRY_PARENT,DENTRY_NAME,DENTRY_NAME_LEN,
  * VFSMOUNT_MNT_ROOT,MOUNT_MNT,MOUNT_PARENT,MOUNT_MOUNTPOINT}.
  */
@@ -34,7 +36,7 @@
 #define GADGET_PATH_MASK 4095
 #define GADGET_NAME_MASK 255
 
-struct gadget_path_scratch_t {
+struct gadget_path_buf {
 	/* The walk's state lives here, not in registers: the verifier then sees the same state
 	 * at the top of every iteration whichever way the last one went (a mount crossed or a
 	 * name added) and prunes, instead of exploring each combination (exponential). */
@@ -48,12 +50,11 @@ struct gadget_path_scratch_t {
 	 * whatever offset the verifier assumes. */
 	char buf[GADGET_PATH_END + 1 + 256];
 };
-BPF_PERCPU_ARRAY(gadget_path_scratch, struct gadget_path_scratch_t, 1);
 
 /* Writes the full path of the `struct path` at kernel address `path` into out (NUL-terminated,
  * truncated to size), using the scratch buffer s. Returns the length written (with the NUL),
  * or <= 0 when none. */
-static __always_inline long gadget_path_of(struct gadget_path_scratch_t *s, __u64 path,
+static __always_inline long gadget_path_of(struct gadget_path_buf *s, __u64 path,
 					   char *out, __u32 size)
 {
 	if (!s || !path)
@@ -131,12 +132,27 @@ static __always_inline __u64 gadget_file_of_fd(__u32 fd)
 
 /* The full path of the current task's descriptor fd (upstream's
  * read_full_path_of_open_file_fd). */
-static __always_inline long gadget_path_of_fd(struct gadget_path_scratch_t *s, __u32 fd,
+static __always_inline long gadget_path_of_fd(struct gadget_path_buf *s, __u32 fd,
 					      char *out, __u32 size)
 {
 	__u64 file = gadget_file_of_fd(fd);
 
 	return file ? gadget_path_of(s, file + GADGET_OFF_FILE_PATH, out, size) : -1;
+}
+#endif
+
+#if defined(GADGET_OFF_FILE_PATH)
+/* The absolute path of `file` (a struct file *) in out[GADGET_PATH_MAX]; its length without
+ * the NUL, or 0 when none could be read. */
+static __always_inline int gadget_file_path(__u64 file, struct gadget_path_buf *s, char *out)
+{
+	long n = file ? gadget_path_of(s, file + GADGET_OFF_FILE_PATH, out, GADGET_PATH_MAX) : 0;
+
+	if (n <= 0) {
+		out[0] = 0;
+		return 0;
+	}
+	return (int)n - 1;
 }
 #endif
 

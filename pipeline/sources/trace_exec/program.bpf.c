@@ -61,6 +61,7 @@ GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 GADGET_LAYOUT(exec, struct event);
 #include "gadget_exe.h"
 #include "gadget_path.h"
+BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
 BPF_PERCPU_ARRAY(scratch, struct saved, 1);
 BPF_HASH(execs, u32, struct saved, 1024);
 
@@ -169,7 +170,7 @@ static __always_inline int on_exit(void *ctx, long ret)
     e->parent_exepath[0] = 0;
 #if GADGET_PATHS
     u32 zero = 0;
-    struct gadget_path_scratch_t *s = gadget_path_scratch.lookup(&zero);
+    struct gadget_path_buf *s = path_scratch.lookup(&zero);
     if (inode)
         gadget_inode_id(inode, &e->dev_major, &e->dev_minor, &e->inode);
     if (gadget_path_of(s, gadget_task_pwd(task), e->cwd, sizeof(e->cwd)) <= 0)

@@ -45,6 +45,7 @@ GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 GADGET_LAYOUT(open, struct event);
 #if GADGET_PATHS
 #include "gadget_path.h"
+BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
 struct record {
     struct event e;
     char fpath[GADGET_PATH_MAX];
@@ -95,7 +96,7 @@ static __always_inline int on_exit(long ret)
     // The path the fd resolved to (symlinks followed, relative to nothing), as upstream's
     // read_full_path_of_open_file_fd: empty for a failed open.
     u32 zero = 0;
-    struct gadget_path_scratch_t *scratch = gadget_path_scratch.lookup(&zero);
+    struct gadget_path_buf *scratch = path_scratch.lookup(&zero);
     if (ret < 0 || gadget_path_of_fd(scratch, (__u32)ret, r->fpath, sizeof(r->fpath)) <= 0)
         r->fpath[0] = 0;
 #endif
