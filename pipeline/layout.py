@@ -30,6 +30,9 @@ _MEMBER = re.compile(r"^\s*(?:(?:struct|union|enum)\s+)?(?P<type>\w+)\s+(?P<name
 
 DEFAULT_ANNOTATIONS: Mapping[str, str] = ann.DEFAULT_ANNOTATIONS
 
+_DYNAMIC: Mapping[str, Kind] = {"string": Kind.STRING, "bytes": Kind.BYTES}
+"""Payload-only member types (gadget.yaml ``payloads:``): a value of any length."""
+
 
 class LayoutError(ValueError):
     """A struct declaration that cannot be laid out."""
@@ -123,10 +126,16 @@ class StructRegistry:
 
     def payload_fields(self, line: str, payload_index: int, first_index: int) -> list[Field]:
         """The fields of a payload of its own holding one member (``struct
-        gadget_user_stack ustack``, ``char fpath[512]``): a struct's fields lie at their
-        offsets in it; any other member is the whole entry (``size`` 0), so a string or an
-        array may be shorter than declared. Indexes start at ``first_index``."""
+        gadget_user_stack ustack``, ``char fpath[512]``, ``string name``, ``bytes data``): a
+        struct's fields lie at their offsets in it; any other member is the whole entry
+        (``size`` 0), so a string or an array may be shorter than declared. Indexes start at
+        ``first_index``."""
         m = parse_member(line)
+        if m.type in _DYNAMIC and m.count is None:
+            # A String or Bytes value of any length (a field an operator adds upstream).
+            return [Field(name=m.name, full_name=m.name, index=first_index,
+                          kind=int(_DYNAMIC[m.type]), payload_index=payload_index,
+                          tags=(f"name:{m.name}",), annotations=dict(DEFAULT_ANNOTATIONS))]
         wrapper = f"__payload_{m.name}"
         self.add_struct(wrapper, [line])
         try:
@@ -135,7 +144,8 @@ class StructRegistry:
             self._decls.pop(wrapper, None)
             self._ctypes.pop(wrapper, None)
         if not self.is_struct(m.type) or m.count is not None:
-            fields = [replace(fields[0], size=0)]
+            # The whole entry, not a member of a block: a string may be shorter than declared.
+            fields = [replace(fields[0], size=0, flags=fields[0].flags & ~FieldFlag.STATIC_MEMBER)]
         return [replace(f, index=f.index + first_index,
                         parent=None if f.parent is None else f.parent + first_index)
                 for f in fields]
