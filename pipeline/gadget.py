@@ -25,7 +25,7 @@ from pipeline.derive import (
     EnumSpec,
     build_plan,
 )
-from pipeline.layout import StructRegistry
+from pipeline.layout import LayoutError, StructRegistry
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 
@@ -271,6 +271,15 @@ def load_spec(folder: Path) -> GadgetSpec:
             payloads = 2
         else:
             fields, size = structs.fields(struct)
+        for line in ds.get("payloads") or ():
+            # Further payloads the source fills (upstream: fields in the struct that this
+            # build keeps out of payload 0, the hot path's record), after the struct's.
+            try:
+                fields += structs.payload_fields(str(line), payloads, len(fields))
+            except LayoutError as e:
+                raise GadgetError(f"{path}: data source {ds_name!r} payload {line!r}: {e}") \
+                    from e
+            payloads += 1
         configs[ds_name] = _field_config(ds.get("fields") or {})
         fields = _apply_annotations(fields, configs[ds_name])
         declared[ds_name] = _declared(path, folder, ds_name, ds.get("derived") or {})

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, Coded, Fixed, LazyColumn, object_column
+from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn, object_column
 from pipeline.params import ParamSpec
 
 GRPC_PREFIX = "operator.grpc."
@@ -321,7 +321,8 @@ def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
     """A payload column as ``DataElement.payload`` entries (tag, length, bytes) in one block,
     when its derivation produced a coded or fixed-width column (each distinct value encoded
     once); None for a plain list."""
-    form = col.form() if isinstance(col, LazyColumn) else None
+    form = col.form() if isinstance(col, LazyColumn) else \
+        col.form if isinstance(col, FormColumn) else None
     if isinstance(form, Coded):
         table = [length_delimited(_TAG_PAYLOAD, v) for v in form.table]
         lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
