@@ -123,7 +123,10 @@ def measure(gadget: str = "trace_open", count: int = 200_000, text: str | None =
     bcc = import_bcc()
     spec = Catalog().resolve(gadget)
     values = resolve(spec.params, dict(params or {}), (EBPF_PREFIX, RUNTIME_PREFIX))
-    cflags = TracerSource(spec, values)._cflags
+    src = spec.source_factory()(spec, values)
+    if not isinstance(src, TracerSource):
+        raise ValueError(f"{gadget} is not a ring-buffer tracer")
+    cflags = src._cflags
     source = text if text is not None else spec.program.read_text()
     with COMPILE_LOCK:
         b = bcc.BPF(text=source.encode(), cflags=cflags)
@@ -132,7 +135,7 @@ def measure(gadget: str = "trace_open", count: int = 200_000, text: str | None =
         if not progs:
             raise RuntimeError(f"{gadget}: no programs were loaded")
         readers = [RingReader(b[f"events_{ds.name}".encode() if len(spec.datasources) > 1
-                                else b"events"].get_fd(), ds.record_size)
+                                else b"events"].get_fd(), src.ring_record_size(ds))
                    for ds in spec.datasources]
         stop = threading.Event()
 
