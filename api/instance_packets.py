@@ -64,11 +64,10 @@ _SEQ_MASK = 0xFFFFFFFF
 _TAG_NODE = 0x0A  # GadgetData.node and GadgetDataArray.node are both field 1, string
 _TAG_SEQ = 0x10  # GadgetEvent.seq, varint
 _TAG_PAYLOAD = 0x1A  # GadgetEvent.payload, GadgetData.data: field 3, bytes
-_TAG_ELEMENT = 0x0A  # DataElement.payload, field 1, bytes
 _TAG_DSID = 0x20  # GadgetEvent.dataSourceID, varint
 _SEQ_AT = 6
 """Where a packet's seq bytes start: after the gRPC prefix (5 bytes) and the seq tag."""
-_SEQ_LEN = 5
+_SEQ_LEN = len(wire.SEQ_PLACEHOLDER)
 _WARN = 3
 
 
@@ -76,7 +75,7 @@ def _frame_head(body_len: int) -> bytes:
     """gRPC prefix and seq field (seq bytes zero until numbered) of a GadgetEvent whose other
     fields take ``body_len`` bytes."""
     return (b"\x00" + (1 + _SEQ_LEN + body_len).to_bytes(4, "big") + bytes([_TAG_SEQ])
-            + b"\x80\x80\x80\x80\x00")
+            + wire.SEQ_PLACEHOLDER)
 
 
 def _dsid_tail(ds_id: int) -> bytes:
@@ -134,40 +133,27 @@ class Chunk:
 
     @classmethod
     def from_records(cls, batch: Batch, ds_id: int) -> Chunk:
-        """One ``GadgetEvent{GadgetData}`` packet per record (payload 0 only; records with
-        further payloads go through :meth:`from_payloads`)."""
-        if batch.extra:
-            return cls.from_payloads(wire.gadget_data(batch), ds_id)
+        """One ``GadgetEvent{GadgetData}`` packet per record, every payload included."""
         n = len(batch)
         size = batch.schema.record_size
-        element = bytes([_TAG_ELEMENT]) + wire.varint(size)
-        data_head = bytes([_TAG_PAYLOAD]) + wire.varint(len(element) + size)
-        gd_len = len(data_head) + len(element) + size
-        tail = _dsid_tail(ds_id)
-        body = bytes([_TAG_PAYLOAD]) + wire.varint(gd_len) + data_head + element
-        head = _frame_head(len(body) + size + len(tail)) + body
-        frame = len(head) + size + len(tail)
-        out = np.empty((n, frame), dtype=np.uint8)
-        out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
-        out[:, len(head): len(head) + size] = batch.rows
-        if tail:
-            out[:, len(head) + size:] = np.frombuffer(tail, dtype=np.uint8)
         cut = _tail_field(batch.schema)
-        if cut is None or n == 0:
-            return cls(bytearray(out.tobytes()), np.arange(0, (n + 1) * frame, frame), ds_id)
-        offs, fsize = cut
-        field = batch.rows[:, offs: offs + fsize]
-        nul = field.argmin(axis=1)  # the first NUL (0 is the least byte), if there is one
-        has_nul = field[np.arange(n), nul] == 0
-        used = np.where(has_nul, nul + 1, fsize)  # the NUL is kept: the string ends there
-        gap_len = (size - offs - used).astype(np.intp)  # the rest, tail padding included
-        gap_at = (len(head) + offs + used).astype(np.intp)
-        col = np.arange(frame)[None, :]
-        keep = (col < gap_at[:, None]) | (col >= (gap_at + gap_len)[:, None])
-        lens = frame - gap_len
+        row_used: npt.NDArray[np.int64] | None = None
+        if cut is not None and n:
+            offs, fsize = cut
+            field = batch.rows[:, offs: offs + fsize]
+            nul = field.argmin(axis=1)  # the first NUL (0 is the least byte), if there is one
+            has_nul = field[np.arange(n), nul] == 0
+            # The NUL is kept: the string ends there.
+            row_used = (offs + np.where(has_nul, nul + 1, fsize)).astype(np.int64)
+            if bool((row_used == size).all()):
+                row_used = None
+        data, lens, head_len = wire.framed_records(batch, None, ds_id, row_used)
         starts = np.zeros(n + 1, dtype=np.intp)
         np.cumsum(lens, out=starts[1:])
-        return cls(bytearray(out[keep].tobytes()), starts, ds_id, gap_at, gap_len)
+        if row_used is None:
+            return cls(data, starts, ds_id)
+        return cls(data, starts, ds_id, (head_len + row_used).astype(np.intp),
+                   (size - row_used).astype(np.intp))
 
     @classmethod
     def from_payloads(cls, payloads: Sequence[bytes], ds_id: int) -> Chunk:
