@@ -484,7 +484,12 @@ def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
         mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
         for i, e in enumerate(table):  # per distinct value
             mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
-        return mat[form.codes], lens[form.codes]
+        codes = form.codes
+        if len(codes) and (len(table) == 1 or bool((codes == codes[0]).all())):
+            # One value for every record (a constant, one process's name): a view, no copy.
+            one = int(codes[0])
+            return np.broadcast_to(mat[one, : lens[one]], (len(codes), int(lens[one]))), None
+        return mat[codes], lens[codes]
     if isinstance(form, Fixed):
         prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
         out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)
