@@ -238,7 +238,7 @@ class JsonEncoder:
         self._template = _json_template(schema)
         self._lines = JsonLines(self._template.pieces, self._template.fields, _json_column)
 
-    def encode_lines(self, batch: Batch) -> tuple[bytes, npt.NDArray[np.intp]]:
+    def encode_lines(self, batch: Batch) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
         """Every record's JSON and a newline, concatenated, and where each line ends."""
         return self._lines.encode(batch)
 
@@ -247,8 +247,9 @@ class JsonEncoder:
         data, ends = self._lines.encode(batch)
         if not len(ends):
             return []
+        flat = bytes(data)
         starts = [0, *ends[:-1].tolist()]
-        return [data[a: b - 1] for a, b in zip(starts, ends.tolist(), strict=True)]
+        return [flat[a: b - 1] for a, b in zip(starts, ends.tolist(), strict=True)]
 
 
 # --------------------------------------------------------------------------------------------

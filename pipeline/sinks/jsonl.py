@@ -75,7 +75,7 @@ class RotatingFile:
             os.unlink(self.path)
         self._size = 0
 
-    def _write_sync(self, data: bytes) -> None:
+    def _write_sync(self, data: bytes | bytearray) -> None:
         f = self._open()
         if (self.path != STDOUT and self.max_bytes and self._size
                 and self._size + len(data) > self.max_bytes):
@@ -85,7 +85,7 @@ class RotatingFile:
         f.flush()
         self._size += len(data)
 
-    async def write(self, produce: Callable[[], bytes]) -> None:
+    async def write(self, produce: Callable[[], bytes | bytearray]) -> None:
         """Writes what ``produce`` returns; both run in a worker thread, in call order."""
         async with self._lock:
             await asyncio.to_thread(lambda: self._write_sync(produce()))

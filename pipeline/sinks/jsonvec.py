@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring_ascii
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, Field, Kind
 
 __all__ = ["JsonLines"]
@@ -96,6 +97,7 @@ def _digit_words(v: npt.NDArray[np.unsignedinteger]) -> list[npt.NDArray[np.uint
 def _ints(col: npt.NDArray[np.generic]) -> tuple[Block, bool]:
     """An integer column's decimal text as a block, and whether every row fills it (no NUL):
     when all values have as many digits (and the same sign), the block is exactly that wide."""
+    mag: npt.NDArray[np.unsignedinteger[Any]]
     if col.dtype.kind == "u":
         mag = col.astype(np.uint32 if col.dtype.itemsize <= 4 else np.uint64)
         sign = None
@@ -121,20 +123,55 @@ def _ints(col: npt.NDArray[np.generic]) -> tuple[Block, bool]:
     return out, bool(uniform and sign.all())
 
 
-def _column(batch: Batch, f: Field) -> npt.NDArray[np.generic]:
-    raw = batch.rows[:, f.offs: f.offs + KIND_WIDTH[f.base_kind]]
+def _column(batch: Batch, f: Field, payloads: dict[int, Block]) -> npt.NDArray[np.generic]:
+    """A fixed-width field of every record as a numpy column: from payload 0, or from a
+    further payload holding a struct (``payloads`` caches each payload as a block)."""
+    width = KIND_WIDTH[f.base_kind]
+    raw = _source(batch, f, payloads)[:, f.offs: f.offs + width]
+    if raw.shape[1] < width:  # a short entry reads as zeros, as a decoder pads it
+        raw = np.pad(raw, ((0, 0), (0, width - raw.shape[1])))
     return np.ascontiguousarray(raw).view(NUMPY_DTYPE[f.base_kind]).reshape(-1)
 
 
-def _cstring(batch: Batch, f: Field) -> tuple[Block, bool]:
-    """A C string field's used bytes (up to its first NUL), NUL after, with the rows JSON must
-    escape replaced by their escaped text; and whether every row fills the block."""
-    block = batch.rows[:, f.offs: f.offs + f.size]
+def _source(batch: Batch, f: Field, payloads: dict[int, Block]) -> Block:
+    """The block a static member of ``f``'s payload is cut from (cached per payload)."""
+    if f.payload_index == 0:
+        return batch.rows
+    block = payloads.get(f.payload_index)
+    if block is None:
+        block = payloads[f.payload_index] = _payload_block(batch, f.payload_index)
+    return block
+
+
+def _payload_block(batch: Batch, index: int) -> Block:
+    """Payload ``index`` of every record as a NUL-padded block (a struct a source keeps beside
+    payload 0: one row per record, without an object per record for coded and fixed forms)."""
+    col = batch.extra[index - 1]
+    form = col.form() if isinstance(col, LazyColumn) else \
+        col.form if isinstance(col, FormColumn) else None
+    n = len(batch)
+    if isinstance(form, Fixed):
+        return form.matrix
+    values: Sequence[bytes] = form.table if isinstance(form, Coded) else list(col)
+    width = max(1, max(map(len, values), default=0))
+    table = np.frombuffer(np.array(values, dtype=f"S{width}").tobytes(),
+                          dtype=np.uint8).reshape(len(values), width)
+    if not isinstance(form, Coded):
+        return table
+    if n and (len(values) == 1 or bool((form.codes == form.codes[0]).all())):
+        return np.broadcast_to(table[int(form.codes[0])], (n, width))
+    return table[form.codes]
+
+
+def _nul_cut(block: Block) -> npt.NDArray[np.intp]:
+    """Each row's length up to its first NUL (the whole width without one)."""
     n, size = block.shape
+    if size == 0:
+        return np.zeros(n, dtype=np.intp)
     head = min(size, _HEAD)
     # argmin finds the first NUL in one pass (0 is the least byte); a row whose least byte is
     # not 0 has no NUL in its head.
-    lens = block[:, :head].argmin(axis=1)
+    lens: npt.NDArray[np.intp] = block[:, :head].argmin(axis=1)
     rows = np.flatnonzero(block[np.arange(n), lens] != 0)
     if rows.size:
         lens[rows] = head
@@ -142,16 +179,66 @@ def _cstring(batch: Batch, f: Field) -> tuple[Block, bool]:
             tail = block[rows, head:]
             at = tail.argmin(axis=1)
             lens[rows] = np.where(tail[np.arange(rows.size), at] == 0, head + at, size)
-    width = int(lens.max())
-    out = np.array(block[:, :width])  # a copy: the ring's bytes after the NUL are not zeroed
-    out *= np.arange(width)[None, :] < lens[:, None]
-    if width and (int(out.max()) >= 0x7F or bool(((out < 0x20) & (out != 0)).any())
+    return lens
+
+
+def _string_block(block: Block, lens: npt.NDArray[np.intp]) -> tuple[Block, bool]:
+    """The first ``lens`` bytes of each row as JSON string text (without the quotes), NUL
+    after, with the rows JSON must escape replaced by their escaped text; and whether every
+    row fills the block. Rows are valid text up to ``lens``: a NUL inside is escaped."""
+    n = block.shape[0]
+    width = int(lens.max(initial=0))
+    out = np.array(block[:, :width])  # a copy: bytes after the end (stale ring memory) go
+    inside = np.arange(width)[None, :] < lens[:, None]
+    out *= inside
+    nul_inside = bool(((out == 0) & inside).any()) if width else False
+    if width and (nul_inside or int(out.max()) >= 0x7F
+                  or bool(((out < 0x20) & (out != 0)).any())
                   or bool((out == _QUOTE).any()) or bool((out == _BACKSLASH).any())):
-        bad = np.flatnonzero(_ESCAPE.take(out).any(axis=1))
-        texts = [encode_basestring_ascii(_utf8(out[r].tobytes().rstrip(b"\0")))[1:-1]
+        bad = np.flatnonzero((_ESCAPE.take(out) | ((out == 0) & inside)).any(axis=1))
+        texts = [encode_basestring_ascii(_utf8(out[r, : lens[r]].tobytes()))[1:-1]
                  for r in bad.tolist()]
         return _patch(out, bad, texts), False
-    return out, int(lens.min()) == width
+    return out, n == 0 or int(lens.min()) == width
+
+
+def _cstring(batch: Batch, f: Field, payloads: dict[int, Block]) -> tuple[Block, bool]:
+    """A C string member (of payload 0 or of a struct payload), up to its first NUL."""
+    block = _source(batch, f, payloads)[:, f.offs: f.offs + f.size]
+    return _string_block(block, _nul_cut(block))
+
+
+def _payload_string(batch: Batch, f: Field) -> tuple[Block, bool]:
+    """A string field that is a further payload (a derived text, an enrichment): coded
+    columns encode each distinct value once, fixed-width ones are one block, a plain list
+    becomes one NUL-padded block."""
+    col = batch.extra[f.payload_index - 1]
+    form = col.form() if isinstance(col, LazyColumn) else \
+        col.form if isinstance(col, FormColumn) else None
+    cstring = f.base_kind is Kind.CSTRING
+    n = len(batch)
+    if isinstance(form, Coded):
+        texts = [encode_basestring_ascii(_utf8(v.partition(b"\0")[0] if cstring else v))[1:-1]
+                 for v in form.table]
+        table, _ = _text_block(texts) if texts else (np.zeros((0, 1), np.uint8), True)
+        tlens = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
+        codes = form.codes
+        if n == 0:
+            return np.zeros((0, 1), dtype=np.uint8), True
+        if len(texts) == 1 or bool((codes == codes[0]).all()):
+            one = int(codes[0])
+            return np.broadcast_to(table[one, : tlens[one]], (n, int(tlens[one]))), True
+        return table[codes], bool((tlens[codes] == table.shape[1]).all())
+    if isinstance(form, Fixed):
+        block = form.matrix
+        lens = _nul_cut(block) if cstring else np.full(n, block.shape[1], dtype=np.intp)
+        return _string_block(block, lens)
+    values = [v.partition(b"\0")[0] for v in col] if cstring else list(col)
+    lens = np.fromiter(map(len, values), dtype=np.intp, count=n)
+    width = max(1, int(lens.max(initial=0)))
+    block = np.frombuffer(np.array(values, dtype=f"S{width}").tobytes(),
+                          dtype=np.uint8).reshape(n, width)
+    return _string_block(block, lens)
 
 
 def _text_block(texts: Sequence[str]) -> tuple[Block, bool]:
@@ -198,7 +285,7 @@ class JsonLines:
         for p in pieces:
             if p is None:
                 f = next(it)
-                if self._vector_kind(f) == "cstring":
+                if self._vector_kind(f) in ("cstring", "payload-string"):
                     self._const(b'"')
                     self._plan.append(f)
                     self._const(b'"')
@@ -216,9 +303,14 @@ class JsonLines:
 
     @staticmethod
     def _vector_kind(f: Field) -> str:
-        if f.is_array or f.payload_index != 0:
+        if f.is_array:
             return "other"
         kind = f.base_kind
+        if f.payload_index != 0:
+            if kind in (Kind.STRING, Kind.CSTRING) and not f.size:
+                return "payload-string"
+            if not f.size:
+                return "other"
         if kind in _INT_KINDS:
             return "int"
         if kind is Kind.BOOL:
@@ -227,7 +319,7 @@ class JsonLines:
             return "cstring"
         return "other"
 
-    def encode(self, batch: Batch) -> tuple[bytes, npt.NDArray[np.intp]]:
+    def encode(self, batch: Batch) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
         """Every record's JSON followed by a newline, concatenated, and where each line ends
         (exclusive offsets into the bytes, newline included)."""
         n = len(batch)
@@ -235,6 +327,7 @@ class JsonLines:
             return b"", np.zeros(0, dtype=np.intp)
         template = bytearray()
         blocks: list[tuple[int, Block]] = []
+        payloads: dict[int, Block] = {}
         filler = False
         for item in self._plan:
             if isinstance(item, bytes):
@@ -242,26 +335,34 @@ class JsonLines:
                 continue
             kind = self._vector_kind(item)
             if kind == "int":
-                block, full = _ints(_column(batch, item))
+                block, full = _ints(_column(batch, item, payloads))
             elif kind == "bool":
-                block = _TRUE_FALSE[(_column(batch, item) == 1).astype(np.intp)]
+                block = _TRUE_FALSE[(_column(batch, item, payloads) == 1).astype(np.intp)]
                 full = bool(block[:, 4].all())
             elif kind == "cstring":
-                block, full = _cstring(batch, item)
+                block, full = _cstring(batch, item, payloads)
+            elif kind == "payload-string":
+                block, full = _payload_string(batch, item)
             else:
                 block, full = _text_block(self._fallback(batch, item))
+            if full and (block.strides[0] == 0 or bool((block == block[0]).all())):
+                # One value for the whole batch (zeros, one process's ids): it joins the
+                # template row instead of being written row by row.
+                template += block[0].tobytes()
+                continue
             filler = filler or not full
             blocks.append((len(template), block))
             template += bytes(block.shape[1])
         width = len(template)
-        matrix = np.empty((n, width), dtype=np.uint8)
+        out = bytearray(n * width)
+        matrix = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
         matrix[:] = np.frombuffer(bytes(template), dtype=np.uint8)
         for off, block in blocks:
             matrix[:, off: off + block.shape[1]] = block
         if not filler:
             # Every value as wide as its slot (one process's records, say): the rows are the
             # lines already.
-            return matrix.tobytes(), np.arange(width, (n + 1) * width, width, dtype=np.intp)
-        data = matrix.tobytes().translate(None, b"\0")
+            return out, np.arange(width, (n + 1) * width, width, dtype=np.intp)
+        data = out.translate(None, b"\0")
         ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == _NEWLINE) + 1
         return data, ends

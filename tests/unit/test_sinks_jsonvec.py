@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, Coded, Fixed, FormColumn
 from pipeline.layout import StructRegistry
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 from pipeline.sinks.encode import JsonEncoder
@@ -118,7 +118,7 @@ def test_batch_json_equals_json_dumps_of_each_record(seed: int, uniform: bool) -
 
 def test_same_width_values_take_the_path_without_deletion() -> None:
     batch, expected = build(np.random.default_rng(1), 50, uniform=True)
-    data, ends = JsonEncoder(batch.schema).encode_lines(batch)
+    _, ends = JsonEncoder(batch.schema).encode_lines(batch)
     width = len(expected[0]) + 1
     assert all(len(e) + 1 == width for e in expected)
     assert ends.tolist() == list(range(width, 51 * width, width))
@@ -131,3 +131,35 @@ def test_extra_payload_strings_are_encoded_per_value() -> None:
     rows = np.array([[7, 0, 0, 0], [8, 0, 0, 0]], dtype=np.uint8)
     batch = Batch(s, rows, ([b"he\"llo", b"\xc3\xa9"],))
     assert JsonEncoder(s).encode(batch) == [b'{"n":7,"s":"he\\"llo"}', b'{"n":8,"s":"\\u00e9"}']
+
+
+PAYLOAD_VALUES = [b"", b"root", b"O_RDONLY|O_CLOEXEC", b'q"uote', b"nul\x00inside", b"caf\xc3\xa9",
+                  b"bad\xff", b"2024-11-25T13:06:40.123456789Z"]
+
+
+@pytest.mark.parametrize("form", ["coded", "coded-one", "fixed", "list"])
+@pytest.mark.parametrize("kind", [Kind.STRING, Kind.CSTRING])
+def test_payload_strings_in_every_form(form: str, kind: Kind) -> None:
+    rng = np.random.default_rng(7)
+    n = 200
+    fields = (Field("n", "n", 0, int(Kind.UINT32), 0, 0, 4, FieldFlag.STATIC_MEMBER),
+              Field("s", "s", 1, int(kind), payload_index=1))
+    s = DataSourceSchema("d", DataSourceType.SINGLE, fields, 4, payload_count=2)
+    rows = np.arange(n, dtype="<u4").view(np.uint8).reshape(n, 4).copy()
+    codes = rng.integers(0, len(PAYLOAD_VALUES), n).astype(np.intp)
+    if form == "coded-one":
+        codes[:] = 2
+    values = [PAYLOAD_VALUES[c] for c in codes]
+    col: Any
+    if form.startswith("coded"):
+        col = FormColumn(Coded(PAYLOAD_VALUES, codes))
+    elif form == "fixed":
+        values = [v.ljust(30, b"\0")[:30] for v in values]
+        col = FormColumn(Fixed(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(n, 30)))
+    else:
+        col = values
+    texts = [(v.partition(b"\0")[0] if kind is Kind.CSTRING else v).decode("utf-8", "replace")
+             for v in values]
+    expected = [json.dumps({"n": i, "s": t}, separators=(",", ":")).encode()
+                for i, t in enumerate(texts)]
+    assert JsonEncoder(s).encode(Batch(s, rows, (col,))) == expected
