@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import signal
-import sys
 from collections.abc import Sequence
-from typing import Any
 
-from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
-from api.decode import DataSourceDecoder, flatten
+from api import cli_apply, cli_instances
+from api.cli_output import Printer, consume
+from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
 from pipeline.params import parse_duration
 
 BATCH_DEFAULT = 1024
-_SEVERITY = ("", "fatal", "error", "warn", "info", "debug", "trace")
 
 
 def _kv(items: Sequence[str]) -> dict[str, str]:
@@ -49,60 +45,6 @@ def _client(args: argparse.Namespace) -> GadgetClient:
                          f"{type(e).__name__} {e}".rstrip()) from None
 
 
-class Printer:
-    """Prints records as JSON lines or aligned columns (non-hidden fields)."""
-
-    def __init__(self, mode: str, out: Any = sys.stdout) -> None:
-        self.mode = mode
-        self.out = out
-        self._header_for: str | None = None
-
-    def records(self, dec: DataSourceDecoder, records: list[dict[str, Any]]) -> None:
-        if self.mode == "json":
-            for r in records:
-                self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            cols = dec.fields()
-            if self._header_for != dec.name:
-                self.out.write("  ".join(f"{c.upper():<16.16}" for c in cols) + "\n")
-                self._header_for = dec.name
-            for r in records:
-                flat = flatten(r)
-                self.out.write("  ".join(f"{_cell(flat.get(c)):<16.16}" for c in cols) + "\n")
-        self.out.flush()
-
-
-def _cell(v: Any) -> str:
-    return "" if v is None else str(v).replace("\u00a0", " ")
-
-
-def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
-    def on_signal(*_: Any) -> None:
-        stream.stop()
-
-    old = signal.signal(signal.SIGINT, on_signal)
-    try:
-        for ev in stream:
-            if ev.log is not None:
-                if verbose or ev.severity <= 3:
-                    print(f"[{_SEVERITY[min(ev.severity, 6)]}] {ev.log}", file=sys.stderr)
-                continue
-            dec = next(d for d in stream.decoders.values() if d.name == ev.datasource)
-            printer.records(dec, ev.records)
-    except Exception as e:
-        import grpc
-
-        if isinstance(e, grpc.RpcError):
-            print(f"error: {e.details()} ({e.code().name})", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if stream.gaps:
-        print(f"warning: {stream.gaps} records were dropped on the way", file=sys.stderr)
-    return 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     params = _kv(args.param)
     if args.filter:
@@ -110,15 +52,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fields:
         params["operator.fields.fields"] = args.fields
     if args.detach:
-        from api.cli_instances import run_detached
-
-        return run_detached(args, params, _client)
+        return cli_instances.run_detached(args, params, _client)
     if not args.per_record:
         params.setdefault("operator.grpc.batch-max", str(args.batch_max))
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
     with _client(args) as c:
         stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
-        return _consume(stream, Printer(args.output), args.verbose)
+        return consume(stream, Printer(args.output), args.verbose)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -147,7 +87,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gadgets(args: argparse.Namespace) -> int:
-    from pipeline.gadget import Catalog
+    from pipeline.sources.catalog import Catalog
 
     for spec in Catalog():
         print(f"{spec.name:<22} {spec.description}")
@@ -223,20 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(fn=cmd_gadgets)
 
-    for hook in _extensions():
-        hook(sub, _add_remote, _client)
+    cli_instances.register(sub, _add_remote, _client)
+    cli_apply.register(sub, _add_remote, _client)
     return p
-
-
-def _extensions() -> list[Any]:
-    hooks = []
-    for mod_name in ("api.cli_instances", "api.cli_apply"):
-        try:
-            mod = __import__(mod_name, fromlist=["register"])
-        except ImportError:
-            continue
-        hooks.append(mod.register)
-    return hooks
 
 
 def main(argv: Sequence[str] | None = None) -> int:

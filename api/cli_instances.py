@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from api._gen import gadget_service_pb2 as pb
-from api.cli import Printer, _consume
+from api.cli_output import Printer, consume
 from api.client import GadgetClient, RunStream
 from api.instance_manager import FROM_SEQ_METADATA, SEQ_BASE_METADATA
 from pipeline.params import parse_duration
@@ -168,7 +168,7 @@ def cmd_attach(args: argparse.Namespace, client: ClientFactory) -> int:
         gi = resolve(_list(c), args.ref)
         c.info(gi.id, instance=True)  # waits until it started; fails with its error if it did not
         stream, stub = open_attach(c, gi.id, args.from_seq)
-        rc = _consume(stream, Printer(args.output), args.verbose)
+        rc = consume(stream, Printer(args.output), args.verbose)
         call = stub.call
         if call is not None and call.last_seq:
             resume = call.last_seq + call.seq_base() + 1

@@ -8,8 +8,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
+from pipeline.sources.catalog import Catalog
 
 SERVER_VERSION = "0.1.0"
 

@@ -16,12 +16,12 @@ from api.builtin_manager import BuiltInGadgetManager
 from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
+from api.metrics_server import MetricsServer
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
-from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
-from pipeline.selfmetrics import MetricsServer
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 
 if TYPE_CHECKING:
     from config.loader import LoadedConfig

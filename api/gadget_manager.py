@@ -14,10 +14,6 @@ from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import field_table, gadget_info, sorted_datasources
 from api.run_stream import (
-    BATCH_LINGER,
-    BATCH_MAX,
-    GRPC_PARAMS,
-    GRPC_PREFIX,
     LogForwarder,
     StreamLayout,
     StreamSink,
@@ -28,7 +24,8 @@ from api.stream_writer import FramedWriter
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
 from pipeline.run import GadgetRun, RunError
-from pipeline.sources.base import SourceError
+from pipeline.source import SourceError
+from pipeline.wire import BATCH_LINGER, BATCH_MAX, GRPC_PARAMS, GRPC_PREFIX
 
 _logger = logging.getLogger(__name__)
 

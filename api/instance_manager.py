@@ -64,7 +64,7 @@ from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import gadget_info
 from api.gadget_manager import check_version, new_run
-from api.run_stream import BATCH_LINGER, BATCH_MAX, MAX_MESSAGE, StreamLayout, info_event
+from api.run_stream import MAX_MESSAGE, StreamLayout, info_event
 from api.store import InstanceStore, StoreProblem
 from api.stream_writer import FramedWriter
 from pipeline import wire
@@ -74,6 +74,7 @@ from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun
 from pipeline.schema import DataSourceType
+from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 __all__ = [
     "ATTACH_QUEUE",

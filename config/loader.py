@@ -58,10 +58,12 @@ from config.schema import (
     InstanceSection,
     InstanceSpecManifest,
 )
-from pipeline.gadget import Catalog, GadgetError, GadgetSpec, UnknownGadget
+from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.ledger import Ledger
 from pipeline.params import ParamError, ParamSpec
 from pipeline.run import GadgetRun, RunError
+from pipeline.sources.catalog import Catalog
+from pipeline.wire import GRPC_PARAMS, GRPC_PREFIX
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -922,8 +924,6 @@ class ConfigLoader:
     # -- per-instance checks -----------------------------------------------------------------
 
     def _check_instances(self, state: _State, sink_defaults: dict[str, dict[str, str]]) -> None:
-        from api.run_stream import GRPC_PARAMS, GRPC_PREFIX
-
         sinks = self._sink_catalog(state, sink_defaults)
         extra: list[ParamSpec] = list(GRPC_PARAMS)
         prefixes = [GRPC_PREFIX]

@@ -39,6 +39,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from config.addresses import ListenAddress as Address
+from config.addresses import ListenError, parse_host_port
 from pipeline.params import parse_duration
 
 __all__ = [
@@ -165,11 +167,8 @@ def _group_text(v: Any) -> Any:
 
 
 def _check_listen(text: str) -> str:
-    # Imported here: api.server pulls in grpclib, which the schema generator does not need.
-    from api.server import ListenAddress, ListenError
-
     try:
-        ListenAddress.parse(text)
+        Address.parse(text)
     except ListenError as e:
         raise ValueError(str(e)) from None
     return text
@@ -178,25 +177,20 @@ def _check_listen(text: str) -> str:
 def _check_metrics_listen(v: str | None) -> str | None:
     if v is None or v == "off":
         return None
-    _host, sep, port = v.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        port = parse_host_port(v)[1]
+    except ValueError:
+        port = 0
+    if not port:
         raise ValueError(f"{v!r} is not HOST:PORT (or off)")
     return v
 
 
 def _check_node_address(address: str) -> str:
-    from urllib.parse import urlparse
-
-    u = urlparse(address if "://" in address else f"tcp://{address}")
     try:
-        port = u.port
-    except ValueError:
-        port = None
-    ok = (u.scheme == "unix" and bool(u.netloc + u.path)) or (
-        u.scheme == "tcp" and bool(u.hostname) and port is not None)
-    if not ok:
-        raise ValueError(f"address {address!r} is not unix:///path, host:port or "
-                         "tcp://host:port")
+        Address.parse_peer(address)
+    except ListenError as e:
+        raise ValueError(str(e)) from None
     return address
 
 

@@ -1,15 +1,17 @@
-"""Gadget specs and the catalog: one folder per gadget under ``pipeline/sources/<name>/``.
+"""Gadget specs: one folder per gadget under ``pipeline/sources/<name>/``.
 
 A folder holds ``gadget.yaml`` (data sources, struct layouts, params, annotations), the BPF C
 in ``program.bpf.c``, a ``README.md``, and optionally ``hooks.py`` when the gadget needs a
 source other than the ring-buffer tracer. Nothing outside the folder lists gadgets.
+
+This module reads a folder into a :class:`GadgetSpec`; the catalog that finds the folders and
+gives each spec its source lives with the sources (:mod:`pipeline.sources.catalog`), so the
+engine knows no source.
 """
 
 from __future__ import annotations
 
-import importlib
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,14 +21,13 @@ import yaml
 from pipeline.layout import StructRegistry
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag
+from pipeline.source import Source
 
 SOURCES_DIR = Path(__file__).resolve().parent / "sources"
 BPF_INCLUDE_DIR = SOURCES_DIR / "bpf"
 IMAGE_REPOSITORY = "ghcr.io/inspektor-gadget/gadget/"
 EBPF_PREFIX = "operator.oci.ebpf."
 RUNTIME_PREFIX = "operator.bcc."
-_IMAGE = re.compile(
-    r"^(?:(?:[\w.-]+(?::\d+)?/)*)?(?P<name>[a-z0-9_-]+)(?::[\w.-]+)?(?:@sha256:[a-f0-9]+)?$")
 
 
 class GadgetError(ValueError):
@@ -75,7 +76,9 @@ RUNTIME_PARAMS: tuple[ParamSpec, ...] = (
 
 
 class SourceFactory(Protocol):
-    def __call__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> Any: ...
+    """Makes the source of one run from the gadget and the run's resolved params."""
+
+    def __call__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> Source: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class GadgetSpec:
     legacy_name: str = ""
     structs: StructRegistry = field(default_factory=StructRegistry, compare=False)
     struct_names: Mapping[str, str] = field(default_factory=dict)
+    make_source: SourceFactory | None = field(default=None, compare=False)
+    """What makes this gadget's source; the catalog sets it."""
 
     @property
     def program(self) -> Path:
@@ -109,12 +114,10 @@ class GadgetSpec:
         raise GadgetError(f"gadget {self.name!r} has no data source {name!r}")
 
     def source_factory(self) -> SourceFactory:
-        """``hooks.make_source`` when the folder has one, else the ring-buffer tracer."""
-        if (self.folder / "hooks.py").exists():
-            mod = importlib.import_module(f"pipeline.sources.{self.folder.name}.hooks")
-            return mod.make_source  # type: ignore[no-any-return]
-        from pipeline.sources.tracer import TracerSource
-        return TracerSource
+        """What makes this gadget's source (raises GadgetError for a spec no catalog made)."""
+        if self.make_source is None:
+            raise GadgetError(f"gadget {self.name!r} has no source: load it through a Catalog")
+        return self.make_source
 
 
 def _common_structs() -> StructRegistry:
@@ -220,36 +223,3 @@ def load_spec(folder: Path) -> GadgetSpec:
         category=meta.get("category", ""), legacy_name=meta.get("legacyName", ""),
         structs=structs, struct_names=struct_names,
     )
-
-
-class Catalog:
-    """The gadgets found under a sources folder, loaded once."""
-
-    def __init__(self, root: Path = SOURCES_DIR) -> None:
-        self._specs: dict[str, GadgetSpec] = {}
-        for gy in sorted(root.glob("*/gadget.yaml")):
-            spec = load_spec(gy.parent)
-            self._specs[spec.name] = spec
-
-    def __iter__(self) -> Iterator[GadgetSpec]:
-        return iter(self._specs.values())
-
-    def names(self) -> list[str]:
-        return sorted(self._specs)
-
-    def resolve(self, image: str) -> GadgetSpec:
-        """A gadget by short name or upstream image reference (any registry path and tag)."""
-        m = _IMAGE.match(image.strip())
-        name = m["name"] if m else image
-        spec = self._specs.get(name)
-        if spec is None:
-            raise UnknownGadget(image, self.names())
-        return spec
-
-    def legacy(self, category: str, name: str) -> GadgetSpec:
-        for spec in self._specs.values():
-            if spec.category == category and spec.legacy_name == name:
-                return spec
-        known = sorted(f"{s.category}/{s.legacy_name}" for s in self._specs.values()
-                       if s.category)
-        raise GadgetError(f"gadget not found: {category}/{name} (known: {', '.join(known)})")

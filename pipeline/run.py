@@ -40,7 +40,7 @@ from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec, resolve
 from pipeline.schema import DataSourceSchema
-from pipeline.sources.base import SheddingSource, Source
+from pipeline.source import SheddingSource, Source
 
 _logger = logging.getLogger(__name__)
 

@@ -1,41 +1,21 @@
-"""The contract between a run and its source."""
+"""The contract between a run and its source: the engine defines it, ``pipeline/sources``
+implements it (the ring-buffer tracer and the gadget folders' ``hooks.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from pipeline.batch import Batch
+from pipeline.severity import Severity
+
+__all__ = ["Emit", "Log", "SheddingSource", "Source", "SourceError"]
 
 Emit = Callable[[Batch], Awaitable[None]]
 """Hands a batch downstream; awaiting it is the back-pressure."""
 
-Log = Callable[[int, str], None]
-"""Reports a message with a logrus severity (2 error, 3 warn, 4 info, 5 debug)."""
-
-
-T = TypeVar("T")
-
-
-async def load_in_thread(load: Callable[[], T], free: Callable[[T], None]) -> T:
-    """``load()`` (a BPF compile and attach) in a worker thread.
-
-    A thread cannot be cancelled: if the caller is (a client that went away during the
-    compile), the thread still loads and attaches, and what it returns would be lost with its
-    programs attached for good. So the load goes on shielded, and ``free`` gets its result once
-    it is done.
-    """
-    loading = asyncio.ensure_future(asyncio.to_thread(load))
-    try:
-        return await asyncio.shield(loading)
-    except asyncio.CancelledError:
-        def free_when_loaded(f: asyncio.Future[T]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                free(f.result())
-
-        loading.add_done_callback(free_when_loaded)
-        raise
+Log = Callable[[Severity, str], None]
+"""Reports a message with its severity."""
 
 
 class SourceError(RuntimeError):

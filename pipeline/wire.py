@@ -12,6 +12,20 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.batch import Batch
+from pipeline.params import ParamSpec
+
+GRPC_PREFIX = "operator.grpc."
+BATCH_MAX = GRPC_PREFIX + "batch-max"
+BATCH_LINGER = GRPC_PREFIX + "batch-linger"
+GRPC_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("batch-max", GRPC_PREFIX, "Records per packet. 0: one GadgetEvent per record "
+              "(what upstream clients expect); N: GadgetDataArray packets of up to N records",
+              "0", "uint32", tags=("group:Data Collection",)),
+    ParamSpec("batch-linger", GRPC_PREFIX, "How long a batched packet may wait to fill up",
+              "20ms", "duration", tags=("group:Data Collection",)),
+)
+"""How a run's records are packed into gadget service messages: the params of every run a
+gRPC client receives (the config loader validates them with the rest)."""
 
 EVENT_TYPE_PAYLOAD = 0
 EVENT_TYPE_INFO = 4

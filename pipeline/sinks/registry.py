@@ -30,6 +30,7 @@ from pipeline.ledger import Ledger
 from pipeline.params import ParamSpec
 from pipeline.run import RunError
 from pipeline.sinks.base import SINK_MARK, SinkContext, SinkError, SinkRunner, SinkType
+from pipeline.stages import sink_stage
 
 __all__ = ["AttachedSinks", "SinkManager", "discover_sink_types"]
 
@@ -222,7 +223,7 @@ class SinkManager:
                 except SinkError as e:
                     raise RunError(f"sink {name}: {e}") from e
                 capacity, overflow = t.edge_settings(values)
-                edge = run.subscribe(f"sink:{name}", capacity, overflow)
+                edge = run.subscribe(sink_stage(name), capacity, overflow)
                 runner = SinkRunner(sink, edge, self._ledger, run.instance,
                                     t.retry_policy(values), _max_batch(t, values),
                                     _linger(t, values))

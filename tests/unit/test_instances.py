@@ -29,9 +29,9 @@ from api.instance_manager import (
 from api.legacy_run import JsonEncoder, legacy_params, select_nodes
 from api.store import InstanceStore
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog
 from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
+from pipeline.sources.catalog import Catalog
 from tests.specdecode import split_frames
 
 # -- packets ----------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.instance_manager import InstanceStatus
+from api.metrics_server import MetricsServer, parse_listen
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun
-from pipeline.selfmetrics import MetricsServer, parse_listen
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 
 
 class Instances:
