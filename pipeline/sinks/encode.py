@@ -496,13 +496,17 @@ class OtlpLogEncoder:
         self._int_prefixes = {f.index: _int_prefixes(key) for f, key in self._attrs
                               if not f.is_array and f.base_kind in _INT_KINDS}
 
-    def _numeric_blocks(self, batch: Batch, observed_ns: int) -> list[Block]:
-        n = len(batch)
+    def _head_blocks(self, batch: Batch) -> list[Block]:
+        """Time (field 1), then severity and, for a constant body, the body (fields 2, 3, 5)."""
         blocks: list[Block] = []
         if self._time is not None:
-            t = column(batch, self._time)
-            blocks.append(_fixed64_block(_LR_TIME, t))
-        blocks.append(_fixed_block(n, self._const_head))
+            blocks.append(_fixed64_block(_LR_TIME, column(batch, self._time)))
+        blocks.append(_fixed_block(len(batch), self._const_head))
+        return blocks
+
+    def _numeric_blocks(self, batch: Batch) -> list[Block]:
+        """The fixed-size attributes (ints, doubles, bools), in schema order."""
+        blocks: list[Block] = []
         for f, key in self._attrs:
             if f.is_array:
                 continue
@@ -513,15 +517,15 @@ class OtlpLogEncoder:
                 blocks.append(_double_block(key, column(batch, f)))
             elif kind is Kind.BOOL:
                 blocks.append(_bool_block(key, column(batch, f)))
-        blocks.append(_fixed_block(n, bytes([_LR_OBSERVED]) + observed_ns.to_bytes(8, "little")))
         return blocks
 
+    def _body_column(self, batch: Batch, f: Field) -> list[bytes]:
+        return [_ld(_LR_BODY, _ld(_AV_STRING, v) if isinstance(v, bytes) else any_value(v))
+                for v in self._body_values(batch, f)]
+
     def _other_columns(self, batch: Batch) -> list[list[bytes]]:
+        """The other attributes (strings, arrays, raw bytes), in schema order."""
         cols: list[list[bytes]] = []
-        if self._body_field is not None:
-            cols.append([_ld(_LR_BODY, _ld(_AV_STRING, v) if isinstance(v, bytes)
-                             else any_value(v))
-                         for v in self._body_values(batch, self._body_field)])
         for f, key in self._attrs:
             if f.index in self._strings:
                 cols.append(self._strings[f.index].encode(cstring_bytes(batch, f)))
@@ -547,13 +551,27 @@ class OtlpLogEncoder:
         return p + rec
 
     def encode(self, batch: Batch, observed_ns: int) -> list[bytes]:
-        """Each record as a framed ``LogRecord``; ``observed_ns`` is when the batch was read."""
+        """Each record as a framed ``LogRecord``; ``observed_ns`` is when the batch was read.
+
+        A record's fields come in field-number order, as protobuf serializers write them (so the
+        bytes are the SDK exporter's for the same record, tests/unit/test_otlp_sdk.py): time,
+        severity number and text, body, the attributes (the fixed-size ones first, then the
+        others, each group in schema order), observed time.
+        """
         n = len(batch)
         if n == 0:
             return []
-        numeric = _join_blocks(self._numeric_blocks(batch, observed_ns), n)
+        observed = bytes([_LR_OBSERVED]) + observed_ns.to_bytes(8, "little")
         others = self._other_columns(batch)
+        if self._body_field is None:
+            numeric = self._head_blocks(batch) + self._numeric_blocks(batch)
+            if not others:  # the observed time joins the numeric blocks: one numpy pass
+                numeric.append(_fixed_block(n, observed))
+                return list(map(self._framed, _join_blocks(numeric, n)))
+            columns = [_join_blocks(numeric, n), *others]
+        else:
+            columns = [_join_blocks(self._head_blocks(batch), n),
+                       self._body_column(batch, self._body_field),
+                       _join_blocks(self._numeric_blocks(batch), n), *others]
         framed: Callable[[bytes], bytes] = self._framed
-        if not others:
-            return list(map(framed, numeric))
-        return list(map(framed, map(b"".join, zip(numeric, *others, strict=True))))
+        return list(map(framed, map(b"".join, zip(*columns, repeat(observed)))))

@@ -63,7 +63,8 @@ from pipeline.sinks.encode import (
     otlp_scope,
     time_field,
 )
-from pipeline.sinks.otlp_logs import VERSION, resource_attributes
+from pipeline.sinks.otlp_logs import resource_attributes
+from pipeline.version import VERSION
 
 __all__ = ["CONTENT_TYPES", "KafkaSink", "KafkaSinkType", "topic_name"]
 
