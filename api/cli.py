@@ -12,6 +12,7 @@ from api import cli_apply, cli_instances
 from api.cli_output import Printer, consume
 from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
 from pipeline.params import parse_duration
+from pipeline.version import VERSION
 
 BATCH_DEFAULT = 1024
 
@@ -118,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gadgetpipe", description=__doc__)
+    p.add_argument("--version", action="version", version=f"gadgetpipe {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--otel-logs-endpoint", metavar="HOST:PORT",
+                   help="also send the daemon's own log to this OTLP/gRPC endpoint "
+                        "(http(s)://host:port too)")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run a gadget and print its records")

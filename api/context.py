@@ -11,8 +11,6 @@ from typing import Any
 from pipeline.ledger import Ledger
 from pipeline.sources.catalog import Catalog
 
-SERVER_VERSION = "0.1.0"
-
 
 @dataclass
 class ServiceContext:

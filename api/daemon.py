@@ -17,6 +17,7 @@ from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
 from api.metrics_server import MetricsServer
+from api.otel_logs import DaemonLogExport, OtelLogsSettings
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
 from pipeline.ledger import Ledger
@@ -50,6 +51,8 @@ class DaemonSettings:
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
+    otel_logs: OtelLogsSettings | None = None
+    """Where the daemon's own log goes as OTLP (api.otel_logs); None: nowhere but stderr."""
     extra: dict[str, Any] = field(default_factory=dict)
     config: LoadedConfig | None = None
     """The validated YAML config the settings came from: its instances are created at start
@@ -76,6 +79,11 @@ class Daemon:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        # The log export first and stopped last, so it carries the start and the stop.
+        if self.settings.otel_logs is not None:
+            logs = DaemonLogExport(self.settings.otel_logs, self.ctx.node)
+            logs.start()
+            self.on_stop(logs.stop)
         # Sinks before anything that starts runs; their stop runs after the server's (reverse
         # order), so runs end first and their sinks drain within the deadline.
         self.sinks = SinkManager(self.ledger, self.settings.sinks, node=self.ctx.node)

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from api.daemon import DaemonSettings
+from api.otel_logs import OtelLogsSettings
 from api.server import TLSConfig
 from config.loader import DEFAULT_CONFIG, ConfigError, ConfigLoader, LoadedConfig, Reachability
 
@@ -58,6 +59,8 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         if d.tls is not None:
             s.tls = TLSConfig(Path(d.tls.cert), Path(d.tls.key),
                               Path(d.tls.client_ca) if d.tls.client_ca else None)
+        if d.otel_logs is not None:
+            s.otel_logs = OtelLogsSettings(d.otel_logs.endpoint, d.otel_logs.level)
     s.sinks = {k: dict(v) for k, v in loaded.sink_defaults.items()}
     if args.listen:
         s.listen = tuple(args.listen)
@@ -71,6 +74,13 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         s.socket_group = args.socket_group
     s.tls = layer_tls(s.tls, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                       getattr(args, "tls_client_ca", None))
+    endpoint = getattr(args, "otel_logs_endpoint", None)
+    if endpoint:
+        level = s.otel_logs.level if s.otel_logs is not None else "info"
+        try:
+            s.otel_logs = OtelLogsSettings(endpoint, level)
+        except ValueError as e:
+            raise SystemExit(f"gadgetpipe: --otel-logs-endpoint: {e}") from None
     return s
 
 

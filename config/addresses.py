@@ -1,14 +1,15 @@
 """Addresses in gadgetpipe's settings: where the daemon listens (``unix:///path``,
-``tcp://host:port``), where its peers are (the same, or a bare ``host:port``), and where its
-metrics are served (``HOST:PORT``). The config schema validates with these parsers and the
-daemon uses them, so a value the config accepts is one the daemon can use."""
+``tcp://host:port``), where its peers are (the same, or a bare ``host:port``), where its
+metrics are served (``HOST:PORT``) and where its own log goes (an OTLP/gRPC endpoint). The
+config schema validates with these parsers and the daemon uses them, so a value the config
+accepts is one the daemon can use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-__all__ = ["ListenAddress", "ListenError", "parse_host_port"]
+__all__ = ["ListenAddress", "ListenError", "otlp_grpc_url", "parse_host_port"]
 
 
 class ListenError(ValueError):
@@ -79,3 +80,21 @@ def parse_host_port(text: str) -> tuple[str, int]:
         raise ValueError(f"{text!r} is not HOST:PORT")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
+
+
+def otlp_grpc_url(endpoint: str) -> str:
+    """An OTLP/gRPC endpoint as a URL: ``host:port`` is ``http://host:port`` (plaintext);
+    ``http://`` and ``https://`` (TLS) URLs are taken as they are.
+
+    Raises:
+        ValueError: not one of those forms.
+    """
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    u = urlparse(url)
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    if u.scheme not in ("http", "https") or not u.hostname or port is None:
+        raise ValueError(f"endpoint {endpoint!r} is not host:port or http(s)://host:port")
+    return url

@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from config.addresses import ListenAddress as Address
-from config.addresses import ListenError, parse_host_port
+from config.addresses import ListenError, otlp_grpc_url, parse_host_port
 from pipeline.params import parse_duration
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "DaemonSection",
     "InstanceSection",
     "InstanceSpecManifest",
+    "OtelLogsSection",
     "TLSSection",
     "json_schema",
 ]
@@ -194,6 +195,11 @@ def _check_node_address(address: str) -> str:
     return address
 
 
+def _check_otlp_endpoint(endpoint: str) -> str:
+    otlp_grpc_url(endpoint)
+    return endpoint
+
+
 def _check_node_names(v: dict[str, str]) -> dict[str, str]:
     if "" in v:
         raise ValueError("empty node name")
@@ -245,6 +251,15 @@ class TLSSection(_Model):
     """PEM file with the CA that signs client certificates; set: clients must present one."""
 
 
+class OtelLogsSection(_Model):
+    """The daemon's own log, also sent to an OpenTelemetry Collector (OTLP/gRPC)."""
+
+    endpoint: Annotated[str, AfterValidator(_check_otlp_endpoint)]
+    """``host:port`` or ``http://host:port`` (plaintext), ``https://host:port`` (TLS)."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level sent (records ``serve --log-level`` drops are not sent either)."""
+
+
 class DaemonSection(_Model):
     """How the daemon runs. Read by ``serve --config`` only; CLI flags given to ``serve``
     override it; a change takes effect at the next start (SIGHUP reloads instances only)."""
@@ -271,6 +286,8 @@ class DaemonSection(_Model):
     nodes: Annotated[dict[str, NodeAddress], AfterValidator(_check_node_names)] = Field(
         default_factory=dict)
     """Peer daemons by node name (``node-b: 10.0.0.2:8080``), for multi-node instances."""
+    otel_logs: OtelLogsSection | None = Field(None, alias="otelLogs")
+    """Send the daemon's own log to an OpenTelemetry Collector too; none: stderr only."""
     sinks: dict[str, SinkSettings] = Field(default_factory=dict)
     """Daemon-wide sink defaults by sink type (``kafka``, ``otel-logs``, ``prometheus``,
     ``jsonl``), keys as the sink's params without prefix (``brokers``, ``endpoint``)."""
