@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
+from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
 from api.decode import DataSourceDecoder, flatten
 from pipeline.params import parse_duration
 
@@ -28,6 +30,12 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k] = v
     return out
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_remote(p: argparse.ArgumentParser) -> None:
@@ -57,15 +65,20 @@ class Printer:
         self.out = out
         self._header_for: str | None = None
 
+    def header(self, dec: DataSourceDecoder) -> None:
+        """The column header of ``dec``'s records (columns mode; printed once per switch)."""
+        if self.mode != "json" and self._header_for != dec.name:
+            self.out.write("  ".join(f"{c.upper():<16.16}" for c in dec.fields()) + "\n")
+            self._header_for = dec.name
+            self.out.flush()
+
     def records(self, dec: DataSourceDecoder, records: list[dict[str, Any]]) -> None:
         if self.mode == "json":
             for r in records:
                 self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
         else:
             cols = dec.fields()
-            if self._header_for != dec.name:
-                self.out.write("  ".join(f"{c.upper():<16.16}" for c in cols) + "\n")
-                self._header_for = dec.name
+            self.header(dec)
             for r in records:
                 flat = flatten(r)
                 self.out.write("  ".join(f"{_cell(flat.get(c)):<16.16}" for c in cols) + "\n")
@@ -76,7 +89,10 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v).replace("\u00a0", " ")
 
 
-def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
+def _consume(stream: RunStream, printer: Printer, verbose: bool,
+             ready_file: str | None = None) -> int:
+    """Prints a stream's records; nothing goes to stdout before the gadget traces (the
+    columns header comes at that moment), and ``ready_file`` is written then."""
     def on_signal(*_: Any) -> None:
         stream.stop()
 
@@ -86,6 +102,8 @@ def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
             if ev.log is not None:
                 if verbose or ev.severity <= 3:
                     print(f"[{_SEVERITY[min(ev.severity, 6)]}] {ev.log}", file=sys.stderr)
+                if ev.ready:
+                    _on_ready(stream, printer, ev.log, ready_file)
                 continue
             dec = next(d for d in stream.decoders.values() if d.name == ev.datasource)
             printer.records(dec, ev.records)
@@ -103,6 +121,17 @@ def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
     return 0
 
 
+def _on_ready(stream: RunStream, printer: Printer, message: str, ready_file: str | None
+              ) -> None:
+    if len(stream.decoders) == 1:
+        printer.header(next(iter(stream.decoders.values())))
+    if ready_file:
+        tmp = f"{ready_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(message + "\n")
+        os.replace(tmp, ready_file)  # appears whole: a watcher never reads half of it
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params = _kv(args.param)
     if args.filter:
@@ -118,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
     with _client(args) as c:
         stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
-        return _consume(stream, Printer(args.output), args.verbose)
+        return _consume(stream, Printer(args.output), args.verbose, args.ready_file)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -192,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--compile-queue", type=_positive, metavar="N",
+                   help="runs of clients that may wait for their turn to compile their BPF "
+                   "programs; more are refused (RESOURCE_EXHAUSTED) (default "
+                   f"{DEFAULT_MAX_WAITING})")
+    s.add_argument("--compile-queue-per-client", type=_positive, metavar="N",
+                   help="of those, runs of one client (a process on the unix socket, a host "
+                   f"over TCP) (default {DEFAULT_MAX_WAITING_PER_CLIENT})")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run a gadget and print its records")
@@ -205,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one message per record, as upstream clients receive them")
     r.add_argument("--batch-max", type=int, default=BATCH_DEFAULT)
     r.add_argument("-v", "--verbose", action="store_true")
-    r.add_argument("--detach", action="store_true", help="create a gadget instance instead")
+    r.add_argument("--ready-file", metavar="PATH",
+                   help="write PATH (atomically) when the gadget traces, for scripts that "
+                   "start a workload then")
+    r.add_argument("--detach", action="store_true", help="create a gadget instance instead "
+                   "(waits until it traces, up to the daemon's bound)")
     r.add_argument("--name", help="instance name (with --detach; default: a random one)")
     r.add_argument("--tag", action="append", default=[], help="instance tag (with --detach; "
                    "repeatable or comma-separated)")

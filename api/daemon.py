@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.builtin_manager import BuiltInGadgetManager
+from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT, CompileQueue
 from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
@@ -50,6 +51,10 @@ class DaemonSettings:
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
+    compile_queue: int = DEFAULT_MAX_WAITING
+    """Runs of clients that may wait for their turn to compile (api/compile_queue.py)."""
+    compile_queue_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT
+    """Of those, runs of one client."""
     extra: dict[str, Any] = field(default_factory=dict)
     config: LoadedConfig | None = None
     """The validated YAML config the settings came from: its instances are created at start
@@ -64,7 +69,9 @@ class Daemon:
         self.ledger = Ledger()
         self.catalog = Catalog()
         self.ctx = ServiceContext(self.catalog, self.ledger,
-                                  events_buffer_length=settings.events_buffer_length)
+                                  events_buffer_length=settings.events_buffer_length,
+                                  compile_queue=CompileQueue(settings.compile_queue,
+                                                             settings.compile_queue_per_client))
         if settings.node:
             self.ctx.node = settings.node
         self.server: GrpcServer | None = None
@@ -123,6 +130,8 @@ class Daemon:
                 result = fn()
                 if asyncio.iscoroutine(result):
                     await result
+        self.ctx.folds.close()
+        self.ctx.heap.close()
         self._stopped.set()
 
     async def run_until_signalled(self) -> None:

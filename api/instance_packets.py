@@ -24,14 +24,14 @@ import numpy as np
 from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
-from pipeline.ledger import Ledger
+from pipeline.ledger import REASON_QUEUE_FULL, STAGE_ATTACH, Ledger
 
 __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk", "PacketRing", "node_field",
            "write_replay"]
 
 ATTACH_QUEUE = 1024
 """Live packets one attached client may have waiting before new ones are dropped (spec 3.3)."""
-ATTACH_STAGE = "attach"
+ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
 DROP_REPORT_INTERVAL = 1.0
@@ -181,7 +181,7 @@ class Attacher:
             self._wake.set()
         if n > take:
             self.dropped += n - take
-            self._ledger.dropped(self._label, ATTACH_STAGE, n - take, "queue_full")
+            self._ledger.dropped(self._label, ATTACH_STAGE, n - take, REASON_QUEUE_FULL)
 
     def log(self, severity: int, message: str) -> None:
         """Queues a log event for this client (bounded; the daemon log has them all)."""

@@ -21,7 +21,11 @@ sets on every scraped series itself):
   ``gadgetpipe_sink_errors_total``, ``gadgetpipe_sink_retries_total``,
   ``gadgetpipe_sink_inflight_records``;
 - ``gadgetpipe_grpc_streams_open``, ``gadgetpipe_runs_active``,
-  ``gadgetpipe_instances{status}``, ``gadgetpipe_build_info{version}``;
+  ``gadgetpipe_instances{status}`` (``Starting`` until it traces, ``Running``, ``Error``),
+  ``gadgetpipe_build_info{version}``;
+- ``gadgetpipe_compile_queue_waiting`` (runs waiting for their turn to compile) and
+  ``gadgetpipe_compile_queue_runs_total{outcome}`` (``compiled``, ``abandoned``: the client
+  left before its turn, ``refused``: past the queue's bounds), api/compile_queue.py;
 - ``process_*`` of the daemon.
 """
 
@@ -217,6 +221,21 @@ class SelfMetricsCollector(Collector):
         yield from self._run_families()
         yield from self._sink_families()
         yield from self._instance_families()
+        yield from self._compile_queue_families()
+
+    def _compile_queue_families(self) -> Iterator[Metric]:
+        queue = getattr(self._ctx, "compile_queue", None)
+        if queue is None:
+            return
+        yield GaugeMetricFamily("gadgetpipe_compile_queue_waiting",
+                                "Runs waiting for their turn to compile their BPF programs",
+                                value=float(queue.waiting))
+        runs = CounterMetricFamily("gadgetpipe_compile_queue_runs",
+                                   "Runs that entered the compile queue, by what became of them",
+                                   labels=("outcome",))
+        for outcome, n in sorted(queue.outcomes.items()):
+            runs.add_metric((outcome,), float(n))
+        yield runs
 
 
 class MetricsServer:

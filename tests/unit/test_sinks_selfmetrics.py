@@ -101,8 +101,9 @@ async def test_metrics_endpoint_serves_ledger_queues_sinks_and_gadget_metrics(
         assert get("gadgetpipe_instances", {"status": "Running"}) == 2
         assert get("gadgetpipe_instances", {"status": "Error"}) == 1
         assert get("gadgetpipe_gadget_by_comm_total",
-                   {"gadget": "trace_exec", "gadget_instance": "run-7", "datasource": "exec",
-                    "comm": "sh"}) == 2
+                   {"gadget": "trace_exec", "gadget_instance": "run-7",
+                    "gadget_instance_id": "run-7", "gadget_instance_name": "run-7",
+                    "datasource": "exec", "comm": "sh"}) == 2
         # gzip and OpenMetrics are negotiated as Prometheus asks for them
         _, headers, body = await asyncio.to_thread(
             http_get, url, {"Accept-Encoding": "gzip",
