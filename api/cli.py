@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from api import cli_apply, cli_instances
 from api.cli_output import Printer, consume
 from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
+from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
 from pipeline.params import parse_duration
 from pipeline.version import VERSION
 
@@ -25,6 +26,12 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k] = v
     return out
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_remote(p: argparse.ArgumentParser) -> None:
@@ -59,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
     with _client(args) as c:
         stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
-        return consume(stream, Printer(args.output), args.verbose)
+        return consume(stream, Printer(args.output), args.verbose, args.ready_file)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -137,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--otel-logs-endpoint", metavar="HOST:PORT",
                    help="also send the daemon's own log to this OTLP/gRPC endpoint "
                         "(http(s)://host:port too)")
+    s.add_argument("--compile-queue", type=_positive, metavar="N",
+                   help="runs of clients that may wait for their turn to compile their BPF "
+                   "programs; more are refused (RESOURCE_EXHAUSTED) (default "
+                   f"{DEFAULT_MAX_WAITING})")
+    s.add_argument("--compile-queue-per-client", type=_positive, metavar="N",
+                   help="of those, runs of one client (a process on the unix socket, a host "
+                   f"over TCP) (default {DEFAULT_MAX_WAITING_PER_CLIENT})")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run a gadget and print its records")
@@ -150,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one message per record, as upstream clients receive them")
     r.add_argument("--batch-max", type=int, default=BATCH_DEFAULT)
     r.add_argument("-v", "--verbose", action="store_true")
-    r.add_argument("--detach", action="store_true", help="create a gadget instance instead")
+    r.add_argument("--ready-file", metavar="PATH",
+                   help="write PATH (atomically) when the gadget traces, for scripts that "
+                   "start a workload then")
+    r.add_argument("--detach", action="store_true", help="create a gadget instance instead "
+                   "(waits until it traces, up to the daemon's bound)")
     r.add_argument("--name", help="instance name (with --detach; default: a random one)")
     r.add_argument("--tag", action="append", default=[], help="instance tag (with --detach; "
                    "repeatable or comma-separated)")

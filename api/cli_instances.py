@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from api._gen import gadget_service_pb2 as pb
 from api.cli_output import Printer, consume
 from api.client import GadgetClient, RunStream
-from api.instance_manager import FROM_SEQ_METADATA, SEQ_BASE_METADATA
+from api.instance import FROM_SEQ_METADATA, SEQ_BASE_METADATA
 from pipeline.params import parse_duration
 
 ClientFactory = Callable[[argparse.Namespace], GadgetClient]
@@ -194,6 +194,14 @@ def run_detached(args: argparse.Namespace, params: dict[str, str], client: Clien
             return 1
     gi = resp.gadgetInstance
     print(f'installed as "{gi.id}" (name {gi.name})')
+    # The daemon answers once the instance traces, or says why not (failed, still starting).
+    if gi.state.status == pb.StatusError:
+        print(f"error: the instance failed: {gi.state.message}", file=sys.stderr)
+        return 1
+    if gi.state.status == pb.StatusRunning and not gi.state.message:
+        print("tracing", file=sys.stderr)
+    else:
+        print(f"not tracing yet: {gi.state.message or 'starting'}", file=sys.stderr)
     return 0
 
 

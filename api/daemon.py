@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.builtin_manager import BuiltInGadgetManager
+from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT, CompileQueue
 from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
@@ -53,6 +54,10 @@ class DaemonSettings:
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
     otel_logs: OtelLogsSettings | None = None
     """Where the daemon's own log goes as OTLP (api.otel_logs); None: nowhere but stderr."""
+    compile_queue: int = DEFAULT_MAX_WAITING
+    """Runs of clients that may wait for their turn to compile (api/compile_queue.py)."""
+    compile_queue_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT
+    """Of those, runs of one client."""
     extra: dict[str, Any] = field(default_factory=dict)
     config: LoadedConfig | None = None
     """The validated YAML config the settings came from: its instances are created at start
@@ -67,7 +72,9 @@ class Daemon:
         self.ledger = Ledger()
         self.catalog = Catalog()
         self.ctx = ServiceContext(self.catalog, self.ledger,
-                                  events_buffer_length=settings.events_buffer_length)
+                                  events_buffer_length=settings.events_buffer_length,
+                                  compile_queue=CompileQueue(settings.compile_queue,
+                                                             settings.compile_queue_per_client))
         if settings.node:
             self.ctx.node = settings.node
         self.server: GrpcServer | None = None
@@ -131,6 +138,8 @@ class Daemon:
                 result = fn()
                 if asyncio.iscoroutine(result):
                     await result
+        self.ctx.folds.close()
+        self.ctx.heap.close()
         self._stopped.set()
 
     async def run_until_signalled(self) -> None:

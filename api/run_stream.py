@@ -149,7 +149,9 @@ class StreamSink:
 
 
 class LogForwarder:
-    """Sends log events at or below the client's level, without ever blocking the run."""
+    """Sends log events at or below the client's level, without ever blocking the run: at
+    most :data:`LOG_QUEUE` wait to be written; more are dropped (counted in ``dropped``; the
+    daemon's own log has them all). Every stream consumer forwards its run's logs with one."""
 
     def __init__(self, writer: FramedWriter, lock: asyncio.Lock, level: int) -> None:
         self._writer = writer
@@ -172,6 +174,11 @@ class LogForwarder:
         with contextlib.suppress(Exception):
             async with self._lock:
                 await self._writer.write(wire.log_event(severity, message))
+
+    async def flush(self, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds for the log events on their way out."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
 
     async def close(self) -> None:
         for t in list(self._pending):

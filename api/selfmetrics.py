@@ -18,7 +18,11 @@ sets on every scraped series itself):
   ``gadgetpipe_sink_errors_total``, ``gadgetpipe_sink_retries_total``,
   ``gadgetpipe_sink_inflight_records``;
 - ``gadgetpipe_grpc_streams_open``, ``gadgetpipe_runs_active``,
-  ``gadgetpipe_instances{status}``, ``gadgetpipe_build_info{version}``;
+  ``gadgetpipe_instances{status}`` (``Starting`` until it traces, ``Running``, ``Error``),
+  ``gadgetpipe_build_info{version}``;
+- ``gadgetpipe_compile_queue_waiting`` (runs waiting for their turn to compile) and
+  ``gadgetpipe_compile_queue_runs_total{outcome}`` (``compiled``, ``abandoned``: the client
+  left before its turn, ``refused``: past the queue's bounds), api/compile_queue.py;
 - ``process_*`` of the daemon.
 """
 
@@ -33,9 +37,16 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
+from pipeline.ledger import (
+    DELIVERED,
+    DROPPED,
+    GRPC_STAGE_PREFIX,
+    PRODUCED,
+    REASON_RINGBUF_FULL,
+    STAGE_KERNEL,
+    Ledger,
+)
 from pipeline.sinks.base import OUTCOME_RETRIED, SinkRunner, SinkState
-from pipeline.stages import GRPC_STAGE_PREFIX, Reason, Stage
 from pipeline.version import VERSION
 
 __all__ = ["SelfMetricsCollector"]
@@ -105,7 +116,7 @@ class SelfMetricsCollector(Collector):
                 dropped.add_metric((key.instance, key.stage, key.reason), v)
                 # Only ring losses: shed records (reason "shed") are dropped on purpose, and a
                 # second sample with the same labels would make the exposition invalid.
-                if key.stage == Stage.KERNEL and key.reason == Reason.RINGBUF_FULL:
+                if key.stage == STAGE_KERNEL and key.reason == REASON_RINGBUF_FULL:
                     kernel.add_metric((key.instance,), v)
             elif key.outcome == OUTCOME_RETRIED:
                 retried.add_metric((key.instance, key.stage), v)
@@ -197,3 +208,18 @@ class SelfMetricsCollector(Collector):
         yield from self._run_families()
         yield from self._sink_families()
         yield from self._instance_families()
+        yield from self._compile_queue_families()
+
+    def _compile_queue_families(self) -> Iterator[Metric]:
+        queue = getattr(self._ctx, "compile_queue", None)
+        if queue is None:
+            return
+        yield GaugeMetricFamily("gadgetpipe_compile_queue_waiting",
+                                "Runs waiting for their turn to compile their BPF programs",
+                                value=float(queue.waiting))
+        runs = CounterMetricFamily("gadgetpipe_compile_queue_runs",
+                                   "Runs that entered the compile queue, by what became of them",
+                                   labels=("outcome",))
+        for outcome, n in sorted(queue.outcomes.items()):
+            runs.add_metric((outcome,), float(n))
+        yield runs

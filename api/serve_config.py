@@ -72,6 +72,10 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
     s.insecure = s.insecure or args.insecure
     if args.socket_group:
         s.socket_group = args.socket_group
+    if getattr(args, "compile_queue", None):
+        s.compile_queue = args.compile_queue
+    if getattr(args, "compile_queue_per_client", None):
+        s.compile_queue_per_client = args.compile_queue_per_client
     s.tls = layer_tls(s.tls, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                       getattr(args, "tls_client_ca", None))
     endpoint = getattr(args, "otel_logs_endpoint", None)

@@ -63,7 +63,7 @@ DEFAULT_STATE_DIR = "/var/lib/gadgetpipe"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:2224"
 DEFAULT_EVENTS_BUFFER = 16384
 MAX_EVENT_BUFFER = 65536
-"""The instance manager's limit for ``eventBufferLength`` (api.instance_manager)."""
+"""The instance manager's limit for ``eventBufferLength`` (api.instance)."""
 NAME_PATTERN = r"^[a-z0-9-_]{1,32}$"
 ID_PATTERN = r"^[a-f0-9]{32}$"
 EXTENSION_PREFIX = "x-"

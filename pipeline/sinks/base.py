@@ -26,11 +26,17 @@ import numpy as np
 
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed, Overflow
-from pipeline.ledger import Ledger
+from pipeline.ledger import (
+    REASON_QUEUE_FULL,
+    REASON_REJECTED,
+    REASON_SEND_FAILED,
+    REASON_SHUTDOWN,
+    REASON_SINK_ERROR,
+    Ledger,
+)
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema
 from pipeline.sink import Sink, SinkError
-from pipeline.stages import Reason
 
 __all__ = [
     "OUTCOME_RETRIED",
@@ -53,11 +59,11 @@ _logger = logging.getLogger(__name__)
 OUTCOME_RETRIED = "retried"
 """Ledger outcome for records whose send failed once and was tried again (not a final fate)."""
 
-DROP_QUEUE_FULL = Reason.QUEUE_FULL
-DROP_SEND_FAILED = Reason.SEND_FAILED
-DROP_REJECTED = Reason.REJECTED
-DROP_SINK_ERROR = Reason.SINK_ERROR
-DROP_SHUTDOWN = Reason.SHUTDOWN
+DROP_QUEUE_FULL = REASON_QUEUE_FULL
+DROP_SEND_FAILED = REASON_SEND_FAILED
+DROP_REJECTED = REASON_REJECTED
+DROP_SINK_ERROR = REASON_SINK_ERROR
+DROP_SHUTDOWN = REASON_SHUTDOWN
 
 SINK_MARK = "__gadgetpipe_sink__"
 """Class attribute :func:`register_sink` sets; the registry collects classes carrying it."""

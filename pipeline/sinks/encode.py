@@ -14,7 +14,7 @@ time from the data source's timestamp field, and a body that is either a constan
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from json.encoder import encode_basestring_ascii
@@ -44,6 +44,8 @@ ANNOTATION_LOGS_NAME = "logs.name"
 """Field annotation: the attribute key of this field in OTLP logs (upstream's name)."""
 ANNOTATION_LOGS_BODY = "logs.body"
 """Data source annotation: the field whose value is the log body."""
+ANNOTATION_JSON_SKIP = "json.skip"
+"""Field annotation: ``true`` leaves the field out of JSON."""
 TIMESTAMP_FIELD = "timestamp_raw"
 TIMESTAMP_TAG = "type:gadget_timestamp"
 
@@ -179,8 +181,13 @@ class _Template:
     fields: tuple[Field, ...]
 
 
-def _json_template(schema: DataSourceSchema) -> _Template:
-    leaves = {f.index for f in leaf_fields(schema)}
+def json_skipped(f: Field) -> bool:
+    """Whether a field is left out of JSON (annotation ``json.skip``, as upstream)."""
+    return str(f.annotations.get(ANNOTATION_JSON_SKIP, "")).lower() == "true"
+
+
+def _json_template(schema: DataSourceSchema, constants: Mapping[str, str]) -> _Template:
+    leaves = {f.index for f in leaf_fields(schema) if not json_skipped(f)}
     children: dict[int | None, list[Field]] = {}
     for f in schema.fields:
         children.setdefault(f.parent, []).append(f)
@@ -191,7 +198,7 @@ def _json_template(schema: DataSourceSchema) -> _Template:
     pieces: list[str | None] = []
     fields: list[Field] = []
 
-    def emit(parent: int | None) -> None:
+    def emit(parent: int | None) -> bool:
         first = True
         for f in children.get(parent, ()):
             if not has_leaf(f):
@@ -205,9 +212,14 @@ def _json_template(schema: DataSourceSchema) -> _Template:
                 pieces.append("{")
                 emit(f.index)
                 pieces.append("}")
+        return not first
 
     pieces.append("{")
-    emit(None)
+    some = emit(None)
+    for key, value in constants.items():
+        pieces.append(("," if some else "") + encode_basestring_ascii(key) + ":"
+                      + encode_basestring_ascii(value))
+        some = True
     pieces.append("}")
     merged: list[str | None] = []
     for p in pieces:
@@ -219,16 +231,22 @@ def _json_template(schema: DataSourceSchema) -> _Template:
 
 
 class JsonEncoder:
-    """One JSON object per record of a data source, as UTF-8 bytes.
+    """One JSON object per record of a data source, as UTF-8 bytes; fields annotated
+    ``json.skip`` are left out.
 
     Example (trace_exec)::
 
         {"timestamp_raw":1732540000123456789,"proc":{"comm":"true","pid":4242,...},...}
+
+    Args:
+        schema: the data source.
+        constants: members added to every object, after the fields (``{"node": "n1"}``).
     """
 
-    def __init__(self, schema: DataSourceSchema) -> None:
+    def __init__(self, schema: DataSourceSchema, constants: Mapping[str, str] | None = None
+                 ) -> None:
         self.schema = schema
-        self._template = _json_template(schema)
+        self._template = _json_template(schema, constants or {})
 
     def encode(self, batch: Batch) -> list[bytes]:
         n = len(batch)
@@ -240,6 +258,10 @@ class JsonEncoder:
             cols.append(repeat(p, n) if p is not None else _json_column(batch, next(fields)))
         # Non-ASCII is escaped (encode_basestring_ascii), so str.encode is a plain copy.
         return [s.encode() for s in map("".join, zip(*cols, strict=False))]
+
+    def encode_array(self, batch: Batch) -> bytes:
+        """The batch as one JSON array of its objects."""
+        return b"[" + b",".join(self.encode(batch)) + b"]"
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,11 +26,10 @@ from typing import Any, Protocol
 from prometheus_client.registry import Collector
 
 import pipeline.sinks as sinks_pkg
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, sink_stage
 from pipeline.params import ParamSpec
-from pipeline.run import RunError
+from pipeline.run import RunError, RunIdentity
 from pipeline.sinks.base import SINK_MARK, SinkContext, SinkError, SinkRunner, SinkType
-from pipeline.stages import sink_stage
 
 __all__ = ["AttachedSinks", "SinkManager", "discover_sink_types"]
 
@@ -46,6 +45,9 @@ class _Run(Protocol):
 
     @property
     def instance(self) -> str: ...
+
+    @property
+    def identity(self) -> RunIdentity: ...
 
     @property
     def values(self) -> Mapping[str, Any]: ...
@@ -203,11 +205,12 @@ class SinkManager:
                 attached then).
         """
         values = run.values
+        who = run.identity
         ctx = SinkContext(
-            gadget=str(getattr(getattr(run, "spec", None), "name", "") or ""),
-            instance=run.instance,
-            instance_name=str(getattr(run, "instance_name", "") or run.instance),
-            instance_id=str(getattr(run, "instance_id", "") or run.instance),
+            gadget=who.gadget,
+            instance=who.label,
+            instance_name=who.instance_name,
+            instance_id=who.instance_id,
             node=self.node,
             schemas=tuple(run.schemas),
             ledger=self._ledger,

@@ -16,21 +16,15 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_pb2 as pb
 from api.cli_instances import ResolveError, resolve
 from api.context import ServiceContext
-from api.instance_manager import (
-    NAME_RE,
-    InstanceManager,
-    PacketRing,
-    PeerPool,
-    _Attacher,
-    _Chunk,
-    node_field,
-    random_name,
-)
-from api.legacy_run import JsonEncoder, legacy_params, select_nodes
+from api.instance_manager import NAME_RE, InstanceManager, random_name
+from api.instance_packets import Attacher, Chunk, PacketRing, node_field
+from api.legacy_run import legacy_json_encoder, legacy_params, select_nodes
+from api.peers import PeerPool
 from api.store import InstanceStore
 from pipeline.batch import Batch
 from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
+from pipeline.sinks.encode import JsonEncoder as SinkJsonEncoder
 from pipeline.sources.catalog import Catalog
 from tests.specdecode import split_frames
 
@@ -52,11 +46,11 @@ def demo_batch(pids: list[int]) -> Batch:
     return Batch(demo_schema(), rows)
 
 
-def chunk(pids: list[int]) -> _Chunk:
-    return _Chunk(0, 0, batch=demo_batch(pids))
+def chunk(pids: list[int]) -> Chunk:
+    return Chunk(0, 0, batch=demo_batch(pids))
 
 
-def pids_of(chunks: list[_Chunk]) -> list[int]:
+def pids_of(chunks: list[Chunk]) -> list[int]:
     out: list[int] = []
     for c in chunks:
         assert c.batch is not None
@@ -96,7 +90,7 @@ def test_chunk_frames_decode_with_the_spec_decoder_and_carry_stream_seqs() -> No
     assert [e.seq for e in events] == [1, 2, 3]
     assert [pb.GadgetData.FromString(e.payload).data.payload[0][:4] for e in events] == \
         [(p).to_bytes(4, "little") for p in (10, 11, 12)]
-    p = _Chunk(7, 2, payloads=[node_field("n1") + b"\x1a\x00"])
+    p = Chunk(7, 2, payloads=[node_field("n1") + b"\x1a\x00"])
     [ev] = [pb.GadgetEvent.FromString(f) for f in split_frames(p.frame(base=0))]
     assert (ev.seq, ev.dataSourceID) == (7, 2)
     assert pb.GadgetData.FromString(ev.payload).node == "n1"
@@ -104,7 +98,7 @@ def test_chunk_frames_decode_with_the_spec_decoder_and_carry_stream_seqs() -> No
 
 def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
     ledger = Ledger()
-    a = _Attacher("attach-1", 4, ledger, "instance:x")
+    a = Attacher("attach-1", 4, ledger, "instance:x")
     for pids in ([1, 2, 3], [4, 5, 6], [7]):
         c = chunk(pids)
         c.seq = pids[0]
@@ -206,7 +200,7 @@ async def test_create_fills_id_name_time_and_persists_then_duplicates_are_refuse
     # The start fails after the reply: the state says why (spec 6.1).
     inst = manager.resolve(gi.id)
     assert inst is not None
-    await asyncio.wait_for(inst.ready.wait(), 30)
+    await asyncio.wait_for(inst.started.wait(), 30)
     [listed] = manager.list()
     assert listed.state.status == pb.StatusError
     assert listed.state.message
@@ -303,14 +297,28 @@ def test_json_encoder_nests_by_parent_and_adds_the_node() -> None:
         rec[i, pid.offs: pid.offs + 4] = np.frombuffer(p.to_bytes(4, "little"), dtype=np.uint8)
         a = "x\u00a0y".encode()
         rec[i, args.offs: args.offs + len(a)] = np.frombuffer(a, dtype=np.uint8)
-    enc = JsonEncoder(ds, "node-1")
-    objs = [orjson.loads(b) for b in enc.objects(Batch(ds, rec))]
+    enc = legacy_json_encoder(ds, "node-1")
+    objs = [orjson.loads(b) for b in enc.encode(Batch(ds, rec))]
     assert [o["proc"]["comm"] for o in objs] == ["bash", "sh"]
     assert [o["proc"]["pid"] for o in objs] == [7, 8]
     assert objs[0]["proc"]["creds"] == {"uid": 0, "gid": 0}
     assert objs[0]["args"] == "x\u00a0y"
     assert {o["node"] for o in objs} == {"node-1"}
-    assert json.loads(enc.array(Batch(ds, rec)))[1]["proc"]["pid"] == 8
+    assert json.loads(enc.encode_array(Batch(ds, rec)))[1]["proc"]["pid"] == 8
+
+
+def test_legacy_json_is_the_sinks_json_and_leaves_out_json_skip_fields() -> None:
+    ds = Catalog().resolve("trace_dns").datasources[0]
+    skipped = {f.name for f in ds.fields if f.annotations.get("json.skip") == "true"}
+    assert skipped == {"dns_off", "data_len"}
+    batch = Batch(ds, np.zeros((1, ds.record_size), dtype=np.uint8))
+    [legacy] = legacy_json_encoder(ds, "n1").encode(batch)
+    [sink] = SinkJsonEncoder(ds).encode(batch)
+    obj = orjson.loads(legacy)
+    assert obj.pop("node") == "n1"
+    assert obj == orjson.loads(sink)
+    assert not skipped & set(obj)
+    assert "latency_ns" in obj
 
 
 # -- CLI ----------------------------------------------------------------------------------------
