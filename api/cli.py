@@ -12,6 +12,7 @@ from api import cli_apply, cli_instances
 from api.cli_output import Printer, consume
 from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
 from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
+from pipeline.operators import fields as fields_op
 from pipeline.params import parse_duration
 from pipeline.version import VERSION
 
@@ -58,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.filter:
         params["operator.filter.filter"] = args.filter
     if args.fields:
-        params["operator.fields.fields"] = args.fields
+        params[fields_op.PARAM] = args.fields
     if args.detach:
         return cli_instances.run_detached(args, params, _client)
     if not args.per_record:

@@ -27,6 +27,8 @@ from pipeline import wire
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
 from pipeline.ledger import GRPC_STAGE_PREFIX, grpc_stage
+from pipeline.operators import fields as fields_op
+from pipeline.operators import filter as filter_op
 from pipeline.run import GadgetRun
 from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
@@ -52,7 +54,7 @@ def resolve_gadget(ctx: ServiceContext, image: str) -> GadgetSpec:
 
 def graph_mermaid(run: GadgetRun) -> str:
     lines = ["flowchart LR", f"  src[{run.spec.name}: BPF ring buffers]"]
-    ops = [k.split(".")[1] for k in ("operator.filter.filter", "operator.fields.fields")
+    ops = [k.split(".")[1] for k in (filter_op.PARAM, fields_op.PARAM)
            if run.values.get(k)]
     prev = "src"
     for op in ops:

@@ -48,7 +48,7 @@ from pipeline.sinks.base import (
     DROP_SINK_ERROR,
     OUTCOME_RETRIED,
 )
-from pipeline.sources.base import SourceError
+from pipeline.source import SourceError
 from pipeline.wire import GRPC_PARAMS, GRPC_PREFIX
 
 __all__ = ["DIRECT_RUNS", "REMOVED_INSTANCES", "RunSession", "client_key", "new_run"]

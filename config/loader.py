@@ -60,8 +60,11 @@ from config.schema import (
 )
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.ledger import Ledger
+from pipeline.operators import fields as fields_op
+from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec
 from pipeline.run import GadgetRun, RunError
+from pipeline.sinks.base import KEY_ENABLE, list_separator, setting_of
 from pipeline.sources.catalog import Catalog
 from pipeline.wire import GRPC_PARAMS, GRPC_PREFIX
 
@@ -97,10 +100,9 @@ _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
 
-_FILTER_KEY = "operator.filter.filter"
-_FIELDS_KEY = "operator.fields.fields"
+_FILTER_KEY = filter_op.PARAM
+_FIELDS_KEY = fields_op.PARAM
 _PROMETHEUS = "prometheus"
-_SEMICOLON_LISTS = frozenset({("prometheus", "counters"), ("prometheus", "histograms")})
 
 
 # ------------------------------------------------------------------------------------------
@@ -595,7 +597,7 @@ class _State:
     decls: list[_Decl] = field(default_factory=list)
     daemon: DaemonSection | None = None
     daemon_doc: _Doc | None = None
-    sink_types: dict[str, list[str]] | None = None
+    sink_types: dict[str, dict[str, ParamSpec]] | None = None
 
     def report(self, doc: _Doc, path: Path_, message: str, key: bool = False) -> None:
         line, col = doc.where(path, key)
@@ -817,17 +819,17 @@ class ConfigLoader:
                 state.report(doc, spath, f"unknown sink {sink!r}{_suggest(sink, sink_types)} "
                              f"(sinks: {', '.join(sorted(sink_types))})", key=True)
                 continue
-            prefix = f"operator.{sink}."
-            if "enable" not in settings:
-                put(prefix + "enable", "true", spath)
+            enable = keys[KEY_ENABLE]
+            if not any(_setting(keys, k) is enable for k in settings):
+                put(enable.full_key, "true", spath)
             for k, v in settings.items():
-                if k not in keys:
+                spec = _setting(keys, k)
+                if spec is None:
                     state.report(doc, (*spath, k), f"unknown {sink} setting {k!r}"
                                  f"{_suggest(k, keys)} (known: {', '.join(sorted(keys))})",
                                  key=True)
                     continue
-                sep = ";" if (sink, k) in _SEMICOLON_LISTS else ","
-                put(prefix + k, doc.text((*spath, k), v, sep), (*spath, k))
+                put(spec.full_key, doc.text((*spath, k), v, list_separator(spec)), (*spath, k))
         return _Decl(doc, base, inst.name, inst.gadget, (*base, "gadget"), inst.id,
                      list(inst.tags), list(inst.nodes), inst.timeout, inst.event_buffer_length,
                      params, origin, upstream=False)
@@ -862,12 +864,12 @@ class ConfigLoader:
             if d.timeout_s * 1e9 > MAX_TIMEOUT_NS:
                 state.report(d.doc, (*d.base, "timeout"), "timeout is too large")
 
-    def _sink_types(self, state: _State) -> dict[str, list[str]]:
-        """Sink type -> its param keys (without prefix)."""
+    def _sink_types(self, state: _State) -> dict[str, dict[str, ParamSpec]]:
+        """Sink type -> its params by setting name."""
         if state.sink_types is None:
             sinks = self._sink_catalog(state, {})
             state.sink_types = {} if sinks is None else {
-                name: [p.key for p in t.params()] for name, t in sinks.types.items()}
+                name: dict(t.settings()) for name, t in sinks.types.items()}
         return state.sink_types
 
     def _sink_catalog(self, state: _State,
@@ -901,23 +903,22 @@ class ConfigLoader:
                 state.report(doc, base, f"unknown sink {sink!r}{_suggest(sink, types.types)} "
                              f"(sinks: {', '.join(sorted(types.types))})", key=True)
                 continue
-            specs = {p.key: p for p in t.params()}
+            specs = dict(t.settings())
             texts: dict[str, str] = {}
             for k, v in settings.items():
-                spec = specs.get(k)
+                spec = _setting(specs, k)
                 if spec is None:
                     state.report(doc, (*base, k), f"unknown {sink} setting {k!r}"
                                  f"{_suggest(k, specs)} (known: {', '.join(sorted(specs))})",
                                  key=True)
                     continue
-                sep = ";" if (sink, k) in _SEMICOLON_LISTS else ","
-                text = doc.text((*base, k), v, sep)
+                text = doc.text((*base, k), v, list_separator(spec))
                 try:
                     spec.parse(text)
                 except ParamError as e:
                     state.report(doc, (*base, k), e.reason)
                     continue
-                texts[k] = text
+                texts[setting_of(spec)] = text
             out[sink] = texts
         return out
 
@@ -1059,6 +1060,7 @@ class ConfigLoader:
         if key in d.origin:
             return d.doc, d.origin[key]
         sink, _, k = key.removeprefix("operator.").partition(".")
+        k = k.removeprefix(f"{sink}-")
         if state.daemon_doc is not None and k in defaults.get(sink, {}):
             return state.daemon_doc, ("daemon", "sinks", sink, k)
         return None
@@ -1095,6 +1097,14 @@ class ConfigLoader:
 
 # ------------------------------------------------------------------------------------------
 # helpers
+
+
+def _setting(settings: Mapping[str, ParamSpec], name: str) -> ParamSpec | None:
+    """A sink's param named by its setting (``topic``) or its key (``kafka-topic``)."""
+    spec = settings.get(name)
+    if spec is None:
+        spec = next((p for p in settings.values() if p.key == name), None)
+    return spec
 
 
 def _expand(p: Path) -> Iterator[tuple[Path, str]]:
@@ -1154,7 +1164,7 @@ def _sink_problem(sink: str, values: Mapping[str, Any], run: GadgetRun) -> tuple
     """The first problem of an enabled sink's settings that only show when it is built, as
     (param key, reason); None if fine. Mirrors the sink types' ``build`` checks, which cannot
     be called here: building a sink opens files and registers metrics."""
-    p = f"operator.{sink}."
+    p = f"operator.{sink}.{sink}-"
     if sink == "kafka":
         from pipeline.sinks.kafka import check_template
 
@@ -1203,16 +1213,16 @@ def _sink_problem(sink: str, values: Mapping[str, Any], run: GadgetRun) -> tuple
 
 def _endpoint_keys(sink: str, values: Mapping[str, Any]) -> list[str]:
     if sink == "kafka":
-        return ["operator.kafka.brokers"]
+        return ["operator.kafka.kafka-brokers"]
     if sink == "otel-logs":
-        return ["operator.otel-logs.endpoint"]
+        return ["operator.otel-logs.otel-logs-endpoint"]
     return []
 
 
 def _endpoint_text(sink: str, key: str, values: Mapping[str, Any]) -> str:
     text = str(values.get(key) or "")
     if sink == "otel-logs":
-        return f"{values.get('operator.otel-logs.protocol') or 'grpc'} {text}"
+        return f"{values.get('operator.otel-logs.otel-logs-protocol') or 'grpc'} {text}"
     return text
 
 

@@ -14,8 +14,9 @@ Contracts:
   (``insecure: "yes"`` is an error, not ``True``). The loader resolves YAML scalars with the
   YAML 1.2 core schema (``yes``/``on`` stay strings, ``0755`` is decimal) before validating.
 * Keys are camelCase (as in the gadget service's protobuf and upstream manifests), except the
-  keys of ``sinks:``/``metrics:`` sections, which are the sinks' parameter keys verbatim
-  (``max-series``), because they become ``operator.<sink>.<key>`` parameters.
+  keys of ``sinks:``/``metrics:`` sections and ``daemon.sinks``, which are the sinks' setting
+  names (``max-series``; the param key ``prometheus-max-series`` is accepted too): a setting
+  ``s`` of sink ``t`` becomes the parameter ``operator.t.t-s``.
 * What cannot be checked without the catalog and the sinks (gadget names, parameter keys and
   values, filter expressions, sink settings) is checked by :mod:`config.loader`.
 
@@ -290,7 +291,7 @@ class DaemonSection(_Model):
     """Send the daemon's own log to an OpenTelemetry Collector too; none: stderr only."""
     sinks: dict[str, SinkSettings] = Field(default_factory=dict)
     """Daemon-wide sink defaults by sink type (``kafka``, ``otel-logs``, ``prometheus``,
-    ``jsonl``), keys as the sink's params without prefix (``brokers``, ``endpoint``)."""
+    ``jsonl``), keys as the sink's setting names (``brokers``, ``endpoint``)."""
 
 
 class InstanceSection(_Model):
@@ -317,10 +318,11 @@ class InstanceSection(_Model):
     """Record filter (``operator.filter.filter``), e.g. ``proc.comm==bash``."""
     fields: Annotated[str | None, BeforeValidator(
         _join_list(","), json_schema_input_type=str | list[str] | None)] = None
-    """Fields to emit (``operator.fields.fields``): ``a,b`` or a list."""
+    """Fields to emit (``operator.fields.fields-select``): ``a,b`` or a list."""
     sinks: dict[str, SinkSettings | None] = Field(default_factory=dict)
     """Sinks to enable, by sink type, with their settings (``kafka: {topic: t}`` ->
-    ``operator.kafka.enable=true``, ``operator.kafka.topic=t``); lists are joined with ``,``."""
+    ``operator.kafka.kafka-enable=true``, ``operator.kafka.kafka-topic=t``); lists are joined
+    with ``,``."""
     metrics: SinkSettings | None = None
     """Prometheus metrics of this instance (the ``prometheus`` sink); ``counters`` and
     ``histograms`` may be lists (joined with ``;``)."""

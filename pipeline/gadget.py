@@ -132,7 +132,7 @@ def _param_specs(raw: Mapping[str, Any], folder: str) -> list[ParamSpec]:
         for key, p in (params or {}).items():
             p = p or {}
             known = {"description", "default", "typeHint", "alias", "title", "possibleValues",
-                     "mandatory", "tags", "alternativeKey", "cflag"}
+                     "mandatory", "tags", "alternativeKey", "cflag", "oldKeys"}
             unknown = set(p) - known
             if unknown:
                 raise GadgetError(f"{folder}/gadget.yaml: param {key!r} has unknown keys "
@@ -146,6 +146,8 @@ def _param_specs(raw: Mapping[str, Any], folder: str) -> list[ParamSpec]:
                 mandatory=bool(p.get("mandatory", False)), tags=tuple(p.get("tags", ())),
                 alternative_key=p.get("alternativeKey", ""),
                 extra={"cflag": p["cflag"]} if "cflag" in p else {},
+                # Keys the param had before (same prefix), still accepted; never announced.
+                old_keys=tuple(prefix + str(k) for k in p.get("oldKeys", ())),
             ))
     return out
 

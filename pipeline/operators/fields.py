@@ -10,7 +10,12 @@ from pipeline.batch import Batch
 from pipeline.operators import OperatorError
 from pipeline.schema import DataSourceSchema, Field
 
-PARAM = "operator.fields.fields"
+PREFIX = "operator.fields."
+PARAM = PREFIX + "fields-select"
+"""Not ``fields``: upstream clients run their own ``cli`` operator, whose ``fields`` param
+becomes the ``--fields`` flag; a second ``fields`` key makes them panic."""
+OLD_PARAM = PREFIX + "fields"
+"""The key before: still accepted as the same param."""
 
 
 def parse(spec: str) -> dict[str | None, list[str]]:

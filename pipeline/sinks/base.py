@@ -362,7 +362,26 @@ class SinkType(Protocol):
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None: ...
 
+    def settings(self) -> dict[str, ParamSpec]: ...
+
+    def key(self, setting: str) -> str: ...
+
     async def close(self) -> None: ...
+
+
+SETTING = "setting"
+"""``ParamSpec.extra`` key: the setting name of a sink param (``topic``)."""
+LIST_SEPARATOR = "list_separator"
+"""``ParamSpec.extra`` key: how a YAML list given for a sink setting is joined."""
+
+
+def setting_of(param: ParamSpec) -> str:
+    """The setting name of a sink param (``topic`` for ``operator.kafka.kafka-topic``)."""
+    return str(param.extra.get(SETTING) or param.key)
+
+
+def list_separator(param: ParamSpec) -> str:
+    return str(param.extra.get(LIST_SEPARATOR) or ",")
 
 
 KEY_ENABLE = "enable"
@@ -374,11 +393,17 @@ KEY_MAX_BATCH = "max-batch"
 
 class SinkTypeBase:
     """Common params and plumbing for sink types; subclasses set ``name``, list their own
-    params in :meth:`own_params` and implement :meth:`build`.
+    settings in :meth:`own_params` (with :meth:`param`) and implement :meth:`build`.
 
-    Every type gets ``operator.<name>.enable``, ``.queue-capacity``, ``.overflow``,
-    ``.retry-timeout`` and ``.max-batch``. Values handed to :meth:`build` are the run's
-    resolved params; :meth:`own` strips the prefix.
+    A setting ``topic`` of type ``kafka`` is the param ``operator.kafka.kafka-topic``: upstream
+    clients make a flag of every param's key (``--kafka-topic``), so the key carries the sink's
+    name, as upstream's own operators do (``operator.otel-logs.otel-logs-exporter``). The
+    setting's former key ``operator.kafka.topic`` is still accepted (``ParamSpec.old_keys``).
+    YAML ``sinks:`` sections and ``daemon.sinks`` name settings (``topic``).
+
+    Every type gets the settings ``enable``, ``queue-capacity``, ``overflow``,
+    ``retry-timeout`` and ``max-batch``. Values handed to :meth:`build` are the run's resolved
+    params; :meth:`own` gives them by setting name.
     """
 
     name: ClassVar[str] = ""
@@ -393,15 +418,29 @@ class SinkTypeBase:
     def prefix(self) -> str:
         return f"operator.{self.name}."
 
+    def key(self, setting: str) -> str:
+        """The full param key of a setting: ``operator.kafka.kafka-topic`` for ``topic``."""
+        return f"{self.prefix}{self.name}-{setting}"
+
     def own_params(self) -> tuple[ParamSpec, ...]:
         return ()
 
-    def param(self, key: str, description: str, default: str = "",
+    def param(self, setting: str, description: str, default: str = "",
               type_hint: str = "string", possible: tuple[str, ...] = (),
-              advanced: bool = False) -> ParamSpec:
+              advanced: bool = False, secret: bool = False,
+              list_separator: str = ",") -> ParamSpec:
+        """The param of a setting.
+
+        Args:
+            setting: its name in YAML (``topic``).
+            secret: the value is a credential (see :mod:`pipeline.params`).
+            list_separator: how a YAML list given for it is joined.
+        """
         tags = (self.group, "advanced") if advanced else (self.group,)
-        return ParamSpec(key, self.prefix, description, default, type_hint,
-                         possible_values=possible, tags=tags)
+        return ParamSpec(f"{self.name}-{setting}", self.prefix, description, default,
+                         type_hint, possible_values=possible, tags=tags,
+                         old_keys=(self.prefix + setting,), secret=secret,
+                         extra={SETTING: setting, LIST_SEPARATOR: list_separator})
 
     def params(self) -> tuple[ParamSpec, ...]:
         common = (
@@ -420,29 +459,37 @@ class SinkTypeBase:
         )
         return common + self.own_params()
 
+    def settings(self) -> dict[str, ParamSpec]:
+        """The params by setting name (``topic``), as YAML names them."""
+        return {setting_of(p): p for p in self.params()}
+
     def own(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The values under this type's prefix, keyed without it."""
-        p = self.prefix
-        return {k[len(p):]: v for k, v in values.items() if k.startswith(p)}
+        """The resolved values of this type's settings, by setting name."""
+        out = {}
+        for setting in self.settings():
+            full = self.key(setting)
+            if full in values:
+                out[setting] = values[full]
+        return out
 
     def enabled(self, values: Mapping[str, Any]) -> bool:
-        return bool(values.get(self.prefix + KEY_ENABLE))
+        return bool(values.get(self.key(KEY_ENABLE)))
 
     def edge_settings(self, values: Mapping[str, Any]) -> tuple[int, Overflow]:
-        cap = values.get(self.prefix + KEY_CAPACITY) or self.default_capacity
-        over = values.get(self.prefix + KEY_OVERFLOW) or self.default_overflow
+        cap = values.get(self.key(KEY_CAPACITY)) or self.default_capacity
+        over = values.get(self.key(KEY_OVERFLOW)) or self.default_overflow
         return max(1, int(cap)), Overflow(over)
 
     def retry_policy(self, values: Mapping[str, Any]) -> RetryPolicy:
-        elapsed = values.get(self.prefix + KEY_RETRY)
+        elapsed = values.get(self.key(KEY_RETRY))
         return RetryPolicy(max_elapsed=float(elapsed if elapsed is not None else 30.0))
 
     def max_batch(self, values: Mapping[str, Any]) -> int:
-        return int(values.get(self.prefix + KEY_MAX_BATCH) or self.default_max_batch)
+        return int(values.get(self.key(KEY_MAX_BATCH)) or self.default_max_batch)
 
     def linger(self, values: Mapping[str, Any]) -> float:
-        """Seconds a send waits for more records (types with a ``linger`` param)."""
-        return float(values.get(self.prefix + "linger") or 0.0)
+        """Seconds a send waits for more records (types with a ``linger`` setting)."""
+        return float(values.get(self.key("linger")) or 0.0)
 
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:

@@ -432,10 +432,10 @@ class KafkaSinkType(SinkTypeBase):
         try:
             check_template(str(own.get("topic") or "gadget.{gadget}"))
         except ValueError as e:
-            return self.prefix + "topic", str(e)
+            return self.key("topic"), str(e)
         key = str(own.get("key") or "")
         if key and not has_field(schemas, key):
-            return self.prefix + "key", f"no data source has a field {key!r}"
+            return self.key("key"), f"no data source has a field {key!r}"
         return None
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> KafkaSink:

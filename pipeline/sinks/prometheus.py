@@ -493,9 +493,10 @@ class PrometheusSinkType(SinkTypeBase):
     def own_params(self) -> tuple[ParamSpec, ...]:
         return (
             self.param("counters", "Counters: name[:field,field...] separated by ';', e.g. "
-                       "exec_by_comm:proc.comm"),
+                       "exec_by_comm:proc.comm", list_separator=";"),
             self.param("histograms", "Histograms: name:field:buckets[:labels] separated by "
-                       "';'; buckets 1,2,5 or exp(start,factor,count) or lin(start,width,count)"),
+                       "';'; buckets 1,2,5 or exp(start,factor,count) or lin(start,width,count)",
+                       list_separator=";"),
             self.param("max-series", "Label sets one metric may hold; more are counted in an "
                        "__overflow__ series", "1000", "uint32"),
             self.param("retain", "How long a finished run's series stay exposed", "60s",
@@ -510,9 +511,9 @@ class PrometheusSinkType(SinkTypeBase):
                  schemas: tuple[DataSourceSchema, ...], instance_id: str = "",
                  instance_name: str = "") -> RunMetrics:
         own = self.own(values)
-        counters = parse_counters(str(own.get("counters") or ""), self.prefix + "counters")
+        counters = parse_counters(str(own.get("counters") or ""), self.key("counters"))
         histograms = parse_histograms(str(own.get("histograms") or ""),
-                                      self.prefix + "histograms")
+                                      self.key("histograms"))
         if not counters and not histograms:
             counters = [CounterSpec("records")]
         return self.store.build(gadget, instance, schemas, counters, histograms,
@@ -524,7 +525,7 @@ class PrometheusSinkType(SinkTypeBase):
             self._metrics(values, "", "", schemas)  # built, never added: no series appear
         except MetricSpecError as e:
             which = "histograms" if "histogram" in str(e) else "counters"
-            return self.prefix + which, str(e)
+            return self.key(which), str(e)
         return None
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> PrometheusSink:

@@ -120,8 +120,8 @@ class SinkManager:
 
     Args:
         ledger: the daemon's loss ledger.
-        defaults: daemon-wide settings per sink type, keyed by type name then by param key
-            without prefix, e.g. ``{"kafka": {"brokers": "10.0.0.1:9092"}}``.
+        defaults: daemon-wide settings per sink type, keyed by type name then by setting
+            name, e.g. ``{"kafka": {"brokers": "10.0.0.1:9092"}}``.
         node: this daemon's node name (Kafka headers, OTLP host.name).
         close_deadline: how long a run's sinks may take to drain when it ends.
     """
@@ -147,14 +147,14 @@ class SinkManager:
         out: list[ParamSpec] = []
         for name, t in sorted(self._types.items()):
             defaults = self._defaults.get(name, {})
-            known = {p.key for p in t.params()}
-            bad = set(defaults) - known
+            settings = t.settings()
+            bad = set(defaults) - set(settings)
             if bad:
                 raise ValueError(f"sink {name!r}: unknown settings {sorted(bad)}; known: "
-                                 f"{', '.join(sorted(known))}")
-            for p in t.params():
-                if p.key in defaults:
-                    p = replace(p, default=_default_text(defaults[p.key]))
+                                 f"{', '.join(sorted(settings))}")
+            for setting, p in settings.items():
+                if setting in defaults:
+                    p = replace(p, default=_default_text(defaults[setting]))
                     p.parse(p.default)  # a bad daemon default fails at start, not per run
                 out.append(p)
         return out

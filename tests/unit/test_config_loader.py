@@ -245,7 +245,7 @@ def test_reachable_endpoint() -> None:
         loaded = ConfigLoader(reachability=Reachability.ERROR).load_text(
             I + f"    sinks:\n      kafka: {{brokers: [127.0.0.1:1, 127.0.0.1:{port}]}}\n")
     params = loaded.instances[0].request.gadgetInstance.gadgetConfig.paramValues
-    assert params["operator.kafka.brokers"] == f"127.0.0.1:1,127.0.0.1:{port}"
+    assert params["operator.kafka.kafka-brokers"] == f"127.0.0.1:1,127.0.0.1:{port}"
 
 
 # -- good files --------------------------------------------------------------------------------
@@ -307,11 +307,12 @@ def test_sections_expand_to_params(loader: ConfigLoader) -> None:
     assert loaded.sink_defaults == {"kafka": {"brokers": "10.0.0.1:9092,10.0.0.2:9092"}}
     assert _params(loaded) == {
         "operator.filter.filter": "proc.comm==bash",
-        "operator.fields.fields": "proc.comm,proc.pid",
-        "operator.kafka.enable": "true", "operator.kafka.topic": "t.{node}",
-        "operator.kafka.key": "proc.comm", "operator.jsonl.enable": "false",
-        "operator.prometheus.enable": "true", "operator.prometheus.counters": "a:proc.comm;b",
-        "operator.prometheus.max-series": "10"}
+        "operator.fields.fields-select": "proc.comm,proc.pid",
+        "operator.kafka.kafka-enable": "true", "operator.kafka.kafka-topic": "t.{node}",
+        "operator.kafka.kafka-key": "proc.comm", "operator.jsonl.jsonl-enable": "false",
+        "operator.prometheus.prometheus-enable": "true",
+        "operator.prometheus.prometheus-counters": "a:proc.comm;b",
+        "operator.prometheus.prometheus-max-series": "10"}
     req = loaded.instances[0].request
     assert req.gadgetInstance.gadgetConfig.timeout == 90 * 10**9
     assert req.eventBufferLength == 4096

@@ -62,8 +62,8 @@ def test_sink_types_are_discovered_from_the_package() -> None:
 def test_daemon_defaults_become_param_defaults_and_are_checked() -> None:
     m = SinkManager(Ledger(), {"kafka": {"brokers": "10.0.0.1:9092", "enable": True}})
     by_key = {p.full_key: p for p in m.params()}
-    assert by_key["operator.kafka.brokers"].default == "10.0.0.1:9092"
-    assert by_key["operator.kafka.enable"].default == "true"
+    assert by_key["operator.kafka.kafka-brokers"].default == "10.0.0.1:9092"
+    assert by_key["operator.kafka.kafka-enable"].default == "true"
     assert set(m.prefixes()) >= {"operator.kafka.", "operator.otel-logs.",
                                  "operator.prometheus.", "operator.jsonl."}
     with pytest.raises(ValueError, match="unknown settings"):
@@ -240,9 +240,9 @@ def test_check_reports_settings_problems_without_building(spec: GadgetSpec) -> N
                            "operator.prometheus.histograms": "h:proc.comm:1,2"},
                     Ledger(), "i", m.params(), m.prefixes())
     problems = dict(m.check(run.values, run.schemas))
-    assert "no data source has a field 'nope'" in problems["operator.kafka.key"]
-    assert "key=value" in problems["operator.otel-logs.headers"]
-    assert "not numeric" in problems["operator.prometheus.histograms"]
+    assert "no data source has a field 'nope'" in problems["operator.kafka.kafka-key"]
+    assert "key=value" in problems["operator.otel-logs.otel-logs-headers"]
+    assert "not numeric" in problems["operator.prometheus.prometheus-histograms"]
     ok = GadgetRun(spec, {"operator.kafka.enable": "true", "operator.kafka.key": "proc.comm",
                           "operator.prometheus.counters": "c:proc.comm"},
                    Ledger(), "i", m.params(), m.prefixes())

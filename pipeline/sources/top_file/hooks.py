@@ -3,7 +3,7 @@
 The BPF program aggregates in the hash map ``stats`` (key ``file_id``, value ``file_stat``);
 every ``map-fetch-interval`` this source takes and deletes every entry with one
 ``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` walk into numpy buffers (no per-entry syscalls), so each
-report holds the counts of its interval. Rows are sorted and cut to ``max-entries``; the key
+report holds the counts of its interval. Rows are sorted and cut to ``max-rows``; the key
 bytes become payload 0 and the value bytes payload 1 of each record, as upstream's map
 iterators send them. ``file`` holds the dentry name from the kernel; it is replaced by the
 absolute path from ``/proc/<pid>/fd/<fd>`` when that fd still names the same inode.
@@ -75,7 +75,7 @@ class TopFileSource(TracerSource):
         self._fields = {f.full_name: f for f in self._ds.fields}
         self._period = float(values.get(EBPF_PREFIX + "map-fetch-interval") or 1.0)
         self._count = int(values.get(EBPF_PREFIX + "map-fetch-count") or 0)
-        self._max = int(values.get(EBPF_PREFIX + "max-entries") or 0)
+        self._max = int(values.get(EBPF_PREFIX + "max-rows") or 0)
         self._sort = parse_sort(str(values.get(EBPF_PREFIX + "sort-by") or ""), self._fields)
         self._key_size = self._ds.record_size
         self._value_size = 0
