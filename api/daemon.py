@@ -19,6 +19,7 @@ from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
 from api.metrics_server import MetricsServer
 from api.otel_logs import DaemonLogExport, OtelLogsSettings
+from api.peers import Peer, PeerPool, PeerTLS
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
 from pipeline.ledger import Ledger
@@ -46,9 +47,13 @@ class DaemonSettings:
     socket_group: str | None = None
     events_buffer_length: int = 16384
     node: str | None = None
-    nodes: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, str | Peer] = field(default_factory=dict)
     """Peer daemons by node name (``{"node-b": "unix:///run/b.sock", "node-c": "10.0.0.3:8080"}``):
-    multi-node instances and legacy fan-out runs forward to them and merge their streams."""
+    multi-node instances and legacy fan-out runs forward to them and merge their streams. A
+    :class:`api.peers.Peer` carries a node's own TLS settings."""
+    node_tls: PeerTLS | None = None
+    """TLS towards TCP peers without their own (CA, client certificate and key for mutual
+    TLS); a TCP peer without any needs ``insecure``."""
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
@@ -103,7 +108,8 @@ class Daemon:
             self.on_stop(self.metrics.stop)
         # Instances after the sinks they feed; their stop (drain, files kept) runs before the
         # sinks' stop and after the server's.
-        self.instances = InstanceManager(self.ctx, self.settings.state_dir, self.settings.nodes)
+        peers = PeerPool(self.settings.nodes, self.settings.node_tls, self.settings.insecure)
+        self.instances = InstanceManager(self.ctx, self.settings.state_dir, peers)
         await self.instances.start()
         self.ctx.instances = self.instances
         self.on_stop(self.instances.stop)

@@ -57,7 +57,7 @@ from api.instance_packets import (
     node_field,
     write_replay,
 )
-from api.peers import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, peer_problem
 from api.ready import READY_SEVERITY, is_ready, ready_message
 from api.run_session import REMOVED_INSTANCES, RunSession, new_run
 from api.run_stream import MAX_MESSAGE, StreamLayout, info_event
@@ -550,7 +550,7 @@ class Instance:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                reason = describe_error(e)
+                reason = self._peers.describe(m.node, e)
                 if m.state != "down" or m.message != reason:
                     self.log(_WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: {reason}; "
                              "the other nodes continue")
@@ -628,6 +628,6 @@ class Instance:
                 if resp.result != 0 and "not found" not in resp.message:
                     failures.append(f"node {m.node}: {resp.message}")
             except Exception as e:
-                failures.append(f"node {m.node}: {describe_error(e)}")
+                failures.append(f"node {m.node}: {self._peers.describe(m.node, e)}")
         return failures
 

@@ -77,15 +77,17 @@ class InstanceManager:
     Args:
         ctx: the daemon's service context (catalog, ledger, sinks, node name).
         state_dir: where instances are persisted (``<state_dir>/gadgets``).
-        nodes: peer daemons by node name, for multi-node instances and legacy fan-out.
+        nodes: peer daemons by node name, for multi-node instances and legacy fan-out: their
+            addresses, or a :class:`PeerPool` with their TLS settings.
         ready_wait: seconds GetGadgetInfo/attach wait for a starting instance.
     """
 
     def __init__(self, ctx: ServiceContext, state_dir: Path,
-                 nodes: Mapping[str, str] | None = None, ready_wait: float = READY_WAIT) -> None:
+                 nodes: Mapping[str, str] | PeerPool | None = None,
+                 ready_wait: float = READY_WAIT) -> None:
         self._ctx = ctx
         self.store = InstanceStore(state_dir)
-        self.peers = PeerPool(nodes or {})
+        self.peers = nodes if isinstance(nodes, PeerPool) else PeerPool(nodes or {})
         self._ready_wait = ready_wait
         self.ready_wait = ready_wait
         """Seconds CreateGadgetInstance waits for the new instance to trace."""

@@ -52,7 +52,7 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
-from api.peers import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, peer_problem
 from api.ready import READY_SEVERITY, is_ready, ready_message
 from api.run_session import CLIENT_DROP_REASONS, DIRECT_RUNS, RunSession, client_key, new_run
 from api.run_stream import LogForwarder, read_control
@@ -386,7 +386,7 @@ class _Session:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            result.error = describe_error(e)
+            result.error = self._peers.describe(node, e)
             self.log(_WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
                      "continuing with the other nodes")
             await self._node_ready(node, failed=True)

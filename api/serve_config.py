@@ -18,8 +18,10 @@ from pathlib import Path
 
 from api.daemon import DaemonSettings
 from api.otel_logs import OtelLogsSettings
+from api.peers import Peer, PeerTLS
 from api.server import TLSConfig
 from config.loader import DEFAULT_CONFIG, ConfigError, ConfigLoader, LoadedConfig, Reachability
+from config.schema import NodeSection, PeerTLSSection
 
 _logger = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         s.socket_group = d.socket_group
         s.events_buffer_length = d.events_buffer_length
         s.node = d.node
-        s.nodes = dict(d.nodes)
+        s.nodes = {name: peer(n) for name, n in d.nodes.items()}
+        s.node_tls = peer_tls(d.node_tls)
         if d.tls is not None:
             s.tls = TLSConfig(Path(d.tls.cert), Path(d.tls.key),
                               Path(d.tls.client_ca) if d.tls.client_ca else None)
@@ -86,6 +89,19 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         except ValueError as e:
             raise SystemExit(f"gadgetpipe: --otel-logs-endpoint: {e}") from None
     return s
+
+
+def peer_tls(section: PeerTLSSection | None) -> PeerTLS | None:
+    """The config's TLS towards peers as the daemon takes it."""
+    if section is None:
+        return None
+    ca, cert, key = (Path(p) if p else None for p in (section.ca, section.cert, section.key))
+    return PeerTLS(ca, cert, key, section.server_name)
+
+
+def peer(node: NodeSection) -> Peer:
+    """A ``daemon.nodes`` entry as the daemon takes it."""
+    return Peer(node.address, peer_tls(node.tls))
 
 
 def layer_tls(tls: TLSConfig | None, cert: str | None, key: str | None,

@@ -38,6 +38,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     WithJsonSchema,
+    model_validator,
 )
 
 from config.addresses import ListenAddress as Address
@@ -54,7 +55,9 @@ __all__ = [
     "DaemonSection",
     "InstanceSection",
     "InstanceSpecManifest",
+    "NodeSection",
     "OtelLogsSection",
+    "PeerTLSSection",
     "TLSSection",
     "json_schema",
 ]
@@ -201,7 +204,7 @@ def _check_otlp_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _check_node_names(v: dict[str, str]) -> dict[str, str]:
+def _check_node_names(v: dict[str, Any]) -> dict[str, Any]:
     if "" in v:
         raise ValueError("empty node name")
     return v
@@ -261,6 +264,44 @@ class OtelLogsSection(_Model):
     """Least severe level sent (records ``serve --log-level`` drops are not sent either)."""
 
 
+class PeerTLSSection(_Model):
+    """TLS towards peer daemons on TCP: the CA their server certificates chain to and, for
+    peers that require client certificates (``tls.clientCA``), this daemon's own."""
+
+    ca: str | None = None
+    """PEM file with the CA of the peers' server certificates; none: the system's CAs."""
+    cert: str | None = None
+    """PEM file with this daemon's client certificate (chain), for mutual TLS."""
+    key: str | None = None
+    """PEM file with the client certificate's private key (with ``cert``)."""
+    server_name: str | None = Field(None, alias="serverName")
+    """The name the peers' certificates must carry; none: the host of the node's address."""
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> PeerTLSSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
+class NodeSection(_Model):
+    """A peer daemon with its own TLS settings."""
+
+    address: NodeAddress
+    """``host:port``, ``tcp://host:port`` or ``unix:///path``."""
+    tls: PeerTLSSection | None = None
+    """TLS towards this peer (TCP only); none: the daemon's ``nodeTLS``."""
+
+
+def _node_address(v: Any) -> Any:
+    """A bare address is the node's ``address`` (the short form of a node)."""
+    return {"address": v} if isinstance(v, str) else v
+
+
+Node = Annotated[NodeSection, BeforeValidator(_node_address,
+                                              json_schema_input_type=str | NodeSection)]
+
+
 class DaemonSection(_Model):
     """How the daemon runs. Read by ``serve --config`` only; CLI flags given to ``serve``
     override it; a change takes effect at the next start (SIGHUP reloads instances only)."""
@@ -270,7 +311,7 @@ class DaemonSection(_Model):
     tls: TLSSection | None = None
     """Server TLS files; none: plaintext."""
     insecure: bool = False
-    """Allow tcp:// listen addresses without TLS."""
+    """Allow TCP without TLS: tcp:// listen addresses, and TCP peers in ``nodes``."""
     socket_group: Annotated[str | None, BeforeValidator(
         _group_text, json_schema_input_type=str | int | None)] = Field(None, alias="socketGroup")
     """Group (name or gid) owning the unix sockets (mode 0660); none: root only."""
@@ -284,9 +325,12 @@ class DaemonSection(_Model):
     """Records a direct run's stream may queue before dropping (not instances)."""
     node: str | None = None
     """This daemon's node name; default: the host name."""
-    nodes: Annotated[dict[str, NodeAddress], AfterValidator(_check_node_names)] = Field(
+    nodes: Annotated[dict[str, Node], AfterValidator(_check_node_names)] = Field(
         default_factory=dict)
-    """Peer daemons by node name (``node-b: 10.0.0.2:8080``), for multi-node instances."""
+    """Peer daemons by node name (``node-b: 10.0.0.2:8080``, or ``{address, tls}``), for
+    multi-node instances."""
+    node_tls: PeerTLSSection | None = Field(None, alias="nodeTLS")
+    """TLS towards TCP peers without their own; a TCP peer without any needs ``insecure``."""
     otel_logs: OtelLogsSection | None = Field(None, alias="otelLogs")
     """Send the daemon's own log to an OpenTelemetry Collector too; none: stderr only."""
     sinks: dict[str, SinkSettings] = Field(default_factory=dict)
