@@ -1,10 +1,10 @@
 """``gadgetpipe instances list|get|rm``, ``gadgetpipe attach`` and ``gadgetpipe run --detach``.
 
-Instance references resolve as upstream's CLI does (spec 9.1): the instances are listed, then
-a reference matches a full id, else an exact name, else a unique id prefix; an ambiguous or
-unknown reference is an error. ``attach --from-seq N`` asks the daemon to replay from instance
-seq ``N`` (request metadata ``gadgetpipe-from-seq``); when an attach ends, the command prints
-the ``--from-seq`` that resumes where it stopped.
+Instance references resolve as upstream's CLI does (docs/gadget-service.md §9.1): the instances are
+listed, then a reference matches a full id, else an exact name, else a unique id prefix; an
+ambiguous or unknown reference is an error. ``attach --from-seq N`` asks the daemon to replay from
+instance seq ``N`` (request metadata ``gadgetpipe-from-seq``); when an attach ends, the command
+prints the ``--from-seq`` that resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ResolveError(SystemExit):
 
 
 def resolve(instances: list[pb.GadgetInstance], ref: str) -> pb.GadgetInstance:
-    """Full id, exact name, then unique id prefix (spec 9.1)."""
+    """Full id, exact name, then unique id prefix (docs/gadget-service.md §9.1)."""
     for gi in instances:
         if gi.id == ref:
             return gi
@@ -146,8 +146,8 @@ class _MetadataStub:
 
 
 class _AttachStream(RunStream):
-    """The server never reads an attach stream after the first message (spec 3.3), so a stop
-    is a cancel, as upstream's client does."""
+    """The server never reads an attach stream after the first message
+    (docs/gadget-service.md §3.3), so a stop is a cancel, as upstream's client does."""
 
     def stop(self) -> None:
         self.cancel()

@@ -125,9 +125,9 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
                            rr: pb.GadgetRunRequest) -> None:
     """Runs ``run`` for this stream alone until stop, timeout, client exit or the source ends.
 
-    Order on the wire (spec 3.1): the GadgetInfo, then (at ``logLevel`` >= 4) the ready log
-    event once the programs are attached (api/ready.py), then records; a run the compile queue
-    refuses fails with RESOURCE_EXHAUSTED before anything is sent.
+    Order on the wire (docs/gadget-service.md §3.1): the GadgetInfo, then (at ``logLevel`` >= 4) the
+    ready log event once the programs are attached (api/ready.py), then records; a run the compile
+    queue refuses fails with RESOURCE_EXHAUSTED before anything is sent.
     """
     session = RunSession(ctx, run, client_key(stream), DIRECT_RUNS)
     writer = FramedWriter(stream)

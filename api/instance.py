@@ -1,4 +1,5 @@
-"""One gadget instance: a headless run that outlives its clients (spec 3.3, 5.4 and 6).
+"""One gadget instance: a headless run that outlives its clients (docs/gadget-service.md §3.3,
+§5.4 and §6).
 
 An instance is a :class:`~pipeline.run.GadgetRun` started from a ``CreateGadgetInstanceRequest``
 and kept running by the daemon: its sinks (``ctx.sinks``) get every record, and the last
@@ -7,7 +8,8 @@ so a client that attaches later first sees what happened before it came.
 
 An attach stream announces the GadgetInfo (``id`` and ``name`` set), replays the buffer, then
 follows live packets through its own bounded queue. Without the extension below a stream's
-``base`` is chosen so the replay is ``1..N`` and live packets go on from ``N+1`` (spec 3.3).
+``base`` is chosen so the replay is ``1..N`` and live packets go on from ``N+1``
+(docs/gadget-service.md §3.3).
 
 Extension (gadgetpipe only; upstream clients neither send nor need it):
 
@@ -88,7 +90,8 @@ FROM_SEQ_METADATA = "gadgetpipe-from-seq"
 SEQ_BASE_METADATA = "gadgetpipe-seq-base"
 """Attach response initial metadata: instance seq = stream seq + this."""
 DEFAULT_EVENT_BUFFER = 1024
-"""Packets an instance keeps for replay when ``eventBufferLength`` is 0 (spec 6.4)."""
+"""Packets an instance keeps for replay when ``eventBufferLength`` is 0
+(docs/gadget-service.md §6.4)."""
 MAX_EVENT_BUFFER = 65536
 """Largest ``eventBufferLength`` accepted: the buffer lives in the daemon's memory."""
 READY_WAIT = 10.0

@@ -1,5 +1,6 @@
-"""The daemon's gadget instances: create, list, get, remove, resolve and attach (spec 6), and
-the ``api.GadgetInstanceManager`` servicer over them. One instance is api/instance.py."""
+"""The daemon's gadget instances: create, list, get, remove, resolve and attach
+(docs/gadget-service.md §6), and the ``api.GadgetInstanceManager`` servicer over them. One instance
+is api/instance.py."""
 
 from __future__ import annotations
 
@@ -211,7 +212,8 @@ class InstanceManager:
         return inst.to_proto()
 
     async def remove(self, instance_id: str) -> pb.StatusResponse:
-        """Stops and forgets an instance; an unknown id is ``result=1`` (spec 6.2)."""
+        """Stops and forgets an instance; an unknown id is ``result=1``
+        (docs/gadget-service.md §6.2)."""
         if not ID_RE.match(instance_id):
             raise GRPCError(Status.INVALID_ARGUMENT, f"invalid gadget instance id: {instance_id}")
         inst = self._instances.get(instance_id)
@@ -273,7 +275,8 @@ class InstanceManager:
             await asyncio.wait_for(inst.started.wait(), self._ready_wait)
 
     async def attach(self, stream: Any, req: pb.GadgetAttachRequest) -> None:
-        """Serves an attach stream (spec 3.3); the caller checked the version."""
+        """Serves an attach stream (docs/gadget-service.md §3.3); the caller checked the
+        version."""
         inst = self._instances.get(req.id)
         if inst is None:
             raise GRPCError(Status.NOT_FOUND, f"gadget {req.id} not found")

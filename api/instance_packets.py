@@ -30,7 +30,8 @@ __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk", "PacketRing", "n
            "write_replay"]
 
 ATTACH_QUEUE = 1024
-"""Live packets one attached client may have waiting before new ones are dropped (spec 3.3)."""
+"""Live packets one attached client may have waiting before new ones are dropped
+(docs/gadget-service.md §3.3)."""
 ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""

@@ -1,4 +1,5 @@
-"""``BuiltInGadgetManager.RunBuiltInGadget``: the pre-v0.42 built-in gadget API (spec 3.7).
+"""``BuiltInGadgetManager.RunBuiltInGadget``: the pre-v0.42 built-in gadget API
+(docs/gadget-service.md §3.7).
 
 A legacy client names a gadget by category and name (``trace``/``exec``); every gadget folder
 whose gadget.yaml carries ``category`` and ``legacyName`` answers to that pair. The

@@ -17,8 +17,9 @@ A consumer makes the run (:func:`new_run`, which validates the request and sets 
    sinks within the drain deadline, leaves the compile queue if the turn never came, folds the
    ledger rows later by one policy (``ServiceContext.folds``) and has the heap trimmed.
 
-Params are logged to the client at debug level as upstream does (spec 3.1 step 4), only those
-the client sent and no sink's: a sink param can carry a credential (an OTLP header).
+Params are logged to the client at debug level as upstream does (docs/gadget-service.md §3.1
+step 4), only those the client sent and no sink's: a sink param can carry a credential (an OTLP
+header).
 """
 
 from __future__ import annotations

@@ -296,7 +296,8 @@ def test_duplicates_get_remove_and_errors_follow_the_spec(node: DaemonProcess) -
                                 imageName="trace_exec", version=1))))
                 assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
                 assert e.value.details() == text
-            # A start failure is the instance's state, not a Create failure (spec 6.1).
+            # A start failure is the instance's state, not a Create failure
+            # (docs/gadget-service.md §6.1).
             with pytest.raises(grpc.RpcError) as e:
                 wait_ready(c, "dup")
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -318,7 +319,8 @@ def test_duplicates_get_remove_and_errors_follow_the_spec(node: DaemonProcess) -
         with pytest.raises(grpc.RpcError) as e:
             c.instances.GetGadgetInstance(pb.GadgetInstanceId(id="short"))
         assert "invalid gadget instance id: short" in (e.value.details() or "")
-        # Remove of an unknown id is OK status with result 1 naming the id (spec 6.2).
+        # Remove of an unknown id is OK status with result 1 naming the id
+        # (docs/gadget-service.md §6.2).
         resp = c.instances.RemoveGadgetInstance(pb.GadgetInstanceId(id=ID))
         assert resp.result == 1 and ID in resp.message
         with pytest.raises(grpc.RpcError) as e:
