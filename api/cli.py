@@ -14,6 +14,7 @@ from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
 from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
 from pipeline.operators import fields as fields_op
 from pipeline.params import parse_duration
+from pipeline.severity import Severity
 from pipeline.version import VERSION
 
 BATCH_DEFAULT = 1024
@@ -66,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         params.setdefault("operator.grpc.batch-max", str(args.batch_max))
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
     with _client(args) as c:
-        stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
+        level = Severity.DEBUG if args.verbose else Severity.INFO
+        stream = c.run(args.gadget, params, timeout, log_level=level)
         return consume(stream, Printer(args.output), args.verbose, args.ready_file)
 
 

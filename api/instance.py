@@ -71,6 +71,7 @@ from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE, REASON_QUEUE_FULL, STAGE_ATTACH
 from pipeline.run import GadgetRun, RunIdentity
 from pipeline.schema import DataSourceType
+from pipeline.severity import Severity
 from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 __all__ = [
@@ -106,7 +107,6 @@ NOT_TRACING_YET = "starting: not tracing yet (compiling and attaching its progra
 """The state message of an instance whose programs are not attached yet."""
 _MESSAGE_MARGIN = 1024
 _LOG_SHIFT = wire.EVENT_LOG_SHIFT
-_WARN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +262,7 @@ class Instance:
         self.ready_seconds = time.monotonic() - self.launched
         self.tracing.set()
         text = self._ready_text()
-        self.log(4, f"{text} ({self.ready_seconds:.2f} s after it was launched)")
+        self.log(Severity.INFO, f"{text} ({self.ready_seconds:.2f} s after it was launched)")
         for a in tuple(self._attachers):
             a.log(READY_SEVERITY, text)
 
@@ -272,10 +272,9 @@ class Instance:
 
     def log(self, severity: int, message: str) -> None:
         """An instance message: to the daemon log, and to attached clients when warn or worse."""
-        _logger.log({1: logging.CRITICAL, 2: logging.ERROR, 3: logging.WARNING}
-                    .get(severity, logging.INFO if severity == 4 else logging.DEBUG),
-                    "instance %s (%s): %s", self.name, self.id[:12], message)
-        if 0 < severity <= _WARN:
+        _logger.log(Severity.of(severity).python_level, "instance %s (%s): %s", self.name,
+                    self.id[:12], message)
+        if Severity.PANIC < severity <= Severity.WARN:
             for a in tuple(self._attachers):
                 a.log(severity, message)
 
@@ -366,12 +365,12 @@ class Instance:
         finally:
             waiter.cancel()
         if not self._stopping:
-            self.log(4, "gadget ended")
+            self.log(Severity.INFO, "gadget ended")
             await run.stop()
 
     def _forward_run_log(self, severity: int, message: str) -> None:
         # GadgetRun.log already wrote the daemon log; clients hear about warnings only.
-        if 0 < severity <= _WARN:
+        if Severity.PANIC < severity <= Severity.WARN:
             for a in tuple(self._attachers):
                 a.log(severity, message)
 
@@ -509,11 +508,11 @@ class Instance:
             if tracing:
                 await writer.write(wire.log_event(READY_SEVERITY, self._ready_text()))
             for note in notes:
-                await writer.write(wire.log_event(_WARN, note))
+                await writer.write(wire.log_event(Severity.WARN, note))
             for m in self._members.values():
                 if m.state == "down":
-                    await writer.write(wire.log_event(
-                        _WARN, f"node {m.node!r} ({m.address}) is unavailable: {m.message}"))
+                    await writer.write(wire.log_event(Severity.WARN, f"node {m.node!r} "
+                                                      f"({m.address}) is unavailable: {m.message}"))
             await write_replay(writer, replay, base)
             # The daemon stopping ends the stream cleanly: what is queued goes out, then OK.
             closer = asyncio.create_task(self._close_on_shutdown(client))
@@ -548,15 +547,15 @@ class Instance:
                 await self._ensure_on_peer(channel)
                 next_seq = await self._stream_from(m, channel, next_seq)
                 m.state, m.message = "ended", ""
-                self.log(4, f"node {m.node!r}: the instance ended there")
+                self.log(Severity.INFO, f"node {m.node!r}: the instance ended there")
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 reason = self._peers.describe(m.node, e)
                 if m.state != "down" or m.message != reason:
-                    self.log(_WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: {reason}; "
-                             "the other nodes continue")
+                    self.log(Severity.WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: "
+                             f"{reason}; the other nodes continue")
                 if m.state == "up":
                     backoff = PEER_RETRY_MIN
                 m.state, m.message = "down", reason
@@ -602,7 +601,7 @@ class Instance:
                     ds_map = {ds.id: local_ids[ds.name] for ds in info.dataSources
                               if ds.name in local_ids}
                     if m.state != "up":
-                        self.log(4 if m.state == "connecting" else _WARN,
+                        self.log(Severity.INFO if m.state == "connecting" else Severity.WARN,
                                  f"node {m.node!r} ({m.address}) is connected")
                     m.state, m.message = "up", ""
                 elif ev.type == wire.EVENT_TYPE_PAYLOAD:

@@ -64,6 +64,7 @@ from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE
 from pipeline.run import OPERATOR_PARAMS, GadgetRun
 from pipeline.schema import DataSourceSchema, DataSourceType
+from pipeline.severity import Severity
 from pipeline.sinks.encode import JsonEncoder, PerSchema
 
 __all__ = ["legacy_json_encoder", "legacy_params", "run_builtin", "select_nodes"]
@@ -75,7 +76,6 @@ EVENT_TYPE_JOB_ID = 3
 NODE_KEY = "node"
 RUNTIME_KEY_PREFIX = "runtime."
 _SEQ_MASK = 0xFFFFFFFF
-_WARN = 3
 _ERROR = 2
 
 
@@ -215,7 +215,7 @@ class _Session:
         job = str(uuid.uuid4())
         await self._write(wire.grpc_frame(wire.gadget_event(EVENT_TYPE_JOB_ID, 0, job.encode())))
         for key in ignored:
-            self.log(_WARN, f"ignoring unknown parameter {key!r}")
+            self.log(Severity.WARN, f"ignoring unknown parameter {key!r}")
         nodes: dict[str, asyncio.Task[NodeResult]] = {}
         self._waiting_ready = {*([self._ctx.node] if run is not None else []), *remote}
         if run is not None:
@@ -388,7 +388,7 @@ class _Session:
             raise
         except Exception as e:
             result.error = self._peers.describe(node, e)
-            self.log(_WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
+            self.log(Severity.WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
                      "continuing with the other nodes")
             await self._node_ready(node, failed=True)
             _logger.warning("legacy run: node %s (%s): %s", node, address, result.error)

@@ -11,10 +11,11 @@ tracing instance, later for one that is still starting).
 
 from __future__ import annotations
 
+from pipeline.severity import Severity
+
 __all__ = ["READY_PREFIX", "READY_SEVERITY", "is_ready", "ready_message"]
 
-READY_SEVERITY = 4
-"""logrus info."""
+READY_SEVERITY = Severity.INFO
 READY_PREFIX = "gadget tracing"
 """How a ready log event's text starts."""
 

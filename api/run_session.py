@@ -41,6 +41,7 @@ from pipeline.gadget import GadgetSpec
 from pipeline.graph import Edge, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE
 from pipeline.run import GadgetRun, LogListener, RunError, RunIdentity
+from pipeline.severity import Severity
 from pipeline.sinks.base import (
     DROP_QUEUE_FULL,
     DROP_REJECTED,
@@ -190,7 +191,7 @@ class RunSession:
         sink_prefixes = tuple(self.ctx.sinks.prefixes()) if self.ctx.sinks is not None else ()
         for key, value in sorted(values.items()):
             if not (sink_prefixes and key.startswith(sink_prefixes)):
-                self.run.log(5, f"param {key}: {value}")
+                self.run.log(Severity.DEBUG, f"param {key}: {value}")
 
     async def start(self) -> None:
         """Attaches the sinks, waits for the compile turn and starts the source; returns when

@@ -52,6 +52,7 @@ from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec, resolve
 from pipeline.schema import DataSourceSchema
+from pipeline.severity import Severity
 from pipeline.source import SheddingSource, Source
 
 _logger = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ class GadgetRun:
             self._log_listeners.remove(fn)
 
     def log(self, severity: int, message: str) -> None:
-        _logger.log(_PY_LEVEL.get(severity, logging.INFO), "[%s] %s", self.instance, message)
+        _logger.log(Severity.of(severity).python_level, "[%s] %s", self.instance, message)
         for fn in tuple(self._log_listeners):
             fn(severity, message)
 
@@ -305,8 +306,8 @@ class GadgetRun:
                                                       name=f"shed:{self.instance}")
             else:
                 self._shedder = None
-                self.log(3, f"{SHED}: gadget {self.spec.name} cannot sample in the kernel; "
-                         "running without load shedding")
+                self.log(Severity.WARN, f"{SHED}: gadget {self.spec.name} cannot sample in the "
+                         "kernel; running without load shedding")
 
     async def _emit(self, batch: Batch) -> None:
         n = len(batch)
@@ -346,15 +347,15 @@ class GadgetRun:
             return
         cast(SheddingSource, self._source).set_sample_rate(rate)
         if before == 1:
-            self.log(3, f"shedding load: queue {edge} is {fill:.0%} full; the kernel keeps 1 "
-                     f"record in {rate} (the others are counted as shed)")
+            self.log(Severity.WARN, f"shedding load: queue {edge} is {fill:.0%} full; the kernel "
+                     f"keeps 1 record in {rate} (the others are counted as shed)")
         elif rate == 1:
             self._sync_kernel_losses()
-            self.log(4, f"load shedding ended: the queues drained ({self._kernel_shed} records "
-                     "shed so far)")
+            self.log(Severity.INFO, "load shedding ended: the queues drained "
+                     f"({self._kernel_shed} records shed so far)")
         else:
-            self.log(5, f"load shedding: the kernel keeps 1 record in {rate} (queue {edge} "
-                     f"{fill:.0%} full)")
+            self.log(Severity.DEBUG, f"load shedding: the kernel keeps 1 record in {rate} "
+                     f"(queue {edge} {fill:.0%} full)")
 
     def _sync_kernel_losses(self) -> None:
         if self._source is None:
@@ -365,7 +366,8 @@ class GadgetRun:
             self._kernel_lost = lost
             self._ledger.produced(self.instance, STAGE_KERNEL, delta)
             self._ledger.dropped(self.instance, STAGE_KERNEL, delta, REASON_RINGBUF_FULL)
-            self.log(3, f"kernel ring buffer full: {delta} records lost ({lost} in total)")
+            self.log(Severity.WARN,
+                     f"kernel ring buffer full: {delta} records lost ({lost} in total)")
         if self.values.get(SHED) and hasattr(self._source, "shed"):
             shed = cast(SheddingSource, self._source).shed()
             if shed > self._kernel_shed:
@@ -415,6 +417,3 @@ class GadgetRun:
             self.fanout.close()
             self.finished.set()
 
-
-_PY_LEVEL = {1: logging.CRITICAL, 2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO,
-             5: logging.DEBUG, 6: logging.DEBUG}
