@@ -69,6 +69,7 @@ from pipeline.batch import Batch
 from pipeline.gadget import GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE, REASON_QUEUE_FULL, STAGE_ATTACH
+from pipeline.params import redact
 from pipeline.run import GadgetRun, RunIdentity
 from pipeline.schema import DataSourceType
 from pipeline.severity import Severity
@@ -216,9 +217,17 @@ class Instance:
         return pb.GadgetInstanceState(status=self.status, message=message)
 
     def to_proto(self) -> pb.GadgetInstance:
+        """The instance as clients see it: secret param values (OTLP headers …) read
+        ``<redacted>``; the store and peer daemons get the request itself."""
         gi = pb.GadgetInstance()
         gi.CopyFrom(self.request.gadgetInstance)
         gi.state.CopyFrom(self.state())
+        values = gi.gadgetConfig.paramValues
+        specs = self.run.param_specs if self.run is not None else (
+            self._ctx.sinks.params() if self._ctx.sinks is not None else ())
+        shown = redact(dict(values), specs)
+        values.clear()
+        values.update(shown)
         return gi
 
     def summary(self) -> InstanceStatus:

@@ -40,6 +40,7 @@ from api.ready import ready_message
 from pipeline.gadget import GadgetSpec
 from pipeline.graph import Edge, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE
+from pipeline.params import redact
 from pipeline.run import GadgetRun, LogListener, RunError, RunIdentity
 from pipeline.severity import Severity
 from pipeline.sinks.base import (
@@ -187,9 +188,10 @@ class RunSession:
         self._listeners.append(fn)
 
     def log_params(self, values: Mapping[str, str]) -> None:
-        """One debug log per param the client sent, sink params left out (credentials)."""
+        """One debug log per param the client sent, sink params left out (credentials) and
+        any other secret param redacted."""
         sink_prefixes = tuple(self.ctx.sinks.prefixes()) if self.ctx.sinks is not None else ()
-        for key, value in sorted(values.items()):
+        for key, value in sorted(redact(values, self.run.param_specs).items()):
             if not (sink_prefixes and key.startswith(sink_prefixes)):
                 self.run.log(Severity.DEBUG, f"param {key}: {value}")
 

@@ -197,21 +197,6 @@ def known_keys(specs: Iterable[ParamSpec]) -> dict[str, ParamSpec]:
     return out
 
 
-def canonical(specs: Iterable[ParamSpec], values: Mapping[str, str]) -> dict[str, str]:
-    """``values`` with every param under its current full key (old and alternative keys
-    replaced); keys no spec knows are kept as they are.
-
-    Raises:
-        ParamError: one param is given under two of its names with different values.
-    """
-    specs = list(specs)
-    known = known_keys(specs)
-    given = _given(specs, values)
-    out = {k: v for k, v in values.items() if k not in known}
-    out.update({k: v for k, (v, _) in given.items()})
-    return out
-
-
 def secret_keys(specs: Iterable[ParamSpec]) -> frozenset[str]:
     """Every full key (current, alternative, old) under which a secret param may be given."""
     return frozenset(k for k, s in known_keys(specs).items() if s.secret)

@@ -143,15 +143,15 @@ def layer(module: str) -> str:
     """The layer a module belongs to.
 
     ``engine`` is ``pipeline`` outside ``sources`` and ``sinks``; ``proto`` is the generated
-    protobuf modules, which every layer may import; ``dev`` is what is not shipped (``bench``
-    and ``tests``, which share the peer fixtures and the load generators both ways).
+    protobuf modules, which every layer may import; ``dev`` is what is not shipped (``bench``,
+    ``tests`` and ``scripts``, which share the peer fixtures and the load generators).
     """
     # TODO(_gen move): api._gen moves to pipeline/_gen (the engine's wire types); then this
     # special case goes and the engine may import it as its own.
     if module == "api._gen" or module.startswith("api._gen."):
         return "proto"
     top = module.split(".")[0]
-    if top in ("bench", "tests"):
+    if top in ("bench", "tests", "scripts"):
         return "dev"
     if top == "pipeline":
         sub = module.split(".")[1] if "." in module else ""
@@ -166,10 +166,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "pipeline.sinks": frozenset({"engine", "proto"}),
     "config": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "proto"}),
     "api": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config", "proto"}),
-    "scripts": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config", "api",
-                          "proto"}),
     "dev": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config", "api",
-                      "proto", "scripts"}),
+                      "proto"}),
 }
 """Which layers each layer may import (besides itself): dependencies point one way, from the
 daemon (``api``) through ``config`` to the sources and sinks and on to the engine."""

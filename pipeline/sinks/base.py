@@ -37,8 +37,10 @@ from pipeline.ledger import (
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema
 from pipeline.sink import Sink, SinkError
+from pipeline.sinks.endpoints import Endpoint, tcp_probe
 
 __all__ = [
+    "KEY_ENABLE",
     "OUTCOME_RETRIED",
     "SINK_MARK",
     "RetryPolicy",
@@ -51,7 +53,9 @@ __all__ = [
     "SinkTypeBase",
     "coalesce",
     "has_field",
+    "list_separator",
     "register_sink",
+    "setting_of",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -344,10 +348,18 @@ class SinkRunner:
 
 
 class SinkType(Protocol):
-    """A registered kind of sink: its params, and how to build one for a run."""
+    """A registered kind of sink: everything the daemon and the config loader know of it.
+
+    Its settings (as params, with validation), whether a run enables it, the problems of its
+    settings that params cannot express, the peers its settings name and how to check that
+    they are reachable, and how to build one for a run. Nothing outside the sink's own module
+    knows a sink by name: adding a sink is adding one module (see :func:`register_sink`).
+    """
 
     name: str
     prefix: str
+    section: str
+    """An instance-level YAML key that stands for ``sinks.<name>`` (``metrics``), or ""."""
 
     def params(self) -> tuple[ParamSpec, ...]: ...
 
@@ -365,6 +377,10 @@ class SinkType(Protocol):
     def settings(self) -> dict[str, ParamSpec]: ...
 
     def key(self, setting: str) -> str: ...
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]: ...
+
+    def probe(self, endpoint: Endpoint, timeout: float) -> str | None: ...
 
     async def close(self) -> None: ...
 
@@ -413,6 +429,7 @@ class SinkTypeBase:
     default_retry_timeout: ClassVar[str] = "30s"
     default_max_batch: ClassVar[int] = DEFAULT_MAX_BATCH
     group: ClassVar[str] = "group:Sinks"
+    section: ClassVar[str] = ""
 
     @property
     def prefix(self) -> str:
@@ -497,6 +514,16 @@ class SinkTypeBase:
         param key, reason), or None. No side effects: no file, no connection, no metric."""
         return None
 
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+        """The peers an enabled sink with these settings would connect to (none by
+        default); ``gadgetpipe config check`` probes them."""
+        return ()
+
+    def probe(self, endpoint: Endpoint, timeout: float) -> str | None:
+        """None if the endpoint looks reachable, else why not (by default: whether one of
+        its addresses accepts a TCP connection). Blocking; called off the event loop."""
+        return tcp_probe(endpoint, timeout)
+
     def build(self, values: Mapping[str, Any], context: SinkContext) -> Sink:
         raise NotImplementedError
 
@@ -522,7 +549,10 @@ def register_sink(name: str) -> Callable[[_T], _T]:
     """Marks a sink-type class for discovery under ``name`` (also its param prefix).
 
     The mark is a class attribute, not an entry in a module-level table: the registry finds
-    marked classes by importing the modules of ``pipeline/sinks``.
+    marked classes by importing the modules of ``pipeline/sinks``. A type declares its
+    settings (:meth:`SinkTypeBase.own_params`), their checks (:meth:`SinkTypeBase.check`) and
+    endpoints (:meth:`SinkTypeBase.endpoints`, :meth:`SinkTypeBase.probe`); the daemon, the
+    config loader, its JSON Schema and ``config render`` take them from there.
     """
 
     def mark(cls: _T) -> _T:

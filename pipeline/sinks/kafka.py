@@ -63,6 +63,7 @@ from pipeline.sinks.encode import (
     otlp_scope,
     time_field,
 )
+from pipeline.sinks.endpoints import Endpoint
 from pipeline.sinks.otlp_logs import resource_attributes
 from pipeline.version import VERSION
 
@@ -437,6 +438,11 @@ class KafkaSinkType(SinkTypeBase):
         if key and not has_field(schemas, key):
             return self.key("key"), f"no data source has a field {key!r}"
         return None
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+        brokers = str(self.own(values).get("brokers") or "")
+        return (Endpoint(self.key("brokers"), brokers,
+                         tuple(b.strip() for b in brokers.split(",") if b.strip()), 9092),)
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> KafkaSink:
         problem = self.check(values, context.schemas)

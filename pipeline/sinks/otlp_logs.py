@@ -52,6 +52,7 @@ from pipeline.sinks.encode import (
     otlp_resource,
     otlp_scope,
 )
+from pipeline.sinks.endpoints import Endpoint
 from pipeline.version import VERSION
 
 __all__ = ["OtelLogsSink", "OtelLogsSinkType", "resource_attributes"]
@@ -315,6 +316,13 @@ class OtelLogsSinkType(SinkTypeBase):
         if body and not has_field(schemas, body):
             return self.key("body"), f"no data source has a field {body!r}"
         return None
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+        own = self.own(values)
+        endpoint = str(own.get("endpoint") or "")
+        protocol = str(own.get("protocol") or "grpc")
+        return (Endpoint(self.key("endpoint"), f"{protocol} {endpoint}", (endpoint,),
+                         4318 if protocol == "http" else 4317),)
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> OtelLogsSink:
         problem = self.check(values, context.schemas)

@@ -486,6 +486,7 @@ class PrometheusSink:
 class PrometheusSinkType(SinkTypeBase):
     description = "gadget metrics on the daemon's Prometheus endpoint"
     default_retry_timeout = "0"
+    section = "metrics"
 
     def __init__(self) -> None:
         self.store = GadgetMetricsStore()
@@ -521,10 +522,20 @@ class PrometheusSinkType(SinkTypeBase):
 
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:
+        own = self.own(values)
+        for setting, parse in (("counters", parse_counters), ("histograms", parse_histograms)):
+            try:
+                parse(str(own.get(setting) or ""), self.key(setting))
+            except MetricSpecError as e:
+                return self.key(setting), str(e)
         try:
             self._metrics(values, "", "", schemas)  # built, never added: no series appear
         except MetricSpecError as e:
-            which = "histograms" if "histogram" in str(e) else "counters"
+            # Name the setting that declares the metric the problem is about.
+            m = re.search(r"(?:metric|histogram) '([^']+)'", str(e))
+            histograms = parse_histograms(str(own.get("histograms") or ""))
+            which = "histograms" if m and any(h.name == m[1] for h in histograms) \
+                else "counters"
             return self.key(which), str(e)
         return None
 

@@ -125,7 +125,9 @@ BAD: list[tuple[str, str, str, str, str]] = [
      "instances[0].sinks.kafka.key",
      "no data source has a field 'proc.com'; did you mean 'proc.comm'?"),
     ("otlp header", I + "    sinks:\n      otel-logs:\n        headers: authorization\n", "6:18",
-     "instances[0].sinks.otel-logs.headers", "header 'authorization' is not key=value"),
+     "instances[0].sinks.otel-logs.headers",
+     # Not quoted: headers are a secret (a malformed one is often a pasted token).
+     "operator.otel-logs.otel-logs-headers: header 1 is not key=value"),
     ("metric name", I + "    metrics:\n      counters: [by_comm:proc.comm, 9bad]\n", "5:17",
      "instances[0].metrics.counters", "metric name '9bad' must match"),
     ("histogram field", I + "    metrics:\n      histograms: size:args_sise:1,2,4\n", "5:19",
