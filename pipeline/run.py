@@ -47,6 +47,7 @@ from pipeline.ledger import (
     Ledger,
 )
 from pipeline.operators import Operator, OperatorError
+from pipeline.operators import derive as derive_op
 from pipeline.operators import enrich as enrich_op
 from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
@@ -218,7 +219,11 @@ class GadgetRun:
         specs = [*spec.params, *OPERATOR_PARAMS, *extra_params]
         try:
             self.values = resolve(specs, param_values, (*OWNED_PREFIXES, *extra_prefixes))
-            self._operators = build_operators(self.values, list(spec.datasources))
+            # Derived fields first: every later operator, stream and sink sees them announced
+            # (computed only when read: pipeline/derive).
+            self.derive = derive_op.Derive(spec.datasources, spec.derive)
+            derived = [self.derive.output_schema(s) for s in spec.datasources]
+            self._operators = [self.derive, *build_operators(self.values, derived)]
         except (ParamError, OperatorError) as e:
             raise RunError(str(e)) from e
         self._shedder = ShedController.from_values(self.values)

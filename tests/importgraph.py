@@ -1,8 +1,9 @@
 """The import graph of gadgetpipe's own packages, read from the source with ``ast``.
 
 Every import counts: module level, inside functions, under ``TYPE_CHECKING``, and
-``importlib.import_module``/``__import__`` calls with a literal name, since each is a
-dependency of the design even when it does not run at import time. An import names the
+``importlib.import_module``/``__import__`` calls with a literal name (or an f-string, as a
+dependency on the package its constant start names), since each is a dependency of the design
+even when it does not run at import time. An import names the
 deepest module of ours it reaches (``from pipeline.sinks import base`` is
 ``pipeline.sinks.base``); a package's ``__init__`` is the package's own name.
 
@@ -49,13 +50,18 @@ def modules(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, Path]:
 
 
 def _literal_import(node: ast.Call) -> str | None:
-    """The module named by ``importlib.import_module("x")`` or ``__import__("x")``."""
+    """The module named by ``importlib.import_module("x")`` or ``__import__("x")``; for an
+    f-string (``f"pipeline.sources.{name}.hooks"``), the package its constant start names."""
     f = node.func
     named = (isinstance(f, ast.Attribute) and f.attr == "import_module") or (
         isinstance(f, ast.Name) and f.id in ("import_module", "__import__"))
-    if named and node.args and isinstance(node.args[0], ast.Constant) \
-            and isinstance(node.args[0].value, str):
-        return node.args[0].value
+    if not named or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        return str(arg.values[0].value).rpartition(".")[0] or None
     return None
 
 

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, TypeVar
 
-import numpy as np
-
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import (
@@ -138,13 +136,9 @@ class RetryPolicy:
 
 def coalesce(batches: list[Batch]) -> Batch:
     """One batch holding the records of ``batches`` (same schema), in order."""
-    if len(batches) == 1:
-        return batches[0]
-    first = batches[0]
-    rows = np.concatenate([b.rows for b in batches])
-    extra: tuple[list[bytes], ...] = tuple(
-        [x for b in batches for x in b.extra[i]] for i in range(len(first.extra)))
-    return Batch(first.schema, rows, extra)
+    # Batch.concat keeps derived payloads lazy: a sink that reads only raw fields never
+    # computes them.
+    return Batch.concat(batches)
 
 
 class SinkRunner:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,16 @@ class _Hooks:
         return make(spec, values)
 
 
+def hooks_loader(folder: Path) -> Callable[[], Any]:
+    """Imports the folder's ``hooks.py`` when called (None: the folder has none)."""
+    def load() -> Any:
+        if not (folder / "hooks.py").exists():
+            return None
+        return importlib.import_module(f"{__package__}.{folder.name}.hooks")
+
+    return load
+
+
 def source_factory(folder: Path) -> SourceFactory:
     """``hooks.make_source`` when the folder has a ``hooks.py``, else the ring-buffer tracer."""
     if (folder / "hooks.py").exists():
@@ -53,7 +63,7 @@ class Catalog:
     def __init__(self, root: Path = SOURCES_DIR) -> None:
         self._specs: dict[str, GadgetSpec] = {}
         for gy in sorted(root.glob("*/gadget.yaml")):
-            spec = load_spec(gy.parent)
+            spec = load_spec(gy.parent, hooks_loader(gy.parent))
             self._specs[spec.name] = replace(spec, make_source=source_factory(gy.parent))
 
     def __iter__(self) -> Iterator[GadgetSpec]:

@@ -49,6 +49,8 @@ def test_lazy_type_checking_and_dynamic_imports_are_edges(tmp_path: Path) -> Non
         "pipeline/sources/__init__.py": "",
         "pipeline/sources/b.py": "def f():\n    from ..c import x\n",
         "pipeline/c.py": "import importlib\nimportlib.import_module('api.d')\n",
+        "pipeline/e.py": "import importlib\ndef hooks(n):\n"
+                         "    return importlib.import_module(f'pipeline.sources.{n}.h')\n",
         "api/__init__.py": "",
         "api/d.py": "import pipeline.a\nimport os\n",
     })
@@ -57,11 +59,13 @@ def test_lazy_type_checking_and_dynamic_imports_are_edges(tmp_path: Path) -> Non
     assert edges["pipeline.sources.b"] == {"pipeline.c"}
     assert edges["pipeline.c"] == {"api.d"}
     assert edges["api.d"] == {"pipeline.a"}
+    assert edges["pipeline.e"] == {"pipeline.sources"}
     assert importgraph.cycles(edges) == [["api.d", "pipeline.a", "pipeline.c",
                                           "pipeline.sources.b"]]
     assert importgraph.violations(root) == [
         "pipeline/a.py:3: pipeline.a (engine) imports pipeline.sources.b (pipeline.sources)",
         "pipeline/c.py:2: pipeline.c (engine) imports api.d (api)",
+        "pipeline/e.py:3: pipeline.e (engine) imports pipeline.sources (pipeline.sources)",
     ]
 
 
