@@ -51,7 +51,8 @@ def rows_for(ds: DataSourceSchema, n: int, **cols: list[int]) -> Batch:
 
 
 def wire_values(batch: Batch) -> list[dict[str, Any]]:
-    """Every field of every record as a client decodes it from per-record events (spec 4.3)."""
+    """Every field of every record as a client decodes it from per-record events
+    (docs/gadget-service.md §4.3)."""
     info = batch.schema.to_proto()
     out = []
     for frame in split_frames(wire.per_record_events(batch, 1, 0)):
