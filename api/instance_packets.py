@@ -39,19 +39,20 @@ import numpy.typing as npt
 from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
-from pipeline.ledger import Ledger
+from pipeline.ledger import REASON_QUEUE_FULL, STAGE_ATTACH, Ledger
 from pipeline.schema import DataSourceSchema, Kind
+from pipeline.severity import Severity
 
 __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk",
            "PacketRing", "node_field", "write_replay"]
 
 ATTACH_QUEUE = wire.ATTACH_QUEUE_DEFAULT
 """Live packets one attached client may have waiting before new ones are dropped, by default.
-Upstream keeps 1024 (spec 3.3); here one drain at the kernel-side limit is already ~1000
+Upstream keeps 1024 (docs/gadget-service.md §3.3); here one drain at the kernel-side limit is already ~1000
 records, so a client that misses a few scheduler slices would lose packets with that. The queue
 holds references to the chunks the ring holds too, so its length costs memory only while a
 client is behind: 65536 trace_open packets are ~25 MB then."""
-ATTACH_STAGE = "attach"
+ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
 DROP_REPORT_INTERVAL = 1.0
@@ -68,7 +69,6 @@ _TAG_DSID = 0x20  # GadgetEvent.dataSourceID, varint
 _SEQ_AT = 6
 """Where a packet's seq bytes start: after the gRPC prefix (5 bytes) and the seq tag."""
 _SEQ_LEN = len(wire.SEQ_PLACEHOLDER)
-_WARN = 3
 
 
 def _frame_head(body_len: int) -> bytes:
@@ -333,7 +333,7 @@ class Attacher:
             self._wake.set()
         if n > take:
             self.dropped += n - take
-            self._ledger.dropped(self._label, ATTACH_STAGE, n - take, "queue_full")
+            self._ledger.dropped(self._label, ATTACH_STAGE, n - take, REASON_QUEUE_FULL)
 
     def log(self, severity: int, message: str) -> None:
         """Queues a log event for this client (bounded; the daemon log has them all)."""
@@ -361,8 +361,8 @@ class Attacher:
             return b""
         self._reported = self.dropped
         self._last_report = now
-        return wire.log_event(_WARN, f"this client is too slow: {lost} events were dropped for "
-                              f"it ({self.dropped} in total); the seq gaps show where")
+        return wire.log_event(Severity.WARN, f"this client is too slow: {lost} events were "
+                              f"dropped for it ({self.dropped} in total); the seq gaps show where")
 
     async def run(self, writer: FramedWriter, base: int) -> None:
         """Writes queued packets (stream seq = instance seq - ``base``) until closed and

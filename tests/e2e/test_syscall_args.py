@@ -17,8 +17,9 @@ import pytest
 
 from pipeline.accessors import column, cstrings
 from pipeline.batch import Batch
-from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, Catalog
+from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX
 from pipeline.params import resolve
+from pipeline.sources.catalog import Catalog
 from pipeline.sources.ringbuf import RingReader
 from pipeline.sources.tracer import COMPILE_LOCK, import_bcc
 
