@@ -208,7 +208,7 @@ def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int
     blocks = [*head, (batch.rows, row_used), *entries]
     if tail:
         blocks.append(_const_block(n, tail))
-    data, lens = _assemble(blocks, n)
+    data, lens = assemble(blocks, n)
     return data, lens, head_len
 
 
@@ -227,12 +227,27 @@ def _entry_blocks(col: Sequence[bytes], n: int) -> list[Block]:
             (padded.reshape(n, width), vlen)]
 
 
+def const_block(n: int, data: bytes) -> Block:
+    """The same bytes in each of ``n`` records (a view)."""
+    return _const_block(n, data)
+
+
+def varint_block(values: npt.NDArray[Any]) -> Block:
+    """Each value's protobuf varint (values below 2^64), left-aligned, with its length."""
+    return _varint_block(values)
+
+
+def varint_lengths(values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Bytes of each value's varint."""
+    return _varint_len(values)
+
+
 _MAX_RUNS = 64
 """Most runs of same-shaped records (one varint length, one entry length...) written as
 matrices of their own; beyond that one boolean-mask pass leaves the unused bytes out."""
 
 
-def _assemble(blocks: list[Block], n: int) -> tuple[bytearray, npt.NDArray[np.int64]]:
+def assemble(blocks: list[Block], n: int) -> tuple[bytearray, npt.NDArray[np.int64]]:
     """Each record's blocks one after the other, every record after the other, and each
     record's length.
 
@@ -241,6 +256,7 @@ def _assemble(blocks: list[Block], n: int) -> tuple[bytearray, npt.NDArray[np.in
     varint grows by one byte at 128, 16384, ...; a process's texts stay), so each run of them
     is written so; when the shape changes too often, the unused bytes of one matrix are left out
     in one boolean-mask pass."""
+    blocks = _fold_constants(blocks, n)
     lens = np.zeros(n, dtype=np.int64)
     ragged: list[npt.NDArray[np.int64]] = []
     for m, used in blocks:
@@ -282,6 +298,34 @@ def _assemble(blocks: list[Block], n: int) -> tuple[bytearray, npt.NDArray[np.in
             col += w
         pos += (b - a) * width
     return out, lens
+
+
+_FOLD_WIDTH = 32
+"""Blocks up to this wide are checked for holding one value for the whole batch."""
+
+
+def _fold_constants(blocks: list[Block], n: int) -> list[Block]:
+    """``blocks`` with every block that holds the same bytes in each record (a constant, a
+    varint of one length and value, one process's id) merged with its constant neighbours:
+    fewer, wider blocks to write per record."""
+    if n == 0:
+        return blocks
+    out: list[Block] = []
+    pending = bytearray()
+    for m, used in blocks:
+        if used is not None and bool((used == used[0]).all()):
+            m, used = m[:, : int(used[0])], None
+        if used is None and (m.strides[0] == 0 or (
+                m.shape[1] <= _FOLD_WIDTH and bool((m == m[0]).all()))):
+            pending += m[0].tobytes()
+            continue
+        if pending:
+            out.append(_const_block(n, bytes(pending)))
+            pending = bytearray()
+        out.append((m, used))
+    if pending:
+        out.append(_const_block(n, bytes(pending)))
+    return out
 
 
 def _assemble_by_shape(blocks: list[Block], ragged: list[npt.NDArray[np.int64]],

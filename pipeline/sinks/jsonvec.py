@@ -31,7 +31,7 @@ import numpy.typing as npt
 from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, Field, Kind
 
-__all__ = ["JsonLines"]
+__all__ = ["JsonLines", "payload_block"]
 
 Block = npt.NDArray[np.uint8]
 """(n, width) bytes of one slot of every record; NUL bytes are filler."""
@@ -139,11 +139,11 @@ def _source(batch: Batch, f: Field, payloads: dict[int, Block]) -> Block:
         return batch.rows
     block = payloads.get(f.payload_index)
     if block is None:
-        block = payloads[f.payload_index] = _payload_block(batch, f.payload_index)
+        block = payloads[f.payload_index] = payload_block(batch, f.payload_index)
     return block
 
 
-def _payload_block(batch: Batch, index: int) -> Block:
+def payload_block(batch: Batch, index: int) -> Block:
     """Payload ``index`` of every record as a NUL-padded block (a struct a source keeps beside
     payload 0: one row per record, without an object per record for coded and fixed forms)."""
     col = batch.extra[index - 1]

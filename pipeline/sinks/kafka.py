@@ -58,7 +58,7 @@ from pipeline.sinks.encode import (
     OtlpLogEncoder,
     PerSchema,
     cstring_bytes,
-    logs_requests,
+    logs_requests_flat,
     otlp_resource,
     otlp_scope,
     time_field,
@@ -196,8 +196,8 @@ class KafkaSink:
         n = len(batch)
         if self._encoding == "otlp":
             enc = self._otlp.get(schema)
-            records = enc[0].encode(batch, time.time_ns())
-            reqs = logs_requests(self._resource, enc[1], records, self._max_message)
+            data, lens = enc[0].encode_flat(batch, time.time_ns())
+            reqs = logs_requests_flat(self._resource, enc[1], data, lens, self._max_message)
             return _Pending(batch, topic, headers, [r for r, _ in reqs], [None] * len(reqs),
                             [None] * len(reqs), counts=[c for _, c in reqs])
         if self._encoding == "json":
@@ -286,7 +286,8 @@ class KafkaSink:
             if self._pending is not None:
                 _logger.warning("kafka: a batch of %d records was given up while its delivery "
                                 "was unknown", len(self._pending.batch))
-            self._pending = self._encode(batch)
+            # Encoded in a worker thread (numpy passes mostly, which let the event loop run).
+            self._pending = await asyncio.to_thread(self._encode, batch)
         p = self._pending
         try:
             producer = await self._ensure_producer(deadline)

@@ -48,7 +48,7 @@ from pipeline.sinks.base import (
 from pipeline.sinks.encode import (
     OtlpLogEncoder,
     PerSchema,
-    logs_requests,
+    logs_requests_flat,
     otlp_resource,
     otlp_scope,
 )
@@ -256,13 +256,19 @@ class OtelLogsSink:
         return (OtlpLogEncoder(schema, body=self._gadget, body_field=body_field),
                 otlp_scope(self._gadget, VERSION, {"gadget.datasource": schema.name}))
 
+    def _requests(self, encoder: OtlpLogEncoder, scope: bytes, batch: Batch,
+                  observed_ns: int) -> list[tuple[bytes, int]]:
+        data, lens = encoder.encode_flat(batch, observed_ns)
+        return logs_requests_flat(self._resource, scope, data, lens, self._max_request)
+
     async def write(self, batch: Batch) -> int:
         if self._pending is not None and self._pending[0] is batch:
             _, requests, done, refused = self._pending
         else:
             encoder, scope = self._encoders.get(batch.schema)
-            records = encoder.encode(batch, time.time_ns())
-            requests = logs_requests(self._resource, scope, records, self._max_request)
+            # Built in a worker thread (numpy passes mostly, which let the event loop run).
+            requests = await asyncio.to_thread(self._requests, encoder, scope, batch,
+                                               time.time_ns())
             done, refused = 0, 0
         while done < len(requests):
             self._pending = (batch, requests, done, refused)
