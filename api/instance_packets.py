@@ -19,10 +19,10 @@ queue hold that same object. A client numbered from base 0 (a resuming one, and 
 an instance whose ring has not wrapped yet) is sent the chunk's bytes as they are; any other
 gets a copy with its five seq bytes per packet rewritten in one numpy pass.
 
-Compact buffers. A record whose last field is a large C string (trace_exec's 5 KiB ``args``)
-is kept without the bytes after that string's end; they are zeros on the wire (and the record's
-stale ring bytes there never leave the daemon), put back when a client's copy is made. So the
-ring and the queues hold the used part of such records, not their maximum size.
+Compact buffers. A record's large C string fields (trace_exec's 5 KiB ``args`` and its 512-byte
+paths) are kept without the bytes after each string's end; they are zeros on the wire (and the
+record's stale ring bytes there never leave the daemon), put back when a client's copy is made.
+So the ring and the queues hold the used part of such records, not their maximum size.
 """
 
 from __future__ import annotations
@@ -48,17 +48,18 @@ __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk",
 
 ATTACH_QUEUE = wire.ATTACH_QUEUE_DEFAULT
 """Live packets one attached client may have waiting before new ones are dropped, by default.
-Upstream keeps 1024 (docs/gadget-service.md §3.3); here one drain at the kernel-side limit is already ~1000
-records, so a client that misses a few scheduler slices would lose packets with that. The queue
-holds references to the chunks the ring holds too, so its length costs memory only while a
-client is behind: 65536 trace_open packets are ~25 MB then."""
+Upstream keeps 1024 (docs/gadget-service.md §3.3); here one drain at the kernel-side limit is
+already ~1000 records, so a client that misses a few scheduler slices would lose packets with
+that. The queue holds references to the chunks the ring holds too, so its length costs memory
+only while a client is behind: 65536 trace_open packets are ~35 MB then."""
 ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
 DROP_REPORT_INTERVAL = 1.0
 """At most one "you lost N events" log event per client per this many seconds."""
-COMPACT_TAIL = 1024
-"""A trailing C string field this large or larger is kept only up to its end (see above)."""
+COMPACT_FIELD = 512
+"""A C string field of payload 0 this large or larger is kept only up to its end (see
+above): trace_exec's args (5 KiB) and paths (512 bytes each)."""
 _WRITE_BUDGET = 1 << 20
 """Bytes (roughly) one attach write gathers before it goes out."""
 _SEQ_MASK = 0xFFFFFFFF
@@ -82,15 +83,11 @@ def _dsid_tail(ds_id: int) -> bytes:
     return bytes([_TAG_DSID]) + wire.varint(ds_id) if ds_id else b""
 
 
-def _tail_field(schema: DataSourceSchema) -> tuple[int, int] | None:
-    """(offset, size) of payload 0's last field when it is a C string worth cutting (only
-    the struct's tail padding may follow it)."""
-    last = max((f for f in schema.fields if f.payload_index == 0 and f.size and f.has_value),
-               key=lambda f: f.offs + f.size, default=None)
-    if (last is None or last.base_kind is not Kind.CSTRING or last.is_array
-            or last.size < COMPACT_TAIL or schema.record_size - (last.offs + last.size) >= 8):
-        return None
-    return last.offs, last.size
+def _cut_fields(schema: DataSourceSchema) -> list[tuple[int, int]]:
+    """(offset, size) of payload 0's C string fields worth keeping only in part."""
+    return sorted((f.offs, f.size) for f in schema.fields
+                  if f.payload_index == 0 and f.has_value and not f.is_array
+                  and f.base_kind is Kind.CSTRING and f.size >= COMPACT_FIELD)
 
 
 def _put_seqs(buf: npt.NDArray[np.uint8], at: npt.NDArray[np.intp],
@@ -121,7 +118,8 @@ class Chunk:
         self._starts = starts
         """Where each packet starts in ``_data`` (one more entry: the end)."""
         self._gap_at = gap_at
-        """Per packet, where (from its start) the zeros that were cut go back; None: no cut."""
+        """Per packet and cut field, where (from the full packet's start) the zeros that were
+        cut go back; None: no cut."""
         self._gap_len = gap_len
         self.ds_id = ds_id
         self.lo = lo
@@ -133,27 +131,25 @@ class Chunk:
 
     @classmethod
     def from_records(cls, batch: Batch, ds_id: int) -> Chunk:
-        """One ``GadgetEvent{GadgetData}`` packet per record, every payload included."""
+        """One ``GadgetEvent{GadgetData}`` packet per record, every payload included; large C
+        strings of payload 0 kept up to their NUL (see the module docstring)."""
         n = len(batch)
-        size = batch.schema.record_size
-        cut = _tail_field(batch.schema)
-        row_used: npt.NDArray[np.int64] | None = None
-        if cut is not None and n:
-            offs, fsize = cut
-            field = batch.rows[:, offs: offs + fsize]
+        cuts: list[wire.Cut] = []
+        for offs, size in _cut_fields(batch.schema) if n else ():
+            field = batch.rows[:, offs: offs + size]
             nul = field.argmin(axis=1)  # the first NUL (0 is the least byte), if there is one
             has_nul = field[np.arange(n), nul] == 0
-            # The NUL is kept: the string ends there.
-            row_used = (offs + np.where(has_nul, nul + 1, fsize)).astype(np.int64)
-            if bool((row_used == size).all()):
-                row_used = None
-        data, lens, head_len = wire.framed_records(batch, None, ds_id, row_used)
+            used = np.where(has_nul, nul + 1, size).astype(np.int64)  # the NUL is kept
+            if not bool((used == size).all()):
+                cuts.append((offs, size, used))
+        data, lens, head_len = wire.framed_records(batch, None, ds_id, cuts)
         starts = np.zeros(n + 1, dtype=np.intp)
         np.cumsum(lens, out=starts[1:])
-        if row_used is None:
+        if not cuts:
             return cls(data, starts, ds_id)
-        return cls(data, starts, ds_id, (head_len + row_used).astype(np.intp),
-                   (size - row_used).astype(np.intp))
+        gap_at = np.stack([head_len + offs + used for offs, _, used in cuts], axis=1)
+        gap_len = np.stack([size - used for _, size, used in cuts], axis=1)
+        return cls(data, starts, ds_id, gap_at.astype(np.intp), gap_len.astype(np.intp))
 
     @classmethod
     def from_payloads(cls, payloads: Sequence[bytes], ds_id: int) -> Chunk:
@@ -233,18 +229,18 @@ class Chunk:
 
 def _refill(buf: npt.NDArray[np.uint8], rel: npt.NDArray[np.intp], gap_at: npt.NDArray[np.intp],
             gap_len: npt.NDArray[np.intp]) -> bytes:
-    """The packets with their cut zeros put back (each packet's gap at ``gap_at`` from its
-    start, ``gap_len`` long)."""
+    """The packets with their cut zeros put back: packet i's gap k at ``gap_at[i, k]`` from its
+    start (in the full packet), ``gap_len[i, k]`` long."""
     n = len(rel)
-    full = np.diff(np.append(rel, len(buf))) + gap_len
+    full = np.diff(np.append(rel, len(buf))) + gap_len.sum(axis=1)
     out_starts = np.zeros(n, dtype=np.intp)
     np.cumsum(full[:-1], out=out_starts[1:])
     total = int(full.sum())
     # +1 at each gap's start, -1 at its end; the running sum marks the zeros.
-    marks = np.zeros(total + 1, dtype=np.int8)
-    np.add.at(marks, out_starts + gap_at, 1)
-    np.add.at(marks, out_starts + gap_at + gap_len, -1)
-    zero = np.cumsum(marks[:-1], dtype=np.int32) > 0
+    marks = np.zeros(total + 1, dtype=np.int32)
+    np.add.at(marks, (out_starts[:, None] + gap_at).ravel(), 1)
+    np.add.at(marks, (out_starts[:, None] + gap_at + gap_len).ravel(), -1)
+    zero = np.cumsum(marks[:-1]) > 0
     out = np.zeros(total, dtype=np.uint8)
     out[~zero] = buf
     return out.tobytes()

@@ -166,8 +166,12 @@ SEQ_PLACEHOLDER = b"\x80\x80\x80\x80\x00"
 :func:`framed_records` writes when the caller numbers the packets later, in place."""
 
 
+Cut = tuple[int, int, npt.NDArray[np.int64]]
+"""A field of payload 0 kept only in part: (offset, size, bytes kept of each record)."""
+
+
 def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int,
-                   row_used: npt.NDArray[np.int64] | None = None,
+                   cuts: Sequence[Cut] = (),
                    ) -> tuple[bytearray, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """One framed ``GadgetEvent{seq, GadgetData}`` per record, all payloads included, built
     as blocks of the whole batch (no object per record).
@@ -175,9 +179,10 @@ def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int
     Args:
         seqs: each record's seq; None writes :data:`SEQ_PLACEHOLDER` (five bytes, right
             after the gRPC prefix and the seq tag) for the caller to fill.
-        row_used: per record, how many bytes of payload 0 to keep; the rest (zeros on the
-            wire: the declared lengths are those of the whole record) is left out, for a
-            caller that puts it back when it sends.
+        cuts: fields of payload 0 (in offset order, not overlapping) of which each record
+            keeps only its first bytes; the rest of each (zeros on the wire: the declared
+            lengths are those of the whole record) is left out, for a caller that puts it back
+            when it sends.
 
     Returns:
         The records one after the other, each one's length (as returned), and where in each
@@ -205,11 +210,27 @@ def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int
     head_len = np.zeros(n, dtype=np.int64)
     for m, used in head:
         head_len += m.shape[1] if used is None else used
-    blocks = [*head, (batch.rows, row_used), *entries]
+    blocks = [*head, *_payload0_blocks(batch.rows, cuts), *entries]
     if tail:
         blocks.append(_const_block(n, tail))
     data, lens = assemble(blocks, n)
     return data, lens, head_len
+
+
+def _payload0_blocks(rows: npt.NDArray[np.uint8], cuts: Sequence[Cut]) -> list[Block]:
+    """Payload 0 as blocks: whole between the cut fields, each cut field kept in part."""
+    if not cuts:
+        return [(rows, None)]
+    blocks: list[Block] = []
+    end = 0
+    for offs, size, used in cuts:
+        if offs > end:
+            blocks.append((rows[:, end:offs], None))
+        blocks.append((rows[:, offs: offs + size], used))
+        end = offs + size
+    if end < rows.shape[1]:
+        blocks.append((rows[:, end:], None))
+    return blocks
 
 
 def _entry_blocks(col: Sequence[bytes], n: int) -> list[Block]:

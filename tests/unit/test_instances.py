@@ -160,17 +160,24 @@ def test_a_long_trailing_string_is_kept_compact_and_sent_at_full_size() -> None:
 
 def test_trace_exec_records_are_kept_at_their_used_size() -> None:
     schema = Catalog().resolve("trace_exec").datasources[0]
-    args = schema.field("args")
-    rows = np.full((4, schema.record_size), 0xEE, dtype=np.uint8)
-    rows[:, args.offs: args.offs + 8] = np.frombuffer(b"/bin/ls\0", dtype=np.uint8)
+    strings = [f for f in schema.fields if f.payload_index == 0 and f.size >= 512]
+    assert {f.full_name for f in strings} >= {"args", "cwd", "file", "exepath"}
+    rows = np.full((4, schema.record_size), 0xEE, dtype=np.uint8)  # stale ring bytes
+    expected = rows.copy()
+    for i, f in enumerate(strings):
+        text = f"/v{i}".encode() + b"\0"
+        rows[:, f.offs: f.offs + len(text)] = np.frombuffer(text, dtype=np.uint8)
+        expected[:, f.offs: f.offs + f.size] = 0
+        expected[:, f.offs: f.offs + len(text)] = np.frombuffer(text, dtype=np.uint8)
     c = Chunk.from_records(Batch(schema, rows), 0)
     c.number(1)
-    assert c.nbytes < 4 * (args.offs + 100)  # not 4 x 5.7 KB
-    for e in events_of([c], base=0):
-        p = pb.GadgetData.FromString(e.payload).data.payload[0]
-        assert len(p) == schema.record_size
-        assert p[: args.offs] == rows[0, : args.offs].tobytes()
-        assert p[args.offs:] == b"/bin/ls" + bytes(schema.record_size - args.offs - 7)
+    assert c.nbytes < 4 * (schema.record_size - sum(f.size for f in strings) + 200)
+    for base in (0, 3):
+        payloads = [pb.GadgetData.FromString(e.payload).data.payload[0]
+                    for e in events_of([c], base)]
+        assert payloads == [expected[i].tobytes() for i in range(4)]
+    assert [len(f) for f in split_frames(bytes(c.slice(2).frame(0)))] == [
+        len(f) for f in split_frames(bytes(c.frame(0)))][2:]
 
 
 def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:

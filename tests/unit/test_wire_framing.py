@@ -79,7 +79,7 @@ def test_placeholder_seqs_are_five_bytes_at_a_fixed_place() -> None:
 def test_payload_zero_cut_short_leaves_exactly_the_cut_out() -> None:
     b = batch(200, NAMES["runs"], "runs")
     keep = np.where(np.arange(200) % 2 == 0, 4, 1).astype(np.int64)
-    data, lens, head = wire.framed_records(b, None, 1, keep)
+    data, lens, head = wire.framed_records(b, None, 1, [(0, 4, keep)])
     full, full_lens, full_head = wire.framed_records(b, None, 1)
     assert (full_lens - lens).tolist() == (4 - keep).tolist()
     assert head.tolist() == full_head.tolist()
