@@ -109,6 +109,9 @@ def cmd_gadgets(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.heap import limit_arenas
+
+    limit_arenas()  # before the daemon starts any thread (pipeline/heap.py)
     from api.daemon import Daemon
     from api.server import ListenError
 
