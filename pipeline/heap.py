@@ -16,9 +16,10 @@ __all__ = ["MAX_ARENAS", "HeapTrimmer", "limit_arenas", "trim_heap"]
 MAX_ARENAS = 2
 """malloc arenas a daemon uses. glibc gives threads arenas of their own (up to 8 per core);
 the daemon's threads (BPF compiles, sinks' encoders and writers, to_thread calls) then leave
-freed memory scattered over them, where it stays resident. Measured with ten instances (five
-trace_exec, five trace_open, bench/memory.py): RssAnon 98 MB with the default, 79 MB with
-two."""
+freed memory scattered over them, where it stays resident. Measured with nine idle instances
+(five trace_exec, four trace_open): RssAnon 88-98 MB with the default, 79-93 MB with two; runs
+vary by ~10 MB either way (when the compiles' heaps are trimmed), so the gain is within the
+noise of a few runs, not beyond it."""
 _M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
 
 TRIM_DELAY = 0.5
