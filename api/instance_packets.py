@@ -43,15 +43,20 @@ from pipeline.ledger import REASON_QUEUE_FULL, STAGE_ATTACH, Ledger
 from pipeline.schema import DataSourceSchema, Kind
 from pipeline.severity import Severity
 
-__all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk",
+__all__ = ["ATTACH_QUEUE", "ATTACH_QUEUE_BYTES", "ATTACH_STAGE", "Attacher", "Chunk",
            "PacketRing", "node_field", "write_replay"]
 
 ATTACH_QUEUE = wire.ATTACH_QUEUE_DEFAULT
 """Live packets one attached client may have waiting before new ones are dropped, by default.
 Upstream keeps 1024 (docs/gadget-service.md §3.3); here one drain at the kernel-side limit is
-already ~1000 records, so a client that misses a few scheduler slices would lose packets with
-that. The queue holds references to the chunks the ring holds too, so its length costs memory
-only while a client is behind: 65536 trace_open packets are ~35 MB then."""
+already ~1000-2000 records. Measured (bench/fanout.py's workload, 200,000 opens; four
+upstream-style Go clients): with 65536 they were lossless at 200k opens/s and lost 25-65 % at
+300k/s, what one client alone takes; with 262144 none lost at 300k/s nor unthrottled (880k/s).
+The queue holds references to the chunks the ring and the other clients hold, so its length
+costs memory only while a client is behind, and :data:`ATTACH_QUEUE_BYTES` bounds that."""
+ATTACH_QUEUE_BYTES = 128 << 20
+"""Encoded bytes one attached client may have waiting (262144 trace_open packets are ~136 MB,
+trace_exec's compact ones ~1-3 KB each): whichever bound is reached first drops."""
 ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
@@ -189,6 +194,13 @@ class Chunk:
         """Bytes this window holds (its share of the encoded bytes)."""
         return int(self._starts[self.hi] - self._starts[self.lo])
 
+    def fitting(self, budget: int) -> int:
+        """How many of the window's first packets take at most ``budget`` bytes."""
+        if self.nbytes <= budget:
+            return self.packets
+        ends = self._starts[self.lo + 1: self.hi + 1] - self._starts[self.lo]
+        return int(np.searchsorted(ends, budget, side="right"))
+
     @property
     def encoded(self) -> bytearray:
         """The encoded bytes behind this window: the same object for every slice of a chunk
@@ -296,18 +308,22 @@ class PacketRing:
 class Attacher:
     """One attached client: a bounded, drop-newest queue of packets and the task sending them.
 
-    The queue counts packets; a packet offered while ``capacity`` packets wait (including the
-    ones being written) is dropped, counted in the ledger and later announced to the client.
+    The queue counts packets and their bytes; a packet offered while ``capacity`` packets or
+    ``max_bytes`` bytes wait (including the ones being written) is dropped, counted in the
+    ledger and later announced to the client.
     """
 
-    def __init__(self, name: str, capacity: int, ledger: Ledger, label: str) -> None:
+    def __init__(self, name: str, capacity: int, ledger: Ledger, label: str,
+                 max_bytes: int = ATTACH_QUEUE_BYTES) -> None:
         self.name = name
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._ledger = ledger
         self._label = label
         self._items: deque[Chunk] = deque()
         self._logs: deque[bytes] = deque(maxlen=64)
         self._depth = 0
+        self._bytes = 0
         self._closed = False
         self._wake = asyncio.Event()
         self.dropped = 0
@@ -321,11 +337,13 @@ class Attacher:
         if self._closed or n == 0:
             return
         self._ledger.produced(self._label, ATTACH_STAGE, n)
-        room = max(0, self.capacity - self._depth)
-        take = min(n, room)
+        take = min(n, max(0, self.capacity - self._depth),
+                   chunk.fitting(max(0, self.max_bytes - self._bytes)))
         if take:
-            self._items.append(chunk if take == n else chunk.slice(0, take))
+            part = chunk if take == n else chunk.slice(0, take)
+            self._items.append(part)
             self._depth += take
+            self._bytes += part.nbytes
             self._wake.set()
         if n > take:
             self.dropped += n - take
@@ -349,6 +367,7 @@ class Attacher:
             self._ledger.dropped(self._label, ATTACH_STAGE, self._depth, reason)
         self._items.clear()
         self._depth = 0
+        self._bytes = 0
 
     def _drop_report(self, final: bool) -> bytes:
         lost = self.dropped - self._reported
@@ -390,7 +409,7 @@ class Attacher:
             # read fills its queue and loses the newest packets, not the daemon's memory.
             await writer.write(b"".join(parts))
             for _ in range(taken):
-                self._items.popleft()
+                self._bytes -= self._items.popleft().nbytes
             self._depth -= packets
             self.sent += packets
             self._ledger.delivered(self._label, ATTACH_STAGE, packets)

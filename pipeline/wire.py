@@ -21,7 +21,7 @@ GRPC_PREFIX = "operator.grpc."
 BATCH_MAX = GRPC_PREFIX + "batch-max"
 BATCH_LINGER = GRPC_PREFIX + "batch-linger"
 ATTACH_QUEUE = GRPC_PREFIX + "attach-queue"
-ATTACH_QUEUE_DEFAULT = 65536
+ATTACH_QUEUE_DEFAULT = 262144
 """Packets an instance's attached client may have waiting (api/instance_packets.py says why
 this many)."""
 GRPC_PARAMS: tuple[ParamSpec, ...] = (

@@ -197,6 +197,16 @@ def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
     assert ledger.get("instance:x", "attach", PRODUCED) == 7
 
 
+def test_client_queue_is_bounded_in_bytes_too() -> None:
+    ledger = Ledger()
+    one = chunk([1]).nbytes
+    a = Attacher("attach-1", 1000, ledger, "instance:x", max_bytes=3 * one)
+    a.offer(chunk([1, 2], 1))
+    a.offer(chunk([3, 4], 3))  # one of these fits
+    assert pids_of(list(a._items)) == [1, 2, 3] and a.dropped == 1
+    assert ledger.get("instance:x", "attach", DROPPED, "queue_full") == 1
+
+
 def test_random_names_are_valid_and_unique() -> None:
     names: set[str] = set()
     for _ in range(200):
