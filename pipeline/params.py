@@ -62,6 +62,8 @@ class ParamSpec:
     tags: tuple[str, ...] = ()
     alternative_key: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    value_hint: str = ""
+    """What the value names, for clients' completion (upstream's ``k8s:pod``, ...)."""
 
     @property
     def full_key(self) -> str:
@@ -73,6 +75,7 @@ class ParamSpec:
             defaultValue=self.default, typeHint=self.type_hint, alias=self.alias,
             title=self.title, possibleValues=list(self.possible_values),
             isMandatory=self.mandatory, tags=list(self.tags), alternativeKey=self.alternative_key,
+            valueHint=self.value_hint,
         )
 
     def parse(self, raw: str) -> Any:
