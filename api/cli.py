@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
+    s.add_argument("--containerd-socket", help="containerd's socket, whose containers enrich "
+                   "records ('' to watch none; default /run/containerd/containerd.sock)")
+    s.add_argument("--containerd-namespace", help="containerd namespace to watch (default "
+                   "k8s.io, Kubernetes')")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)
 

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.containers.collection import ContainerCollection
 from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
 
@@ -25,6 +26,8 @@ class ServiceContext:
         events_buffer_length: records a direct run's stream may queue before dropping.
         drain_deadline: seconds a stopping stream may take to send what is queued.
         instances: the instance manager, once the daemon has one.
+        containers: the containers the runtime reports (every run's records are enriched from
+            it and container selection reads it); empty when no runtime is watched.
         shutting_down: set when the daemon begins to stop: every stream ends as a stop request
             would end it (runs drain into their clients, which get status OK; attach streams
             send what is queued), before the server closes what is left.
@@ -37,6 +40,8 @@ class ServiceContext:
     drain_deadline: float = 5.0
     instances: Any = None
     sinks: Any = None
+    containers: ContainerCollection = field(
+        default_factory=lambda: ContainerCollection(host_netns=0))
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     _runs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 

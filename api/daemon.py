@@ -18,6 +18,10 @@ from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
+from pipeline.containers.collection import ContainerCollection
+from pipeline.containers.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
+from pipeline.containers.containerd import DEFAULT_SOCKET as CONTAINERD_SOCKET
+from pipeline.containers.watcher import RuntimeWatcher
 from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
 from pipeline.selfmetrics import MetricsServer
@@ -47,6 +51,9 @@ class DaemonSettings:
     nodes: dict[str, str] = field(default_factory=dict)
     """Peer daemons by node name (``{"node-b": "unix:///run/b.sock", "node-c": "10.0.0.3:8080"}``):
     multi-node instances and legacy fan-out runs forward to them and merge their streams."""
+    containerd_socket: str = CONTAINERD_SOCKET
+    """containerd's socket: its containers enrich every record ("" watches none)."""
+    containerd_namespace: str = CONTAINERD_NAMESPACE
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
@@ -57,7 +64,8 @@ class DaemonSettings:
 
 
 class Daemon:
-    """Start order: catalog and ledger, metrics, instance manager, gRPC server; stop reversed."""
+    """Start order: catalog and ledger, container watcher, sinks, metrics, instance manager,
+    gRPC server; stop reversed."""
 
     def __init__(self, settings: DaemonSettings) -> None:
         self.settings = settings
@@ -71,11 +79,20 @@ class Daemon:
         self.instances: InstanceManager | None = None
         self.sinks: SinkManager | None = None
         self.metrics: MetricsServer | None = None
+        self.watcher: RuntimeWatcher | None = None
         self.reconciler: ConfigReconciler | None = None
         self._stops: list[Callable[[], Any]] = []
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        # Containers first: runs (restored instances too) enrich from the collection, which
+        # the watcher fills in the background; no runtime is a warning, not a failure.
+        self.ctx.containers = ContainerCollection()
+        self.on_stop(self.ctx.containers.close)
+        self.watcher = RuntimeWatcher(self.ctx.containers, self.settings.containerd_socket,
+                                      self.settings.containerd_namespace)
+        await self.watcher.start()
+        self.on_stop(self.watcher.stop)
         # Sinks before anything that starts runs; their stop runs after the server's (reverse
         # order), so runs end first and their sinks drain within the deadline.
         self.sinks = SinkManager(self.ledger, self.settings.sinks, node=self.ctx.node)

@@ -62,7 +62,7 @@ def new_run(ctx: ServiceContext, spec: GadgetSpec, params: dict[str, str], name:
         extra += ctx.sinks.params()
         prefixes += ctx.sinks.prefixes()
     try:
-        run = GadgetRun(spec, params, ctx.ledger, name, extra, prefixes)
+        run = GadgetRun(spec, params, ctx.ledger, name, extra, prefixes, ctx.containers)
     except RunError as e:
         raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
     if ctx.sinks is not None:

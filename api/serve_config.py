@@ -69,6 +69,10 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
     s.insecure = s.insecure or args.insecure
     if args.socket_group:
         s.socket_group = args.socket_group
+    if getattr(args, "containerd_socket", None) is not None:
+        s.containerd_socket = args.containerd_socket
+    if getattr(args, "containerd_namespace", None):
+        s.containerd_namespace = args.containerd_namespace
     s.tls = layer_tls(s.tls, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                       getattr(args, "tls_client_ca", None))
     return s

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pipeline.batch import Batch
+from pipeline.containers import selector as container_selector
+from pipeline.containers.collection import ContainerCollection
 from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.graph import Edge, Fanout, Overflow
 from pipeline.ledger import Ledger
@@ -66,7 +68,8 @@ OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
     *enrich_op.PARAMS,
 )
 OWNED_PREFIXES: tuple[str, ...] = (EBPF_PREFIX, RUNTIME_PREFIX, "operator.filter.",
-                                   "operator.fields.", enrich_op.PREFIX)
+                                   "operator.fields.", enrich_op.PREFIX,
+                                   container_selector.PREFIX)
 
 LogListener = Callable[[int, str], None]
 
@@ -75,13 +78,11 @@ class RunError(ValueError):
     """The run request is invalid (bad params or operator settings)."""
 
 
-def build_operators(values: Mapping[str, Any],
-                    schemas: list[DataSourceSchema]) -> list[Operator]:
-    ops: list[Operator] = []
-    if enrich_op.wanted(values):
-        # First, as upstream enriches before filtering: later operators see the new fields.
-        ops.append(enrich_op.Enrich(values, schemas))
-        schemas = [ops[-1].output_schema(s) for s in schemas]
+def build_operators(values: Mapping[str, Any], schemas: list[DataSourceSchema],
+                    enrich: enrich_op.Enrich | None = None) -> list[Operator]:
+    # Enrichment first, as upstream enriches before filtering: later operators see its fields.
+    ops: list[Operator] = [enrich or enrich_op.Enrich(values, schemas)]
+    schemas = [ops[-1].output_schema(s) for s in schemas]
     if values.get("operator.filter.filter"):
         ops.append(filter_op.Filter(values["operator.filter.filter"], schemas))
     if values.get("operator.fields.fields"):
@@ -151,18 +152,23 @@ class GadgetRun:
         instance: the ledger label of this run.
         extra_params: params other layers own (gRPC stream, sinks); validated here too.
         extra_prefixes: the prefixes of ``extra_params``, checked strictly.
+        containers: the daemon's container collection (records' ``k8s``/``runtime`` fields
+            and container selection); None: no container is known.
     """
 
     def __init__(self, spec: GadgetSpec, param_values: Mapping[str, str], ledger: Ledger,
                  instance: str, extra_params: Iterable[ParamSpec] = (),
-                 extra_prefixes: Iterable[str] = ()) -> None:
+                 extra_prefixes: Iterable[str] = (),
+                 containers: ContainerCollection | None = None) -> None:
         self.spec = spec
         self.instance = instance
         self._ledger = ledger
         specs = [*spec.params, *OPERATOR_PARAMS, *extra_params]
         try:
-            self.values = resolve(specs, param_values, (*OWNED_PREFIXES, *extra_prefixes))
-            self._operators = build_operators(self.values, list(spec.datasources))
+            self.values = resolve(specs, container_selector.with_kube_aliases(param_values),
+                                  (*OWNED_PREFIXES, *extra_prefixes))
+            self._enrich = enrich_op.Enrich(self.values, list(spec.datasources), containers)
+            self._operators = build_operators(self.values, list(spec.datasources), self._enrich)
         except (ParamError, OperatorError) as e:
             raise RunError(str(e)) from e
         self._shedder = ShedController.from_values(self.values)
@@ -221,6 +227,7 @@ class GadgetRun:
             with contextlib.suppress(Exception):
                 await self._source.stop()
             raise
+        self._enrich.attach(self._source, self.log)
         self.started.set()
         if self._shedder is not None:
             if hasattr(self._source, "set_sample_rate") and \
@@ -336,6 +343,7 @@ class GadgetRun:
                 await self._source.stop()
                 self._sync_kernel_losses()
         finally:
+            self._enrich.close()
             self.fanout.close()
             self.finished.set()
 

@@ -11,12 +11,16 @@ numpy), the in-kernel selection maps (change events) and trace_dns (one packet s
 container network namespace, from the events).
 
 A container whose task ended stays findable by its namespaces for :data:`RETIRE_S` seconds:
-records its last processes wrote are still being drained then.
+records its last processes wrote are still being drained then. Meanwhile the collection holds
+an fd on each of its namespaces, as upstream's does, so the kernel cannot hand the inode number
+to a new namespace that would then be taken for the container's (seen: a new mount namespace
+of the host took an ended container's number within a second).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +133,7 @@ class ContainerCollection:
         self._version = 0
         self._table: LookupTable | None = None
         self._next_expiry = float("inf")
+        self._held: dict[str, tuple[int, list[int]]] = {}  # id -> (mntns, namespace fds)
 
     # -- changes (from the watcher) -------------------------------------------------------------
 
@@ -159,10 +164,11 @@ class ContainerCollection:
         e = self._entries.get(container_id)
         if e is None:
             return None  # unknown, or a pod's sandbox (not traced as a container)
-        mntns = procfs.ns_inode(pid, "mnt", self.proc)
+        mnt_fd, mntns = procfs.open_ns(pid, "mnt", self.proc)
         if not mntns:
             return None  # gone already
-        netns = procfs.ns_inode(pid, "net", self.proc)
+        net_fd, netns = procfs.open_ns(pid, "net", self.proc)
+        self._hold(container_id, mntns, [mnt_fd, net_fd])
         cg = procfs.cgroup_of(pid, self.proc)
         same_task = e.container.pid == pid
         c = e.container.with_(
@@ -208,6 +214,7 @@ class ContainerCollection:
         e = self._entries.get(container_id)
         if e is not None and not e.container.mntns:
             del self._entries[container_id]  # never ran, or retired entries expire by time
+            self._release(container_id)
             self._changed()
         for uid, sb in list(self._sandboxes.items()):
             if sb.id == container_id:
@@ -227,6 +234,7 @@ class ContainerCollection:
         """The runtime went away: forget everything (listeners hear each removal)."""
         for cid in list(self._entries):
             self.end_task(cid)
+            self._release(cid)
         self._entries.clear()
         self._sandboxes.clear()
         self._changed()
@@ -299,6 +307,7 @@ class ContainerCollection:
                 continue
             if now >= e.retired_at + RETIRE_S:
                 del self._entries[cid]
+                self._release(cid)
                 self._changed()
             else:
                 self._next_expiry = min(self._next_expiry, e.retired_at + RETIRE_S)
@@ -318,7 +327,14 @@ class ContainerCollection:
         if c is None:
             return Classified.NOT_CONTAINER
         if c.mntns != mntns:
-            netns = procfs.ns_inode(pid, "net", self.proc)
+            mnt_fd, held = procfs.open_ns(pid, "mnt", self.proc)
+            net_fd, netns = procfs.open_ns(pid, "net", self.proc)
+            if held != mntns:  # the process left (or exited) meanwhile
+                for fd in (mnt_fd, net_fd):
+                    if fd >= 0:
+                        os.close(fd)
+                return Classified.UNKNOWN
+            self._hold(c.id, mntns, [mnt_fd, net_fd])
             self.upsert(c.with_(mntns=mntns, netns=netns, cgroup_path=cg.path,
                                 cgroup_id=cg.id, host_network=netns == self.host_netns))
         return Classified.CONTAINER
@@ -337,6 +353,28 @@ class ContainerCollection:
         return None
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _hold(self, container_id: str, mntns: int, fds: list[int]) -> None:
+        """Keeps ``fds`` (the namespaces of the container's task) open until it is gone."""
+        old = self._held.get(container_id)
+        if old is not None and old[0] == mntns:
+            fds, extra = old[1], fds  # the same task: keep the first fds
+        else:
+            extra = old[1] if old is not None else []
+            self._held[container_id] = (mntns, [fd for fd in fds if fd >= 0])
+        for fd in extra:
+            if fd >= 0:
+                os.close(fd)
+
+    def _release(self, container_id: str) -> None:
+        held = self._held.pop(container_id, None)
+        for fd in held[1] if held is not None else ():
+            os.close(fd)
+
+    def close(self) -> None:
+        """Closes every namespace fd held (the daemon stops)."""
+        for cid in list(self._held):
+            self._release(cid)
 
     def _changed(self) -> None:
         self._version += 1

@@ -8,7 +8,7 @@ carry containerd's ``containerd-namespace`` header.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ class ContainerdClient:
             raise
         return str(r.image.target.digest)
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Every event of this client's namespace from now on, decoded; other payload types
         come with ``payload`` None."""
         stub = events_grpc.EventsStub(self._channel)

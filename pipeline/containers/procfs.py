@@ -26,6 +26,21 @@ def ns_inode(pid: int, kind: str, proc: str = PROC) -> int:
         return 0
 
 
+def open_ns(pid: int, kind: str, proc: str = PROC) -> tuple[int, int]:
+    """An open fd on ``/proc/<pid>/ns/<kind>`` and the namespace's inode, (-1, 0) when the
+    process is gone. Holding the fd keeps the namespace, and so its inode number, from being
+    reused by a new namespace while records may still name it (upstream holds them too)."""
+    try:
+        fd = os.open(f"{proc}/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1, 0
+    try:
+        return fd, os.fstat(fd).st_ino
+    except OSError:
+        os.close(fd)
+        return -1, 0
+
+
 def parse_cgroup_file(text: str) -> bytes:
     """The process's cgroup path from ``/proc/<pid>/cgroup``: the unified (v2) path unless it
     is the root on a hybrid host, then the first non-root v1 path by ``_V1_ORDER``."""

@@ -3,6 +3,8 @@
 // sys_exit_* of read, write, pread64, pwrite64, readv, writev; the fd is saved per thread at
 // entry and resolved to its file (task->files->fdt->fd[fd]) when the call returns with a count.
 #include "gadget.h"
+#define GADGET_MNTNS_FILTER_IDX 1  // no ring: the container selection's map is the first table
+#include "gadget_containers.h"
 
 #if !defined(GADGET_OFF_TASK_FILES) || !defined(GADGET_OFF_FILES_FDT) || \
     !defined(GADGET_OFF_FDTABLE_FD) || !defined(GADGET_OFF_FDTABLE_MAX_FDS) || \
