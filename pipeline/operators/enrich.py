@@ -86,6 +86,9 @@ NETNS_TAG = "type:gadget_netns_id"
 NEGATIVE_TTL_S = 10.0
 """Seconds a mount namespace found to be no container's is not looked at again (its inode
 may later be reused by a container's, whose runtime event then names it)."""
+UNKNOWN_TTL_S = 0.5
+"""Seconds a namespace whose process was gone before it could be classified is not tried
+again (bounds the /proc reads a stream of short-lived processes costs)."""
 CLASSIFY_PER_BATCH = 32
 """At most this many unknown namespaces are classified from /proc per batch."""
 
@@ -423,7 +426,9 @@ class Enrich:
             mnt = column(batch, plan.mntns).astype(np.uint64)
             rows = table.rows_by_mntns(mnt)
             miss = (rows == 0) & (mnt != 0)
-            if miss.any() and plan.pid is not None and self._learn(batch, plan, mnt, miss):
+            # Without a runtime nothing can be learnt: no /proc reads then.
+            learn = plan.pid is not None and (self.collection.connected or len(self.collection))
+            if learn and miss.any() and self._learn(batch, plan, mnt, miss):
                 table = self.collection.table()
                 rows = table.rows_by_mntns(mnt)
         if plan.netns is not None and len(table.netns_keys):
@@ -458,6 +463,8 @@ class Enrich:
                 self._negative[m] = now + NEGATIVE_TTL_S
                 if self._kernel is not None:
                     self._kernel.exclude(m)
+            else:
+                self._negative[m] = now + UNKNOWN_TTL_S
         return learnt
 
     def _cgroups(self, batch: Batch, plan: _Plan, rows: npt.NDArray[np.intp], vals: _Values,

@@ -85,7 +85,7 @@ async def test_manager_attaches_each_enabled_sink_on_its_own_edge(spec: GadgetSp
     attached = await m.attach(run)
     assert sorted(e.name for e in run.fanout.edges) == ["sink:jsonl", "sink:prometheus"]
     assert m.attached() == [attached]
-    schema = run.schemas[0]
+    schema = spec.datasources[0]  # what a source emits (the run adds its own fields)
     await run.fanout.publish(records(schema, range(0, 3)))
     await run.fanout.publish(records(schema, range(3, 5)))
     await run.stop()
@@ -99,7 +99,7 @@ async def test_manager_attaches_each_enabled_sink_on_its_own_edge(spec: GadgetSp
     run2 = GadgetRun(spec, {"operator.jsonl.enable": "true", "operator.jsonl.path": str(own)},
                      ledger, "i2", m.params(), m.prefixes())
     a2 = await m.attach(run2)
-    await run2.fanout.publish(records(run2.schemas[0], range(7, 8)))
+    await run2.fanout.publish(records(spec.datasources[0], range(7, 8)))
     await run2.stop()
     await a2.close()
     assert pids_in(own) == [7]
