@@ -1160,7 +1160,7 @@ def _sink_problem(sink: str, values: Mapping[str, Any], run: GadgetRun) -> tuple
 
         topic = str(values.get(p + "topic") or "")
         try:
-            check_template(topic)
+            check_template(topic, run.schemas)
         except ValueError as e:
             return p + "topic", str(e)
         key = str(values.get(p + "key") or "")

@@ -103,6 +103,11 @@ class Batch:
         idx = np.flatnonzero(mask)
         return Batch(self.schema, self.rows[mask], tuple(take(col, idx) for col in self.extra))
 
+    def slice(self, start: int, stop: int) -> Batch:
+        """Records ``start`` to ``stop`` (views; coded columns stay coded)."""
+        return Batch(self.schema, self.rows[start:stop],
+                     tuple(col[start:stop] for col in self.extra))
+
     def with_schema(self, schema: DataSourceSchema) -> Batch:
         return Batch(schema, self.rows, self.extra)
 

@@ -42,11 +42,10 @@ from pipeline.sinks.base import (
     has_field,
     register_sink,
 )
+from pipeline.sinks.container_resource import container_requests
 from pipeline.sinks.encode import (
     OtlpLogEncoder,
     PerSchema,
-    logs_requests,
-    otlp_resource,
     otlp_scope,
 )
 
@@ -224,7 +223,8 @@ class OtelLogsSink:
 
     Args:
         transport: gRPC or HTTP.
-        resource: the encoded ``Resource`` of every request.
+        resource: the attributes of every request's ``Resource``; each container's records
+            add that container's (k8s.*, container.*: pipeline/sinks/container_resource.py).
         gadget: the gadget's name (scope name and default body).
         body_field: a field whose value becomes the body (default: the gadget's name).
         max_request: bytes one request may hold.
@@ -232,10 +232,10 @@ class OtelLogsSink:
 
     name = "otel-logs"
 
-    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: bytes,
+    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: dict[str, Any],
                  gadget: str, body_field: str, max_request: int) -> None:
         self._transport = transport
-        self._resource = resource
+        self._resource_attrs = resource
         self._gadget = gadget
         self._body_field = body_field
         self._max_request = max_request
@@ -257,7 +257,8 @@ class OtelLogsSink:
         else:
             encoder, scope = self._encoders.get(batch.schema)
             records = encoder.encode(batch, time.time_ns())
-            requests = logs_requests(self._resource, scope, records, self._max_request)
+            requests = container_requests(self._resource_attrs, scope, batch, records,
+                                          self._max_request)
             done, refused = 0, 0
         while done < len(requests):
             self._pending = (batch, requests, done, refused)
@@ -324,8 +325,8 @@ class OtelLogsSinkType(SinkTypeBase):
         transport: _GrpcTransport | _HttpTransport = (
             _HttpTransport(endpoint, headers, timeout, gz) if own.get("protocol") == "http"
             else _GrpcTransport(endpoint, headers, timeout, gz))
-        resource = otlp_resource({**resource_attributes(context),
-                                  "host.name": context.node or socket.gethostname()})
+        resource = {**resource_attributes(context),
+                    "host.name": context.node or socket.gethostname()}
         return OtelLogsSink(transport, resource, context.gadget, body,
                             int(own.get("max-request-bytes") or DEFAULT_MAX_REQUEST))
 

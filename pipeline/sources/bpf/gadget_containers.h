@@ -6,7 +6,7 @@
  * the map does not hold passes: user space classifies it (a container the runtime has not
  * reported yet, or a host namespace), drops its records if unselected, and writes the answer
  * here. Without the macro no table is declared and gadget_should_discard() is exactly
- * gadget_filter_discard() (gadget_filter.h).
+ * gadget_filter_discard() (gadget_filter.h defines it so then).
  *
  * The map is reached through its pseudo fd (bcc does not rewrite map methods written in
  * headers; see gadget_ringbuf.h), so the includer says which table it is:
@@ -40,7 +40,6 @@ static __always_inline bool gadget_mntns_unselected(__u64 mntns)
 	(gadget_filter_discard() || gadget_mntns_unselected(gadget_get_mntns_id()))
 #else
 #define gadget_mntns_unselected(mntns) 0
-#define gadget_should_discard() gadget_filter_discard()
 #endif
 
 #endif

@@ -83,4 +83,9 @@ static __always_inline bool gadget_filter_discard(void)
 	return false;
 }
 
+#ifndef GADGET_FILTER_CONTAINERS
+/* With container selection, gadget_containers.h defines it with the selection map's check. */
+#define gadget_should_discard() gadget_filter_discard()
+#endif
+
 #endif /* GADGETPIPE_GADGET_FILTER_H */
