@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from api._gen import gadget_service_pb2 as pb
 from api.cli import Printer, _consume
 from api.client import GadgetClient, RunStream
-from api.instance_manager import FROM_SEQ_METADATA, SEQ_BASE_METADATA
+from api.instance import FROM_SEQ_METADATA, SEQ_BASE_METADATA
 from pipeline.params import parse_duration
 
 ClientFactory = Callable[[argparse.Namespace], GadgetClient]

@@ -14,10 +14,6 @@ from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import field_table, gadget_info, sorted_datasources
 from api.run_stream import (
-    BATCH_LINGER,
-    BATCH_MAX,
-    GRPC_PARAMS,
-    GRPC_PREFIX,
     LogForwarder,
     StreamLayout,
     StreamSink,
@@ -27,8 +23,12 @@ from api.run_stream import (
 from api.stream_writer import FramedWriter
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
+from pipeline.operators import fields as fields_op
+from pipeline.operators import filter as filter_op
+from pipeline.params import redact
 from pipeline.run import GadgetRun, RunError
 from pipeline.sources.base import SourceError
+from pipeline.wire import BATCH_LINGER, BATCH_MAX, GRPC_PARAMS, GRPC_PREFIX
 
 _logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def new_run(ctx: ServiceContext, spec: GadgetSpec, params: dict[str, str], name:
 
 def graph_mermaid(run: GadgetRun) -> str:
     lines = ["flowchart LR", f"  src[{run.spec.name}: BPF ring buffers]"]
-    ops = [k.split(".")[1] for k in ("operator.filter.filter", "operator.fields.fields")
+    ops = [k.split(".")[1] for k in (filter_op.PARAM, fields_op.PARAM)
            if run.values.get(k)]
     prev = "src"
     for op in ops:
@@ -156,7 +156,7 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
     run.add_log_listener(logs)
     sinks = None
     try:
-        for key, value in sorted(rr.paramValues.items()):
+        for key, value in sorted(redact(dict(rr.paramValues), run.param_specs).items()):
             run.log(5, f"param {key}: {value}")
         info = gadget_info(run.spec, rr.imageName, layout.schemas, run.param_specs,
                            with_ids=True)

@@ -51,13 +51,14 @@ from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_manager import DIRECT_RUNS, new_run
-from api.instance_manager import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, describe_error, peer_problem
 from api.run_stream import read_control
 from api.stream_writer import FramedWriter
 from pipeline import accessors, wire
 from pipeline.batch import Batch
 from pipeline.gadget import RUNTIME_PREFIX, GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow
+from pipeline.params import redact
 from pipeline.run import OPERATOR_PARAMS, GadgetRun
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag
 
@@ -339,7 +340,7 @@ class _Session:
         sinks = None
         sender: asyncio.Task[None] | None = None
         try:
-            for key, value in sorted(run.values.items()):
+            for key, value in sorted(redact(run.values, run.param_specs).items()):
                 run.log(5, f"param {key}: {value}")
             try:
                 if self._ctx.sinks is not None:

@@ -8,13 +8,27 @@ dataSourceID=4}, GadgetData{data=3}, GadgetDataArray{dataArray=3}, DataElement{p
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, CodedColumn
+from pipeline.batch import Batch, Coded, CodedColumn, Fixed, LazyColumn, object_column
+from pipeline.params import ParamSpec
+
+GRPC_PREFIX = "operator.grpc."
+BATCH_MAX = GRPC_PREFIX + "batch-max"
+BATCH_LINGER = GRPC_PREFIX + "batch-linger"
+GRPC_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("batch-max", GRPC_PREFIX, "Records per packet. 0: one GadgetEvent per record "
+              "(what upstream clients expect); N: GadgetDataArray packets of up to N records",
+              "0", "uint32", tags=("group:Data Collection",)),
+    ParamSpec("batch-linger", GRPC_PREFIX, "How long a batched packet may wait to fill up",
+              "20ms", "duration", tags=("group:Data Collection",)),
+)
+"""How a run's records are packed into gadget service messages: the params of every run a
+gRPC client receives (the config loader validates them with the rest)."""
 
 EVENT_TYPE_PAYLOAD = 0
 EVENT_TYPE_INFO = 4
@@ -29,6 +43,7 @@ _TAG_PAYLOAD = 0x0A  # DataElement.payload
 
 # The largest value of each varint length; seq is a uint32 so five bytes is the most.
 _VARINT_LIMITS = np.array([1 << 7, 1 << 14, 1 << 21, 1 << 28], dtype=np.uint64)
+_VARINT_LIMITS_64 = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
 
 
 def varint(value: int) -> bytes:
@@ -86,207 +101,411 @@ def _element_prefix(record_size: int) -> bytes:
     return bytes([_TAG_PAYLOAD]) + varint(record_size)
 
 
-def _fixed_frames(rows: npt.NDArray[np.uint8], seqs: npt.NDArray[np.uint64], vlen: int,
-                  suffix: bytes, tail: bytes) -> npt.NDArray[np.uint8]:
-    """Framed ``GadgetEvent{seq, GadgetData}``s of equal width, one row each: records whose
-    seqs all take ``vlen`` varint bytes and whose payloads after payload 0 encode to ``suffix``
-    (the DataElement entries 1..P-1, framed)."""
-    size = rows.shape[1]
-    element = _element_prefix(size)
-    de_len = len(element) + size + len(suffix)
-    gd_head = bytes([_TAG_DATA]) + varint(de_len)
-    gd_len = len(gd_head) + de_len
-    payload_head = bytes([_TAG_EVENT_PAYLOAD]) + varint(gd_len) + gd_head + element
-    ge_len = 1 + vlen + len(payload_head) + size + len(suffix) + len(tail)
-    head = b"\x00" + ge_len.to_bytes(4, "big") + bytes([_TAG_EVENT_SEQ])
-    out = np.empty((rows.shape[0], len(head) + ge_len - 1), dtype=np.uint8)
-    out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
-    col = len(head)
-    _put_varints(out, col, seqs, vlen)
-    col += vlen
-    out[:, col: col + len(payload_head)] = np.frombuffer(payload_head, dtype=np.uint8)
-    col += len(payload_head)
-    out[:, col: col + size] = rows
-    col += size
-    if suffix or tail:
-        out[:, col:] = np.frombuffer(suffix + tail, dtype=np.uint8)
-    return out
-
-
-def _seq_runs(lengths: npt.NDArray[np.intp]) -> list[tuple[int, int, int]]:
-    """(start, stop, varint length) of each run of equal seq varint lengths."""
-    n = int(lengths.shape[0])
-    cuts = [0, *(np.flatnonzero(lengths[1:] != lengths[:-1]) + 1).tolist(), n]
-    return [(a, b, int(lengths[a])) for a, b in itertools.pairwise(cuts) if b > a]
-
-
-def _coded_groups(batch: Batch) -> tuple[npt.NDArray[np.intp], list[bytes]] | None:
-    """For a batch whose extra payloads are all :class:`CodedColumn`: each record's group (the
-    records of a group have equal payloads 1..P-1) and each group's encoded payloads 1..P-1.
-    None when some column is a plain sequence (the per-record path then frames it)."""
-    cols = batch.extra
-    if not all(isinstance(c, CodedColumn) for c in cols):
-        return None
-    coded = [c for c in cols if isinstance(c, CodedColumn)]
-    # Columns built together share one codes array (or views equal to it): group by identity
-    # of the memory first, so the common case is one np.unique over one array.
-    distinct: dict[tuple[int, tuple[int, ...], tuple[int, ...]], npt.NDArray[np.intp]] = {}
-    for c in coded:
-        iface = c.codes.__array_interface__
-        distinct.setdefault((iface["data"][0], c.codes.shape, c.codes.strides), c.codes)
-    arrays = list(distinct.values())
-    if len(arrays) == 1:
-        key = arrays[0]
-    else:
-        key = np.zeros(len(batch), dtype=np.int64)
-        for a in arrays:
-            key = key * (int(a.max(initial=0)) + 1) + a
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    suffixes = []
-    for r in first.tolist():
-        suffixes.append(b"".join(length_delimited(_TAG_PAYLOAD, c.values[int(c.codes[r])])
-                                 for c in coded))
-    return inverse.reshape(-1).astype(np.intp), suffixes
-
-
-def _runs(groups: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
-    n = int(groups.shape[0])
-    cuts = [0, *(np.flatnonzero(groups[1:] != groups[:-1]) + 1).tolist(), n]
-    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-
-
-_FEW_RUNS = 16
-"""Up to this many runs of records with equal extra payloads, frames are built per run (no
-per-record Python); beyond, per group, then put back in record order by slicing."""
-
-
-def _in_record_order(groups: npt.NDArray[np.intp], build: Callable[[npt.NDArray[np.intp], int],
-                     npt.NDArray[np.uint8]]) -> bytes:
-    """Per group, one matrix of equal-width rows (``build(indexes, group)``); the rows joined
-    back in record order."""
-    n = int(groups.shape[0])
-    row_of = np.empty(n, dtype=np.int64)
-    order = np.argsort(groups, kind="stable")
-    bounds = np.searchsorted(groups[order], np.arange(int(groups.max(initial=-1)) + 2))
-    mats: list[bytes] = []
-    widths = np.zeros(len(bounds) - 1, dtype=np.int64)
-    for g in range(len(bounds) - 1):
-        idx = order[bounds[g]: bounds[g + 1]]
-        if len(idx):
-            m = build(idx, g)
-            row_of[idx] = np.arange(len(idx))
-            mats.append(m.tobytes())
-            widths[g] = m.shape[1]
-        else:
-            mats.append(b"")
-    offsets = np.cumsum([0, *map(len, mats)])[:-1]
-    starts = offsets[groups] + row_of * widths[groups]
-    pool = b"".join(mats)
-    # One slice per record, made and joined by C-level iteration: no Python frame per record
-    # (bytes slices: measured faster to make and join than memoryview slices).
-    return b"".join(map(pool.__getitem__, map(slice, starts.tolist(),
-                                              (starts + widths[groups]).tolist())))
-
-
 def per_record_events(batch: Batch, first_seq: int, ds_id: int) -> bytes:
     """One framed ``GadgetEvent{seq, GadgetData}`` per record, concatenated.
 
     ``first_seq`` is the seq of the first record; record ``i`` gets ``first_seq + i`` (mod 2^32).
-    Built as numpy rows of equal width per run of records with equal seq varint length and
-    equal extra payloads (a batch with coded extras, or none); other batches take the general
-    path, one record at a time.
     """
     n = len(batch)
     if n == 0:
         return b""
-    groups: npt.NDArray[np.intp] | None
     if batch.extra:
-        coded = _coded_groups(batch)
-        if coded is None:
-            return _per_record_events_general(batch, first_seq, ds_id)
-        groups, suffixes = coded
-    else:
-        groups, suffixes = None, [b""]
+        return _per_record_events_general(batch, first_seq, ds_id)
+    size = batch.schema.record_size
+    element = _element_prefix(size)
+    de_len = len(element) + size
+    gd_head = bytes([_TAG_DATA]) + varint(de_len)
+    gd_len = len(gd_head) + de_len
+    payload_head = bytes([_TAG_EVENT_PAYLOAD]) + varint(gd_len) + gd_head + element
     tail = bytes([_TAG_EVENT_DSID]) + varint(ds_id) if ds_id else b""
-    # seq == 0 (after a wrap) is still written explicitly: decoders accept it and the length
-    # stays uniform with its neighbours.
     seqs = (np.arange(first_seq, first_seq + n, dtype=np.uint64)) & np.uint64(0xFFFFFFFF)
     lengths = _varint_lengths(seqs)
-    runs = [(0, n)] if groups is None else _runs(groups)
-    if len(runs) <= _FEW_RUNS:
-        parts = []
-        for a, b in runs:
-            suffix = suffixes[0 if groups is None else int(groups[a])]
-            for s0, s1, vlen in _seq_runs(lengths[a:b]):
-                parts.append(_fixed_frames(batch.rows[a + s0: a + s1], seqs[a + s0: a + s1],
-                                           vlen, suffix, tail).tobytes())
-        return b"".join(parts)
-    assert groups is not None
-    # Many runs: one more split, by seq varint length, keeps each matrix's rows equal width.
-    split = groups * 8 + lengths
-    uniq, keys = np.unique(split, return_inverse=True)
-    keys = keys.reshape(-1).astype(np.intp)
-
-    def build(idx: npt.NDArray[np.intp], k: int) -> npt.NDArray[np.uint8]:
-        g, vlen = divmod(int(uniq[k]), 8)
-        return _fixed_frames(batch.rows[idx], seqs[idx], vlen, suffixes[g], tail)
-
-    return _in_record_order(keys, build)
+    # seq == 0 (after a wrap) is still written explicitly: decoders accept it and the length
+    # stays uniform with its neighbours.
+    parts: list[bytes] = []
+    start = 0
+    while start < n:
+        vlen = int(lengths[start])
+        stop = start + int(np.argmax(lengths[start:] != vlen)) if (lengths[start:] != vlen).any() \
+            else n
+        ge_len = 1 + vlen + len(payload_head) + size + len(tail)
+        head = b"\x00" + ge_len.to_bytes(4, "big") + bytes([_TAG_EVENT_SEQ])
+        frame = len(head) + vlen + len(payload_head) + size + len(tail)
+        out = np.empty((stop - start, frame), dtype=np.uint8)
+        out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+        col = len(head)
+        _put_varints(out, col, seqs[start:stop], vlen)
+        col += vlen
+        out[:, col: col + len(payload_head)] = np.frombuffer(payload_head, dtype=np.uint8)
+        col += len(payload_head)
+        out[:, col: col + size] = batch.rows[start:stop]
+        col += size
+        if tail:
+            out[:, col:] = np.frombuffer(tail, dtype=np.uint8)
+        parts.append(out.tobytes())
+        start = stop
+    return b"".join(parts)
 
 
 def _per_record_events_general(batch: Batch, first_seq: int, ds_id: int) -> bytes:
-    out = []
-    for i in range(len(batch)):
-        gd = length_delimited(_TAG_DATA, data_element(batch.payloads(i)))
-        seq = (first_seq + i) & 0xFFFFFFFF
-        out.append(grpc_frame(gadget_event(EVENT_TYPE_PAYLOAD, seq, gd, ds_id)))
-    return b"".join(out)
+    """Framed events of records with further payloads (derived fields, enrichment)."""
+    n = len(batch)
+    seqs = np.arange(first_seq, first_seq + n, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    tail = bytes([_TAG_EVENT_DSID]) + varint(ds_id) if ds_id else b""
+    head = _EventHead(seqs, len(tail), batch.schema.record_size)
+    return b"".join(_Parts(batch).records(head, tail).tolist())
 
 
-def _fixed_elements(rows: npt.NDArray[np.uint8], suffix: bytes) -> npt.NDArray[np.uint8]:
-    """``GadgetDataArray.dataArray`` entries (tag, length, DataElement) of equal width."""
-    size = rows.shape[1]
-    element = _element_prefix(size)
-    head = bytes([_TAG_DATA]) + varint(len(element) + size + len(suffix)) + element
-    out = np.empty((rows.shape[0], len(head) + size + len(suffix)), dtype=np.uint8)
-    out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
-    out[:, len(head): len(head) + size] = rows
-    if suffix:
-        out[:, len(head) + size:] = np.frombuffer(suffix, dtype=np.uint8)
+class _Head:
+    """What precedes each record's payload 0 bytes: here the tag and length of payload 0
+    (``data_elements``). Subclasses add the message framing around the element."""
+
+    def __init__(self, record_size: int) -> None:
+        self.element = _element_prefix(record_size)
+
+    def varying(self) -> npt.NDArray[np.int64] | None:
+        """Per record, the length of a head part that varies other than with the element's
+        length (None: none does)."""
+        return None
+
+    def prefix(self, de_len: int) -> bytes:
+        """The head of an element of ``de_len`` bytes, up to a varying part."""
+        return self.element
+
+    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
+        """The heads of records ``sel``, all of the same shape, their elements ``de_len``
+        bytes long."""
+        p = np.frombuffer(self.prefix(de_len), dtype=np.uint8)
+        return np.broadcast_to(p, (len(sel), len(p)))
+
+    def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
+                                                             npt.NDArray[np.int64]]:
+        """Every record's head left-aligned in a matrix, and its length."""
+        n = len(de_len)
+        return _concat_blocks(n, [_const_block(n, self.element)])
+
+
+class _ArrayHead(_Head):
+    """``GadgetDataArray.dataArray`` entry: tag and length of the element."""
+
+    def prefix(self, de_len: int) -> bytes:
+        return bytes([_TAG_DATA]) + varint(de_len) + self.element
+
+    def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
+                                                             npt.NDArray[np.int64]]:
+        n = len(de_len)
+        return _concat_blocks(n, [_const_block(n, bytes([_TAG_DATA])), _varint_block(de_len),
+                                  _const_block(n, self.element)])
+
+
+class _EventHead(_Head):
+    """A framed ``GadgetEvent{seq, GadgetData{data}}`` up to payload 0's bytes."""
+
+    def __init__(self, seqs: npt.NDArray[np.uint64], tail_len: int, record_size: int) -> None:
+        super().__init__(record_size)
+        self.seqs = seqs
+        self.seq_len = _varint_len(seqs)
+        self.tail_len = tail_len
+
+    def varying(self) -> npt.NDArray[np.int64] | None:
+        return self.seq_len
+
+    def _lengths(self, de_len: Any, seq_len: Any) -> tuple[Any, Any]:
+        gd_len = 1 + _varint_len(np.asarray(de_len)) + de_len
+        return gd_len, 1 + seq_len + 1 + _varint_len(np.asarray(gd_len)) + gd_len + self.tail_len
+
+    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
+        seq_len = int(self.seq_len[sel[0]])
+        gd_len, ev_len = (int(x) for x in self._lengths(de_len, seq_len))
+        pre = b"\x00" + ev_len.to_bytes(4, "big") + bytes([_TAG_EVENT_SEQ])
+        post = bytes([_TAG_EVENT_PAYLOAD]) + varint(gd_len) + bytes([_TAG_DATA]) + \
+            varint(de_len) + self.element
+        out = np.empty((len(sel), len(pre) + seq_len + len(post)), dtype=np.uint8)
+        out[:, : len(pre)] = np.frombuffer(pre, dtype=np.uint8)
+        out[:, len(pre): len(pre) + seq_len] = _varint_block(self.seqs[sel])[0][:, :seq_len]
+        out[:, len(pre) + seq_len:] = np.frombuffer(post, dtype=np.uint8)
+        return out
+
+    def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
+                                                             npt.NDArray[np.int64]]:
+        n = len(de_len)
+        gd_len, ev_len = self._lengths(de_len, self.seq_len)
+        return _concat_blocks(n, [
+            _const_block(n, b"\x00"),
+            (ev_len.astype(">u4").view(np.uint8).reshape(n, 4), None),
+            _const_block(n, bytes([_TAG_EVENT_SEQ])), _varint_block(self.seqs),
+            _const_block(n, bytes([_TAG_EVENT_PAYLOAD])), _varint_block(gd_len),
+            _const_block(n, bytes([_TAG_DATA])), _varint_block(de_len),
+            _const_block(n, self.element),
+        ])
+
+
+Block = tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64] | None]
+"""Bytes of one part of every record: a (n, width) matrix and each row's used length (None:
+the whole width)."""
+
+
+def _const_block(n: int, data: bytes) -> Block:
+    return np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (n, len(data))), None
+
+
+def _varint_len(values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Bytes of each value's varint (values below 2^63)."""
+    lens: npt.NDArray[np.int64] = np.searchsorted(
+        _VARINT_LIMITS_64, values.astype(np.uint64), side="right").astype(np.int64) + 1
+    return lens
+
+
+def _varint_block(values: npt.NDArray[Any]) -> Block:
+    v = values.astype(np.uint64)
+    lens = _varint_len(v)
+    width = int(lens.max(initial=1))
+    mat = np.empty((len(v), width), dtype=np.uint8)
+    for k in range(width):
+        byte = (v >> np.uint64(7 * k)) & np.uint64(0x7F)
+        mat[:, k] = byte | ((lens > k + 1).astype(np.uint64) << np.uint64(7))
+    return mat, lens
+
+
+def _concat_blocks(n: int, blocks: list[Block]) -> tuple[npt.NDArray[np.uint8],
+                                                         npt.NDArray[np.int64]]:
+    """Each record's blocks one after the other, left-aligned in one matrix, and its length
+    (for a few narrow blocks: it moves one byte column at a time)."""
+    width = sum(m.shape[1] for m, _ in blocks)
+    out = np.zeros((n, width), dtype=np.uint8)
+    pos = np.zeros(n, dtype=np.int64)
+    rows = np.arange(n)
+    aligned = True  # every row has the same length so far
+    for m, used in blocks:
+        if used is None and aligned:
+            p = int(pos[0]) if n else 0
+            out[:, p: p + m.shape[1]] = m
+        else:
+            for k in range(m.shape[1]):
+                sel = rows if used is None else np.flatnonzero(used > k)
+                out[sel, pos[sel] + k] = m[sel, k]
+            aligned = aligned and used is None
+        pos += m.shape[1] if used is None else used
+    return out, pos
+
+
+def _rows_as_bytes(mat: npt.NDArray[np.uint8]) -> list[bytes]:
+    """Each row of a byte matrix as a bytes object (a void view converts in C, trailing
+    zeros kept)."""
+    n, width = mat.shape
+    if width == 0:
+        return [b""] * n
+    out: list[bytes] = np.ascontiguousarray(mat).view(f"V{width}").reshape(-1).tolist()
     return out
+
+
+def _ragged_rows(mat: npt.NDArray[np.uint8], used: npt.NDArray[np.int64],
+                 ) -> npt.NDArray[np.object_]:
+    """Row ``i``'s first ``used[i]`` bytes as a bytes object, for every row (one numpy pass
+    per distinct length)."""
+    out = np.empty(len(used), dtype=object)
+    for length in np.unique(used).tolist():
+        sel = np.flatnonzero(used == length)
+        out[sel] = _rows_as_bytes(mat[sel, :length])
+    return out
+
+
+def _coded_block(table: list[bytes], codes: npt.NDArray[np.intp]) -> Block:
+    """Entries that take one of a few values: each distinct value's bytes once, then gathered
+    per record."""
+    lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
+    mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
+    for i, e in enumerate(table):  # per distinct value
+        mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
+    return mat[codes], lens[codes]
+
+
+def _entry_blocks(cols: Sequence[Sequence[bytes]], n: int) -> list[Block | None]:
+    """Each payload column as entries in a block (see :func:`_entry_block`); consecutive
+    coded columns sharing one codes array (what an operator adds together, such as
+    a container's k8s.* and runtime.* fields) become one block of their entries together, so
+    a record's shape does not vary with each of them."""
+    out: list[Block | None] = []
+    i = 0
+    while i < len(cols):
+        c = cols[i]
+        j = i + 1
+        if isinstance(c, CodedColumn):
+            while j < len(cols):
+                nxt = cols[j]
+                if not (isinstance(nxt, CodedColumn) and nxt.codes is c.codes and
+                        len(nxt.values) == len(c.values)):
+                    break
+                j += 1
+        if j - i > 1:
+            run = [x for x in cols[i:j] if isinstance(x, CodedColumn)]
+            table = [b"".join(length_delimited(_TAG_PAYLOAD, x.values[k]) for x in run)
+                     for k in range(len(c.values) if isinstance(c, CodedColumn) else 0)]
+            out.append(_coded_block(table, run[0].codes))
+        else:
+            out.append(_entry_block(c, n))
+        i = j
+    return out
+
+
+def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
+    """A payload column as ``DataElement.payload`` entries (tag, length, bytes) in one block,
+    when it is coded or fixed-width (each distinct value encoded once); None for a plain
+    list."""
+    form = col.form() if isinstance(col, (LazyColumn, CodedColumn)) else None
+    if isinstance(form, Coded):
+        return _coded_block([length_delimited(_TAG_PAYLOAD, v) for v in form.table], form.codes)
+    if isinstance(form, Fixed):
+        prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
+        out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)
+        out[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+        out[:, len(prefix):] = form.matrix
+        return out, None
+    return None
+
+
+_MAX_SHAPES = 64
+"""Most distinct record shapes (lengths of the variable parts) assembled as blocks; beyond
+that a batch is joined piece by piece."""
+
+
+class _Parts:
+    """The ``DataElement`` of every record after payload 0's tag and length: the row, then
+    each further payload's entry, and the element's total length (``de_len``).
+
+    :meth:`records` puts a head before and a constant tail after each, as one bytes object
+    per record. When every further payload is coded or fixed-width (derived fields), records
+    of the same shape (the same length of each variable part) are assembled together as one
+    byte matrix, so there is one object per record; otherwise each part of each record is its
+    own object, joined.
+    """
+
+    def __init__(self, batch: Batch) -> None:
+        n = len(batch)
+        self.n = n
+        self.rows = batch.rows
+        size = batch.schema.record_size
+        self.de_len = np.full(n, len(_element_prefix(size)) + size, dtype=np.int64)
+        blocks = _entry_blocks(batch.extra, n)
+        self.blocks: list[Block] | None = None
+        self.pieces: list[npt.NDArray[np.object_]] = []
+        if all(b is not None for b in blocks):
+            self.blocks = [b for b in blocks if b is not None]
+            for m, used in self.blocks:
+                self.de_len += m.shape[1] if used is None else used
+            return
+        for col in batch.extra:
+            parts, lens = _payload_entries(col, n)
+            self.pieces.extend(parts)
+            self.de_len += lens
+
+    def records(self, head: _Head, tail: bytes) -> npt.NDArray[np.object_]:
+        """Each record's bytes: its head, its element's parts, ``tail``."""
+        n = self.n
+        if self.blocks is not None:
+            out = self._by_shape(head, tail)
+            if out is not None:
+                return out
+            self.pieces = []
+            for m, used in self.blocks:
+                self.pieces.append(_ragged_rows(m, used) if used is not None
+                                   else object_column(_rows_as_bytes(m)))
+        if n == 0:
+            return np.empty(0, dtype=object)
+        cols: list[Any] = [_ragged_rows(*head.ragged(self.de_len)),
+                           object_column(_rows_as_bytes(self.rows)), *self.pieces]
+        if tail:
+            cols.append(tail)
+        table = np.empty((n, len(cols)), dtype=object)
+        for j, c in enumerate(cols):
+            table[:, j] = c
+        return np.array(list(map(b"".join, table.tolist())), dtype=object)
+
+    def _by_shape(self, head: _Head, tail: bytes) -> npt.NDArray[np.object_] | None:
+        """Records grouped by shape (the lengths of their variable parts), each group
+        assembled as one matrix; None when there are too many shapes for that to pay."""
+        assert self.blocks is not None
+        n = self.n
+        variable: list[npt.NDArray[np.int64]] = []
+        for _, used in self.blocks:
+            if used is not None:
+                variable.append(used)
+        varying = head.varying()
+        if varying is not None:
+            variable.insert(0, varying)
+        if variable and n:
+            # One int64 key per record (mixed radix over the lengths): a 1-D unique sorts
+            # far faster than a row-wise one.
+            key = np.zeros(n, dtype=np.int64)
+            radix = 1
+            for used in variable:
+                top = int(used.max(initial=0)) + 1
+                if radix * top >= 1 << 62:
+                    return None
+                key += used * radix
+                radix *= top
+            ukeys, inv = np.unique(key, return_inverse=True)
+            inv = inv.reshape(-1)
+        else:
+            ukeys, inv = np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.intp)
+        if len(ukeys) > _MAX_SHAPES:
+            return None
+        order = np.argsort(inv, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=len(ukeys)))])
+        tail_row = np.frombuffer(tail, dtype=np.uint8)
+        out = np.empty(n, dtype=object)
+        for g in range(len(ukeys)):
+            sel = order[bounds[g]: bounds[g + 1]]
+            if len(sel) == 0:
+                continue
+            i = int(sel[0])
+            parts = [head.block(sel, int(self.de_len[i])), self.rows[sel]]
+            for m, used in self.blocks:
+                parts.append(m[sel] if used is None else m[sel, : int(used[i])])
+            if tail:
+                parts.append(np.broadcast_to(tail_row, (len(sel), len(tail))))
+            out[sel] = _rows_as_bytes(np.concatenate(parts, axis=1))
+        return out
+
+
+def _payload_entries(col: Sequence[bytes], n: int) -> tuple[list[npt.NDArray[np.object_]],
+                                                            npt.NDArray[np.int64]]:
+    """A plain payload column as ``DataElement.payload`` entries: the prefix (tag, length) and
+    the bytes of each record as object columns to join, and each record's encoded length."""
+    values = list(col)
+    vlen = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    prefix = _concat_blocks(n, [_const_block(n, bytes([_TAG_PAYLOAD])), _varint_block(vlen)])
+    return [_ragged_rows(*prefix), object_column(values)], prefix[1] + vlen
 
 
 def data_elements(batch: Batch) -> list[bytes]:
     """Each record's ``DataElement`` bytes."""
-    if batch.extra:
-        return [data_element(batch.payloads(i)) for i in range(len(batch))]
+    n = len(batch)
     size = batch.schema.record_size
     head = _element_prefix(size)
-    out = np.empty((len(batch), len(head) + size), dtype=np.uint8)
+    if batch.extra and n:
+        elements: list[bytes] = _Parts(batch).records(_Head(size), b"").tolist()
+        return elements
+    out = np.empty((n, len(head) + size), dtype=np.uint8)
     out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
     out[:, len(head):] = batch.rows
-    flat = out.tobytes()
-    w = out.shape[1]
-    return [flat[i * w: (i + 1) * w] for i in range(len(batch))]
+    return _rows_as_bytes(out) if n else []
 
 
 def gadget_data_array(batch: Batch) -> bytes:
     """A ``GadgetDataArray`` holding every record of the batch."""
     n = len(batch)
-    if not n:
+    size = batch.schema.record_size
+    element = _element_prefix(size)
+    if not batch.extra and n:
+        head = bytes([_TAG_DATA]) + varint(len(element) + size) + element
+        out = np.empty((n, len(head) + size), dtype=np.uint8)
+        out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+        out[:, len(head):] = batch.rows
+        return out.tobytes()
+    if n == 0:
         return b""
-    if not batch.extra:
-        return _fixed_elements(batch.rows, b"").tobytes()
-    coded = _coded_groups(batch)
-    if coded is None:
-        return b"".join(length_delimited(_TAG_DATA, de) for de in data_elements(batch))
-    groups, suffixes = coded
-    runs = _runs(groups)
-    if len(runs) <= _FEW_RUNS:
-        return b"".join(_fixed_elements(batch.rows[a:b], suffixes[int(groups[a])]).tobytes()
-                        for a, b in runs)
-    return _in_record_order(groups, lambda idx, g: _fixed_elements(batch.rows[idx],
-                                                                  suffixes[g]))
+    return b"".join(_Parts(batch).records(_ArrayHead(size), b"").tolist())
 
 
 def gadget_data(batch: Batch) -> list[bytes]:
@@ -302,8 +521,7 @@ def array_events(batch: Batch, first_seq: int, ds_id: int,
     parts = []
     packets = 0
     for start in range(0, max(n, 1), max_per_packet):
-        chunk = Batch(batch.schema, batch.rows[start: start + max_per_packet],
-                      tuple(col[start: start + max_per_packet] for col in batch.extra))
+        chunk = batch.slice(start, start + max_per_packet)
         seq = (first_seq + packets) & 0xFFFFFFFF
         parts.append(grpc_frame(gadget_event(EVENT_TYPE_PAYLOAD, seq, gadget_data_array(chunk),
                                              ds_id)))

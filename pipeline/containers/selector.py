@@ -7,7 +7,8 @@ daemon announces its LocalManager's: ``operator.LocalManager.containername`` (al
 ``k8s-selector``, ``runtime-containerimage-digest``, ``runtime-containerimage-id`` and
 ``host``. Clients written for Kubernetes send KubeManager's (``operator.KubeManager.podname``,
 ``namespace``, ``containername``, ``selector``, or their ``k8s-`` alternatives); those are
-accepted too and mean the same (:func:`with_kube_aliases`).
+accepted too and mean the same: they are the LocalManager params' old keys (accepted, never
+announced: announced, they would be gadgetctl flags twice).
 
 Each value is a comma-separated list; ``!x`` excludes ``x``; a container matches when every
 given list matches. ``k8s-selector`` is ``key=value`` pairs (``!key=value`` excludes).
@@ -40,64 +41,42 @@ IMAGE_ID = "runtime-containerimage-id"
 HOST = "host"
 _FILTERING = "group:Data Filtering"
 
+
+def _kube(*keys: str) -> tuple[str, ...]:
+    return tuple(KUBE_PREFIX + k for k in keys)
+
+
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(K8S_PODNAME, PREFIX, "Kubernetes pods to filter on. Supports comma-separated "
               "list and exclusion using '!'.", title="K8s Pod Name", tags=(_FILTERING,),
-              value_hint="k8s:pod"),
+              value_hint="k8s:pod", old_keys=_kube("podname", K8S_PODNAME)),
     ParamSpec(K8S_NAMESPACE, PREFIX, "Kubernetes namespaces to filter on. Supports "
               "comma-separated list and exclusion using '!'.", title="K8s Namespace",
-              tags=(_FILTERING,), value_hint="k8s:namespace"),
+              tags=(_FILTERING,), value_hint="k8s:namespace",
+              old_keys=_kube("namespace", K8S_NAMESPACE)),
     ParamSpec(K8S_SELECTOR, PREFIX, "Kubernetes Labels selector to filter on. Supports "
               "comma-separated list and exclusion using '!' (e.g. '!key=value' or "
               "'key=!value').", title="K8s Label Selector", tags=(_FILTERING,),
-              value_hint="k8s:labels"),
+              value_hint="k8s:labels", old_keys=_kube("selector", K8S_SELECTOR)),
     ParamSpec(K8S_CONTAINERNAME, PREFIX, "Kubernetes container names to filter on. Supports "
               "comma-separated list and exclusion using '!'.", title="K8s Container Name",
-              tags=(_FILTERING,), value_hint="k8s:container"),
+              tags=(_FILTERING,), value_hint="k8s:container",
+              old_keys=_kube("containername", K8S_CONTAINERNAME)),
     ParamSpec(CONTAINERNAME, PREFIX, "runtime-assigned name container names to filter on (not "
               "the name defined in the pod spec). Supports comma-separated list and exclusion "
               "using '!'.", title="Runtime Container Name", alias="c", tags=(_FILTERING,),
-              alternative_key=RUNTIME_CONTAINERNAME, value_hint="local:container"),
+              alternative_key=RUNTIME_CONTAINERNAME, value_hint="local:container",
+              old_keys=_kube(RUNTIME_CONTAINERNAME)),
     ParamSpec(IMAGE_DIGEST, PREFIX, "runtime-assigned container image digest to filter on. "
               "Supports comma-separated list and exclusion using '!'.",
               title="Runtime Container Image Digest", tags=(_FILTERING,),
-              value_hint="local:image-digest"),
+              value_hint="local:image-digest", old_keys=_kube(IMAGE_DIGEST)),
     ParamSpec(IMAGE_ID, PREFIX, "runtime-assigned container image ID to filter on. Supports "
               "comma-separated list and exclusion using '!'.", title="Runtime Container Image ID",
-              tags=(_FILTERING,), value_hint="local:image-id"),
+              tags=(_FILTERING,), value_hint="local:image-id", old_keys=_kube(IMAGE_ID)),
     ParamSpec(HOST, PREFIX, "Show data from both the host and containers", "false", "bool",
               title="Host Data", tags=("group:Data Collection",)),
 )
-
-# KubeManager's keys (and their alternatives) and the LocalManager key each means.
-_KUBE_KEYS = {
-    "podname": K8S_PODNAME, K8S_PODNAME: K8S_PODNAME,
-    "namespace": K8S_NAMESPACE, K8S_NAMESPACE: K8S_NAMESPACE,
-    "containername": K8S_CONTAINERNAME, K8S_CONTAINERNAME: K8S_CONTAINERNAME,
-    "selector": K8S_SELECTOR, K8S_SELECTOR: K8S_SELECTOR,
-    RUNTIME_CONTAINERNAME: CONTAINERNAME, IMAGE_DIGEST: IMAGE_DIGEST, IMAGE_ID: IMAGE_ID,
-}
-
-
-def with_kube_aliases(values: Mapping[str, str]) -> Mapping[str, str]:
-    """``values`` with KubeManager's selection keys turned into LocalManager's (a LocalManager
-    value given too wins). Other KubeManager keys (``all-namespaces``) stay as they are, under
-    a prefix this daemon ignores."""
-    if not any(k.startswith(KUBE_PREFIX) for k in values):
-        return values
-    out = dict(values)
-    for key, value in values.items():
-        if not key.startswith(KUBE_PREFIX) or not value:
-            continue
-        local = _KUBE_KEYS.get(key[len(KUBE_PREFIX):])
-        if local is None:
-            continue
-        target = PREFIX + local
-        alt = PREFIX + RUNTIME_CONTAINERNAME if local == CONTAINERNAME else ""
-        if not out.get(target) and not (alt and out.get(alt)):
-            out[target] = value
-    return out
-
 
 def _match_list(spec: str, *values: str) -> bool:
     """upstream's matchFilterString: any inclusion must match, no exclusion may."""

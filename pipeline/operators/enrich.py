@@ -59,15 +59,18 @@ from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, Field, FieldFlag, Kind
 
 PREFIX = "operator.enrich."
-NODE = PREFIX + "node"
-CONTAINER = PREFIX + "container"
+# Keys carry the operator's name: upstream clients make a flag of every key, and ``node`` is
+# one of theirs (see tests/unit/test_param_keys.py). The old keys are still accepted.
+NODE = PREFIX + "enrich-node"
+CONTAINER = PREFIX + "enrich-container"
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("node", PREFIX, "Fill k8s.node with the name of the node the daemon runs on "
-              "($NODE_NAME, else the host name)", "false", "bool", tags=("group:Enrichment",)),
-    ParamSpec("container", PREFIX, "Also resolve processes of containers the runtime does not "
-              "report (docker, podman, ...) from /proc/<pid>/cgroup into "
+    ParamSpec("enrich-node", PREFIX, "Fill k8s.node with the name of the node the daemon runs "
+              "on ($NODE_NAME, else the host name)", "false", "bool", tags=("group:Enrichment",),
+              old_keys=(PREFIX + "node",)),
+    ParamSpec("enrich-container", PREFIX, "Also resolve processes of containers the runtime does "
+              "not report (docker, podman, ...) from /proc/<pid>/cgroup into "
               "runtime.containerId and runtime.runtimeName, and add runtime.cgroupPath",
-              "false", "bool", tags=("group:Enrichment",)),
+              "false", "bool", tags=("group:Enrichment",), old_keys=(PREFIX + "container",)),
     *SELECTOR_PARAMS,
 )
 

@@ -16,7 +16,8 @@ import pytest
 from pipeline.containers import collection as collection_mod
 from pipeline.containers.collection import ContainerCollection, ContainerEvent, EventKind
 from pipeline.containers.model import Container, pod_labels
-from pipeline.containers.selector import PREFIX, ContainerSelector, with_kube_aliases
+from pipeline.containers.selector import PARAMS, PREFIX, ContainerSelector
+from pipeline.params import ParamError, resolve
 
 
 def _c(**kw: object) -> Container:
@@ -62,19 +63,18 @@ def test_host_turns_selection_off_and_nothing_given_is_no_selection() -> None:
 
 
 def test_kubemanager_keys_mean_the_local_ones() -> None:
-    got = with_kube_aliases({"operator.KubeManager.podname": "p",
-                             "operator.KubeManager.namespace": "n",
-                             "operator.KubeManager.containername": "c",
-                             "operator.KubeManager.selector": "a=b",
-                             "operator.KubeManager.all-namespaces": "true"})
+    got = resolve(PARAMS, {"operator.KubeManager.podname": "p",
+                           "operator.KubeManager.namespace": "n",
+                           "operator.KubeManager.containername": "c",
+                           "operator.KubeManager.selector": "a=b",
+                           "operator.KubeManager.all-namespaces": "true"}, (PREFIX,))
     assert got[PREFIX + "k8s-podname"] == "p" and got[PREFIX + "k8s-namespace"] == "n"
     assert got[PREFIX + "k8s-containername"] == "c" and got[PREFIX + "k8s-selector"] == "a=b"
-    assert PREFIX + "all-namespaces" not in got
-    # A LocalManager value given too wins.
-    both = with_kube_aliases({"operator.KubeManager.podname": "p", PREFIX + "k8s-podname": "q"})
-    assert both[PREFIX + "k8s-podname"] == "q"
-    plain = {"operator.oci.ebpf.pid": "1"}
-    assert with_kube_aliases(plain) is plain
+    # Accepted, never announced: announced, they would be gadgetctl flags twice.
+    assert all(not p.key.startswith("operator.KubeManager") for p in PARAMS)
+    with pytest.raises(ParamError, match="given twice"):
+        resolve(PARAMS, {"operator.KubeManager.podname": "p", PREFIX + "k8s-podname": "q"},
+                (PREFIX,))
 
 
 def test_pod_labels_leave_out_the_cri_bookkeeping() -> None:

@@ -16,17 +16,10 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_pb2 as pb
 from api.cli_instances import ResolveError, resolve
 from api.context import ServiceContext
-from api.instance_manager import (
-    NAME_RE,
-    InstanceManager,
-    PacketRing,
-    PeerPool,
-    _Attacher,
-    _Chunk,
-    node_field,
-    random_name,
-)
+from api.instance_manager import NAME_RE, InstanceManager, random_name
+from api.instance_packets import Attacher, Chunk, PacketRing, node_field
 from api.legacy_run import JsonEncoder, legacy_params, select_nodes
+from api.peers import PeerPool
 from api.store import InstanceStore
 from pipeline.batch import Batch
 from pipeline.gadget import Catalog
@@ -52,11 +45,11 @@ def demo_batch(pids: list[int]) -> Batch:
     return Batch(demo_schema(), rows)
 
 
-def chunk(pids: list[int]) -> _Chunk:
-    return _Chunk(0, 0, batch=demo_batch(pids))
+def chunk(pids: list[int]) -> Chunk:
+    return Chunk(0, 0, batch=demo_batch(pids))
 
 
-def pids_of(chunks: list[_Chunk]) -> list[int]:
+def pids_of(chunks: list[Chunk]) -> list[int]:
     out: list[int] = []
     for c in chunks:
         assert c.batch is not None
@@ -96,7 +89,7 @@ def test_chunk_frames_decode_with_the_spec_decoder_and_carry_stream_seqs() -> No
     assert [e.seq for e in events] == [1, 2, 3]
     assert [pb.GadgetData.FromString(e.payload).data.payload[0][:4] for e in events] == \
         [(p).to_bytes(4, "little") for p in (10, 11, 12)]
-    p = _Chunk(7, 2, payloads=[node_field("n1") + b"\x1a\x00"])
+    p = Chunk(7, 2, payloads=[node_field("n1") + b"\x1a\x00"])
     [ev] = [pb.GadgetEvent.FromString(f) for f in split_frames(p.frame(base=0))]
     assert (ev.seq, ev.dataSourceID) == (7, 2)
     assert pb.GadgetData.FromString(ev.payload).node == "n1"
@@ -104,7 +97,7 @@ def test_chunk_frames_decode_with_the_spec_decoder_and_carry_stream_seqs() -> No
 
 def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
     ledger = Ledger()
-    a = _Attacher("attach-1", 4, ledger, "instance:x")
+    a = Attacher("attach-1", 4, ledger, "instance:x")
     for pids in ([1, 2, 3], [4, 5, 6], [7]):
         c = chunk(pids)
         c.seq = pids[0]

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.instance_manager import InstanceStatus
+from api.instance import InstanceStatus
 from pipeline.batch import Batch
 from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
