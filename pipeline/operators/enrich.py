@@ -37,10 +37,11 @@ pipeline/sources/bpf/gadget_filter.h), kept in step with the collection by
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,6 +52,7 @@ from pipeline.accessors import column
 from pipeline.batch import Batch, CodedColumn
 from pipeline.containers.attach import attach_to_source
 from pipeline.containers.collection import Classified, ContainerCollection, LookupTable
+from pipeline.containers.kernel_filter import KernelSelection
 from pipeline.containers.model import Container
 from pipeline.containers.procfs import parse_cgroup_file
 from pipeline.containers.selector import PARAMS as SELECTOR_PARAMS
@@ -103,6 +105,8 @@ _CACHE_MAX = 65536
 # Container ids as runtimes name their cgroups: docker-<id>.scope (systemd driver), /docker/<id>
 # (cgroupfs driver), cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope, and the bare
 # id under kubepods. conmon/shim scopes carry a runtime prefix plus "conmon-" and are skipped.
+_CONTAINER = re.compile(r"(?:^|/)(?:(docker|cri-containerd|crio|libpod)-)?([0-9a-f]{64})"
+                        r"(?:\.scope)?(?=/|$)")
 _RUNTIMES = {"docker": "docker", "cri-containerd": "containerd", "crio": "cri-o",
              "libpod": "podman"}
 _DEFAULT_ANN = {"columns.width": "16", "columns.ellipsis": "end", "columns.alignment": "left"}
@@ -200,10 +204,7 @@ class _Values:
 
 def container_of(path: bytes) -> tuple[bytes, bytes]:
     """(container id, runtime name) named by a cgroup path, or empty strings."""
-    import re
-
-    found = list(re.finditer(r"(?:^|/)(?:(docker|cri-containerd|crio|libpod)-)?([0-9a-f]{64})"
-                             r"(?:\.scope)?(?=/|$)", path.decode("utf-8", "replace")))
+    found = list(_CONTAINER.finditer(path.decode("utf-8", "replace")))
     if not found:
         return b"", b""
     m = found[-1]  # the innermost container (nested runtimes)
@@ -316,12 +317,8 @@ class Enrich:
         self._plans: dict[str, _Plan] = {s.name: self._plan(s) for s in schemas}
         self._values: _Values | None = None
         self._negative: dict[int, float] = {}
-        self._kernel: Any = None  # the kernel selection map, once attached
-        self.detach: Any = None
-
-    @property
-    def wants_kernel_selection(self) -> bool:
-        return self.selector.active
+        self._kernel: KernelSelection | None = None  # the in-kernel selection, once attached
+        self._detach: Callable[[], None] | None = None
 
     def _plan(self, schema: DataSourceSchema) -> _Plan:
         ann = schema.annotations
@@ -500,13 +497,15 @@ class Enrich:
 
     # -- the kernel side and sources that follow containers ------------------------------------
 
-    def attach(self, source: object, log: Any) -> None:
+    def attach(self, source: object, log: Callable[[int, str], None]) -> None:
         """Hands the run's started source what it needs to follow containers: the in-kernel
         selection map when the source has one, the collection when it follows containers."""
-        self._kernel, self.detach = attach_to_source(source, self.collection, self.selector, log)
+        self._kernel, self._detach = attach_to_source(source, self.collection, self.selector,
+                                                      log)
 
     def close(self) -> None:
-        if self.detach is not None:
-            self.detach()
-            self.detach = None
+        """Stops following containers (the run's source is stopping)."""
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
         self._kernel = None
