@@ -112,9 +112,9 @@ class ContainerGenerator:
 
 async def floor_run(containerd: Any, binary: str, count: int) -> dict[str, float]:
     from pipeline.batch import Batch
-    from pipeline.gadget import Catalog
     from pipeline.params import resolve
     from pipeline.run import OPERATOR_PARAMS
+    from pipeline.sources.catalog import Catalog
     from pipeline.sources.tracer import TracerSource
 
     spec = Catalog().resolve(IMAGE)
@@ -242,10 +242,10 @@ async def encode_cost(containerd: Any, binary: str, count: int) -> dict[str, flo
     from pipeline.batch import Batch
     from pipeline.containers.collection import ContainerCollection
     from pipeline.containers.watcher import RuntimeWatcher
-    from pipeline.gadget import Catalog
     from pipeline.graph import Overflow
     from pipeline.ledger import Ledger
     from pipeline.run import GadgetRun
+    from pipeline.sources.catalog import Catalog
 
     coll = ContainerCollection()
     watcher = RuntimeWatcher(coll, str(containerd.socket))

@@ -13,8 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 from pipeline.containers.collection import ContainerCollection
 from pipeline.containers.kernel_filter import MAP_NAME, KernelSelection
 from pipeline.containers.selector import ContainerSelector
+from pipeline.severity import Severity
 
-Log = Callable[[int, str], None]
+Log = Callable[[Severity, str], None]
 
 
 @runtime_checkable
@@ -41,8 +42,8 @@ def attach_to_source(source: object, collection: ContainerCollection,
     kernel = None
     if selector.active:
         if not collection.connected:
-            log(3, f"container selection ({selector.describe()}): {collection.status}; no "
-                "container matches until a runtime is reachable")
+            log(Severity.WARN, f"container selection ({selector.describe()}): "
+                f"{collection.status}; no container matches until a runtime is reachable")
         table = source.table(MAP_NAME) if isinstance(source, HasTables) else None
         if table is not None:
             kernel = KernelSelection(table, collection, selector)

@@ -7,11 +7,12 @@ Fields, kinds, flags, orders and annotations are upstream Inspektor Gadget's
 ``pkg/metadata/v1/annotations.go``): ``k8s.{node, namespace, podName, containerName,
 hostnetwork, podLabels, owner.kind, owner.name}`` and ``runtime.{containerName, runtimeName,
 containerId, containerPid, containerImageName, containerImageDigest, containerStartedAt}``,
-each a dynamic field in its own payload. Outside Kubernetes (no ``KUBERNETES_SERVICE_HOST``)
-the ``k8s`` object is hidden, as upstream's daemon hides it; inside, ``runtime`` is. A record
-of a process in no known container carries them empty (numbers 0), as upstream sends them.
-``k8s.node`` is filled when ``operator.enrich.node`` is set (upstream's daemon fills it only
-when it talks to the API server). ``owner.*`` stay empty: they need the API server.
+each a dynamic field in its own payload (docs/gadget-service.md §4.3). Outside Kubernetes
+(no ``KUBERNETES_SERVICE_HOST``) the ``k8s`` object is hidden, as upstream's daemon hides it;
+inside, ``runtime`` is. A record of a process in no known container carries them empty
+(numbers 0), as upstream sends them. ``k8s.node`` is filled when
+``operator.enrich.enrich-node`` is set (upstream's daemon fills it only when it talks to the
+API server). ``owner.*`` stay empty: they need the API server.
 
 Values come per batch: the data source's mount namespace column is looked up in the
 collection's sorted key array (``numpy.searchsorted``), giving each record a row, and each
@@ -22,7 +23,7 @@ its process's cgroup (:meth:`ContainerCollection.classify`); namespaces found to
 container's are remembered for :data:`NEGATIVE_TTL_S`. Records the mount namespace does not
 place are looked up by network namespace (trace_dns, trace_tcp), as upstream does.
 
-``operator.enrich.container`` (ours, off by default) also resolves processes the collection
+``operator.enrich.enrich-container`` (ours, off by default) also resolves processes the collection
 does not know (other runtimes: docker, podman, ...) from ``/proc/<pid>/cgroup`` into
 ``runtime.containerId`` and ``runtime.runtimeName``, and adds ``runtime.cgroupPath`` (no
 upstream counterpart), per distinct process of a batch.
@@ -30,7 +31,7 @@ upstream counterpart), per distinct process of a batch.
 Selection (see ``pipeline.containers.selector``): records of processes outside the selected
 containers are dropped here (counted as filtered); gadgets compiled with the shared filter
 also get the selection in the kernel (``gadget_mntns_filter`` in
-pipeline/sources/bpf/gadget_filter.h), kept in step with the collection by
+pipeline/sources/bpf/gadget_containers.h), kept in step with the collection by
 ``pipeline.containers.kernel_filter``, so most such records never reach the ring.
 """
 
@@ -59,6 +60,7 @@ from pipeline.containers.selector import PARAMS as SELECTOR_PARAMS
 from pipeline.containers.selector import ContainerSelector
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, Field, FieldFlag, Kind
+from pipeline.severity import Severity
 
 PREFIX = "operator.enrich."
 # Keys carry the operator's name: upstream clients make a flag of every key, and ``node`` is
@@ -497,7 +499,7 @@ class Enrich:
 
     # -- the kernel side and sources that follow containers ------------------------------------
 
-    def attach(self, source: object, log: Callable[[int, str], None]) -> None:
+    def attach(self, source: object, log: Callable[[Severity, str], None]) -> None:
         """Hands the run's started source what it needs to follow containers: the in-kernel
         selection map when the source has one, the collection when it follows containers."""
         self._kernel, self._detach = attach_to_source(source, self.collection, self.selector,

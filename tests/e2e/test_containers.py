@@ -23,10 +23,10 @@ from api.client import RunStream
 from api.decode import DataSourceDecoder, flatten
 from pipeline.containers.collection import ContainerCollection
 from pipeline.containers.watcher import RuntimeWatcher
-from pipeline.gadget import Catalog
 from pipeline.graph import EdgeClosed, Overflow
 from pipeline.ledger import Ledger
 from pipeline.run import STAGE_FILTER, STAGE_SOURCE, GadgetRun
+from pipeline.sources.catalog import Catalog
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_helpers import decode_all
 from tests.peers.containerd import Containerd

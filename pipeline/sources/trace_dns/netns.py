@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pipeline.containers.collection import ContainerCollection, ContainerEvent, EventKind
 from pipeline.containers.model import Container
 from pipeline.containers.selector import ContainerSelector
+from pipeline.severity import Severity
 
 _logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class NetnsTaps:
     """
 
     def __init__(self, prog_array_fd: int, host_netns: int,
-                 log: Callable[[int, str], None]) -> None:
+                 log: Callable[[Severity, str], None]) -> None:
         self._prog_array_fd = prog_array_fd
         self._host_netns = host_netns
         self._log = log
@@ -165,8 +166,8 @@ class NetnsTaps:
                 os.close(prog)
             if ns not in self._failed:  # once per namespace, not per container event
                 self._failed.add(ns)
-                self._log(3, f"trace_dns: cannot watch the network namespace of container "
-                          f"{c.name} ({c.id[:12]}): {e}")
+                self._log(Severity.WARN, "trace_dns: cannot watch the network namespace of "
+                          f"container {c.name} ({c.id[:12]}): {e}")
             return
         self._taps[ns] = (sock, prog, {c.id})
 
