@@ -64,7 +64,8 @@ def test_prometheus_counts_by_pod_with_the_cap() -> None:
     run.count(_batch(op, s, [1000, 1000, 1001, 5, 1002, 1000]))
     reg = CollectorRegistry(auto_describe=False)
     reg.register(GadgetMetricsCollector(store))
-    base = {"gadget": "g", "gadget_instance": "i", "datasource": "ev"}
+    base = {"gadget": "g", "gadget_instance": "i", "gadget_instance_id": "i",
+            "gadget_instance_name": "i", "datasource": "ev"}
 
     def get(ns: str, pod: str) -> float | None:
         return reg.get_sample_value("gadgetpipe_gadget_by_pod_total",
