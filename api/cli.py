@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import signal
-import sys
 from collections.abc import Sequence
-from typing import Any
 
-from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
-from api.decode import DataSourceDecoder, flatten
+from api import cli_apply, cli_instances
+from api.cli_output import Printer, consume
+from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
+from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
 from pipeline.operators import fields as fields_op
 from pipeline.params import parse_duration
+from pipeline.severity import Severity
+from pipeline.version import VERSION
 
 BATCH_DEFAULT = 1024
-_SEVERITY = ("", "fatal", "error", "warn", "info", "debug", "trace")
 
 
 def _kv(items: Sequence[str]) -> dict[str, str]:
@@ -29,6 +28,12 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k] = v
     return out
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"want an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_remote(p: argparse.ArgumentParser) -> None:
@@ -50,60 +55,6 @@ def _client(args: argparse.Namespace) -> GadgetClient:
                          f"{type(e).__name__} {e}".rstrip()) from None
 
 
-class Printer:
-    """Prints records as JSON lines or aligned columns (non-hidden fields)."""
-
-    def __init__(self, mode: str, out: Any = sys.stdout) -> None:
-        self.mode = mode
-        self.out = out
-        self._header_for: str | None = None
-
-    def records(self, dec: DataSourceDecoder, records: list[dict[str, Any]]) -> None:
-        if self.mode == "json":
-            for r in records:
-                self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            cols = dec.fields()
-            if self._header_for != dec.name:
-                self.out.write("  ".join(f"{c.upper():<16.16}" for c in cols) + "\n")
-                self._header_for = dec.name
-            for r in records:
-                flat = flatten(r)
-                self.out.write("  ".join(f"{_cell(flat.get(c)):<16.16}" for c in cols) + "\n")
-        self.out.flush()
-
-
-def _cell(v: Any) -> str:
-    return "" if v is None else str(v).replace("\u00a0", " ")
-
-
-def _consume(stream: RunStream, printer: Printer, verbose: bool) -> int:
-    def on_signal(*_: Any) -> None:
-        stream.stop()
-
-    old = signal.signal(signal.SIGINT, on_signal)
-    try:
-        for ev in stream:
-            if ev.log is not None:
-                if verbose or ev.severity <= 3:
-                    print(f"[{_SEVERITY[min(ev.severity, 6)]}] {ev.log}", file=sys.stderr)
-                continue
-            dec = next(d for d in stream.decoders.values() if d.name == ev.datasource)
-            printer.records(dec, ev.records)
-    except Exception as e:
-        import grpc
-
-        if isinstance(e, grpc.RpcError):
-            print(f"error: {e.details()} ({e.code().name})", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if stream.gaps:
-        print(f"warning: {stream.gaps} records were dropped on the way", file=sys.stderr)
-    return 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     params = _kv(args.param)
     if args.filter:
@@ -111,15 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fields:
         params[fields_op.PARAM] = args.fields
     if args.detach:
-        from api.cli_instances import run_detached
-
-        return run_detached(args, params, _client)
+        return cli_instances.run_detached(args, params, _client)
     if not args.per_record:
         params.setdefault("operator.grpc.batch-max", str(args.batch_max))
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
     with _client(args) as c:
-        stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
-        return _consume(stream, Printer(args.output), args.verbose)
+        level = Severity.DEBUG if args.verbose else Severity.INFO
+        stream = c.run(args.gadget, params, timeout, log_level=level)
+        return consume(stream, Printer(args.output), args.verbose, args.ready_file)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -148,7 +98,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gadgets(args: argparse.Namespace) -> int:
-    from pipeline.gadget import Catalog
+    from pipeline.sources.catalog import Catalog
 
     for spec in Catalog():
         print(f"{spec.name:<22} {spec.description}")
@@ -179,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gadgetpipe", description=__doc__)
+    p.add_argument("--version", action="version", version=f"gadgetpipe {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -193,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--otel-logs-endpoint", metavar="HOST:PORT",
+                   help="also send the daemon's own log to this OTLP/gRPC endpoint "
+                        "(http(s)://host:port too)")
+    s.add_argument("--compile-queue", type=_positive, metavar="N",
+                   help="runs of clients that may wait for their turn to compile their BPF "
+                   "programs; more are refused (RESOURCE_EXHAUSTED) (default "
+                   f"{DEFAULT_MAX_WAITING})")
+    s.add_argument("--compile-queue-per-client", type=_positive, metavar="N",
+                   help="of those, runs of one client (a process on the unix socket, a host "
+                   f"over TCP) (default {DEFAULT_MAX_WAITING_PER_CLIENT})")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("run", help="run a gadget and print its records")
@@ -206,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one message per record, as upstream clients receive them")
     r.add_argument("--batch-max", type=int, default=BATCH_DEFAULT)
     r.add_argument("-v", "--verbose", action="store_true")
-    r.add_argument("--detach", action="store_true", help="create a gadget instance instead")
+    r.add_argument("--ready-file", metavar="PATH",
+                   help="write PATH (atomically) when the gadget traces, for scripts that "
+                   "start a workload then")
+    r.add_argument("--detach", action="store_true", help="create a gadget instance instead "
+                   "(waits until it traces, up to the daemon's bound)")
     r.add_argument("--name", help="instance name (with --detach; default: a random one)")
     r.add_argument("--tag", action="append", default=[], help="instance tag (with --detach; "
                    "repeatable or comma-separated)")
@@ -224,20 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(fn=cmd_gadgets)
 
-    for hook in _extensions():
-        hook(sub, _add_remote, _client)
+    cli_instances.register(sub, _add_remote, _client)
+    cli_apply.register(sub, _add_remote, _client)
     return p
-
-
-def _extensions() -> list[Any]:
-    hooks = []
-    for mod_name in ("api.cli_instances", "api.cli_apply"):
-        try:
-            mod = __import__(mod_name, fromlist=["register"])
-        except ImportError:
-            continue
-        hooks.append(mod.register)
-    return hooks
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import grpc
 from api._gen import gadget_service_pb2 as pb
 from api._gen import gadget_service_pb2_grpc as rpc
 from api.decode import DataSourceDecoder
+from api.ready import is_ready
 
 DEFAULT_ADDRESS = "unix:///var/run/gadgetpipe/gadgetpipe.sock"
 EVENT_INFO = 4
@@ -43,10 +44,22 @@ class Event:
     records: list[dict[str, Any]] = field(default_factory=list)
     log: str | None = None
     severity: int = 0
+    ready: bool = False
+    """This log event is the ready signal: the gadget traces from now on (api/ready.py)."""
+
+
+class NotReady(RuntimeError):
+    """The stream ended, or the wait timed out, before the gadget said it traces."""
 
 
 class RunStream:
-    """An open RunGadget conversation; iterate for events, :meth:`stop` to end it."""
+    """An open RunGadget conversation; iterate for events, :meth:`stop` to end it.
+
+    ``ready`` turns true when the daemon says the gadget's programs are attached (an info log
+    event, api/ready.py; sent when the run's ``logLevel`` is at least 4):
+    :meth:`wait_ready` blocks until then, so a caller can start its workload knowing every
+    event it causes is traced.
+    """
 
     def __init__(self, stub: rpc.GadgetManagerStub, first: pb.GadgetControlRequest,
                  timeout: float | None = None) -> None:
@@ -56,6 +69,8 @@ class RunStream:
         self.info: pb.GadgetInfo | None = None
         self.decoders: dict[int, DataSourceDecoder] = {}
         self.gaps = 0
+        self.ready = False
+        self.ready_message = ""
         self._expected: int | None = None
         self._lock = threading.Lock()
 
@@ -76,18 +91,57 @@ class RunStream:
 
     def raw(self) -> Iterator[pb.GadgetEvent]:
         try:
-            yield from self._call
+            for ev in self._call:
+                self._note(ev)
+                yield ev
         finally:
             self._requests.put(None)
+
+    def _note(self, ev: pb.GadgetEvent) -> None:
+        if ev.type >= 1 << LOG_SHIFT and not self.ready:
+            text = ev.payload.decode("utf-8", "replace")
+            if is_ready(ev.type >> LOG_SHIFT, text):
+                self.ready, self.ready_message = True, text
+
+    def wait_ready(self, timeout: float = 60.0) -> list[pb.GadgetEvent]:
+        """Reads the stream until the gadget traces; returns the events read before (the
+        GadgetInfo, logs). Iterating :meth:`raw` or the stream afterwards goes on from there.
+
+        Raises:
+            NotReady: the stream ended first, or ``timeout`` seconds passed (the run is then
+                cancelled).
+        """
+        timer = threading.Timer(timeout, self._call.cancel)
+        timer.start()
+        got: list[pb.GadgetEvent] = []
+        try:
+            for ev in self._call:
+                self._note(ev)
+                if ev.type == EVENT_INFO:
+                    self._set_info(ev)
+                got.append(ev)
+                if self.ready:
+                    return got
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.CANCELLED and not timer.is_alive():
+                raise NotReady(f"the gadget did not say it traces within {timeout} s") from e
+            raise
+        finally:
+            timer.cancel()
+        raise NotReady("the stream ended before the gadget said it traces")
+
+    def _set_info(self, ev: pb.GadgetEvent) -> None:
+        self.info = pb.GadgetInfo.FromString(ev.payload)
+        self.decoders = {ds.id: DataSourceDecoder(ds) for ds in self.info.dataSources}
 
     def __iter__(self) -> Iterator[Event]:
         for ev in self.raw():
             if ev.type == EVENT_INFO:
-                self.info = pb.GadgetInfo.FromString(ev.payload)
-                self.decoders = {ds.id: DataSourceDecoder(ds) for ds in self.info.dataSources}
+                self._set_info(ev)
             elif ev.type >= 1 << LOG_SHIFT:
-                yield Event(log=ev.payload.decode("utf-8", "replace"),
-                            severity=ev.type >> LOG_SHIFT)
+                text = ev.payload.decode("utf-8", "replace")
+                yield Event(log=text, severity=ev.type >> LOG_SHIFT,
+                            ready=is_ready(ev.type >> LOG_SHIFT, text))
             elif ev.type == 0:
                 if self._expected is not None and ev.seq != self._expected:
                     self.gaps += (ev.seq - self._expected) & 0xFFFFFFFF

@@ -8,10 +8,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.gadget import Catalog
-from pipeline.ledger import Ledger
+from api.compile_queue import CompileQueue
+from pipeline.heap import HeapTrimmer
+from pipeline.ledger import Ledger, LedgerFolds
+from pipeline.sources.catalog import Catalog
 
-SERVER_VERSION = "0.1.0"
+RETIRE_AFTER_S = 300.0
+"""Seconds a finished run's ledger rows keep their own label before they are folded."""
 
 
 @dataclass
@@ -28,6 +31,9 @@ class ServiceContext:
         shutting_down: set when the daemon begins to stop: every stream ends as a stop request
             would end it (runs drain into their clients, which get status OK; attach streams
             send what is queued), before the server closes what is left.
+        compile_queue: where runs take turns to compile (api/compile_queue.py).
+        heap: trims the heap after runs end.
+        folds: when finished runs' ledger rows are folded (made from ``ledger``).
     """
 
     catalog: Catalog
@@ -38,7 +44,13 @@ class ServiceContext:
     instances: Any = None
     sinks: Any = None
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    compile_queue: CompileQueue = field(default_factory=CompileQueue)
+    heap: HeapTrimmer = field(default_factory=HeapTrimmer)
+    folds: LedgerFolds = field(init=False)
     _runs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self.folds = LedgerFolds(self.ledger, RETIRE_AFTER_S)
 
     def next_run_name(self) -> str:
         return f"run-{next(self._runs)}"

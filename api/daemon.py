@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.builtin_manager import BuiltInGadgetManager
+from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT, CompileQueue
 from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
+from api.metrics_server import MetricsServer
+from api.otel_logs import DaemonLogExport, OtelLogsSettings
+from api.peers import Peer, PeerPool, PeerTLS
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
-from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
-from pipeline.selfmetrics import MetricsServer
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 
 if TYPE_CHECKING:
     from config.loader import LoadedConfig
@@ -44,12 +47,22 @@ class DaemonSettings:
     socket_group: str | None = None
     events_buffer_length: int = 16384
     node: str | None = None
-    nodes: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, str | Peer] = field(default_factory=dict)
     """Peer daemons by node name (``{"node-b": "unix:///run/b.sock", "node-c": "10.0.0.3:8080"}``):
-    multi-node instances and legacy fan-out runs forward to them and merge their streams."""
+    multi-node instances and legacy fan-out runs forward to them and merge their streams. A
+    :class:`api.peers.Peer` carries a node's own TLS settings."""
+    node_tls: PeerTLS | None = None
+    """TLS towards TCP peers without their own (CA, client certificate and key for mutual
+    TLS); a TCP peer without any needs ``insecure``."""
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
+    otel_logs: OtelLogsSettings | None = None
+    """Where the daemon's own log goes as OTLP (api.otel_logs); None: nowhere but stderr."""
+    compile_queue: int = DEFAULT_MAX_WAITING
+    """Runs of clients that may wait for their turn to compile (api/compile_queue.py)."""
+    compile_queue_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT
+    """Of those, runs of one client."""
     extra: dict[str, Any] = field(default_factory=dict)
     config: LoadedConfig | None = None
     """The validated YAML config the settings came from: its instances are created at start
@@ -64,7 +77,9 @@ class Daemon:
         self.ledger = Ledger()
         self.catalog = Catalog()
         self.ctx = ServiceContext(self.catalog, self.ledger,
-                                  events_buffer_length=settings.events_buffer_length)
+                                  events_buffer_length=settings.events_buffer_length,
+                                  compile_queue=CompileQueue(settings.compile_queue,
+                                                             settings.compile_queue_per_client))
         if settings.node:
             self.ctx.node = settings.node
         self.server: GrpcServer | None = None
@@ -76,6 +91,11 @@ class Daemon:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        # The log export first and stopped last, so it carries the start and the stop.
+        if self.settings.otel_logs is not None:
+            logs = DaemonLogExport(self.settings.otel_logs, self.ctx.node)
+            logs.start()
+            self.on_stop(logs.stop)
         # Sinks before anything that starts runs; their stop runs after the server's (reverse
         # order), so runs end first and their sinks drain within the deadline.
         self.sinks = SinkManager(self.ledger, self.settings.sinks, node=self.ctx.node)
@@ -88,7 +108,8 @@ class Daemon:
             self.on_stop(self.metrics.stop)
         # Instances after the sinks they feed; their stop (drain, files kept) runs before the
         # sinks' stop and after the server's.
-        self.instances = InstanceManager(self.ctx, self.settings.state_dir, self.settings.nodes)
+        peers = PeerPool(self.settings.nodes, self.settings.node_tls, self.settings.insecure)
+        self.instances = InstanceManager(self.ctx, self.settings.state_dir, peers)
         await self.instances.start()
         self.ctx.instances = self.instances
         self.on_stop(self.instances.stop)
@@ -123,6 +144,8 @@ class Daemon:
                 result = fn()
                 if asyncio.iscoroutine(result):
                     await result
+        self.ctx.folds.close()
+        self.ctx.heap.close()
         self._stopped.set()
 
     async def run_until_signalled(self) -> None:

@@ -13,6 +13,8 @@ from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import field_table, gadget_info, sorted_datasources
+from api.ready import READY_SEVERITY
+from api.run_session import CLIENT_DROP_REASONS, DIRECT_RUNS, RunSession, client_key, new_run
 from api.run_stream import (
     LogForwarder,
     StreamLayout,
@@ -21,21 +23,18 @@ from api.run_stream import (
     read_control,
 )
 from api.stream_writer import FramedWriter
+from pipeline import wire
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
+from pipeline.ledger import GRPC_STAGE_PREFIX, grpc_stage
 from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
-from pipeline.params import redact
-from pipeline.run import GadgetRun, RunError
-from pipeline.sources.base import SourceError
-from pipeline.wire import BATCH_LINGER, BATCH_MAX, GRPC_PARAMS, GRPC_PREFIX
+from pipeline.run import GadgetRun
+from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 _logger = logging.getLogger(__name__)
 
 VERSION = 1
-DIRECT_RUNS = "direct-runs"
-"""Ledger label that finished direct runs are folded into."""
-RETIRE_AFTER_S = 300.0
 FLAG_USE_INSTANCE = 1
 
 
@@ -51,26 +50,6 @@ def resolve_gadget(ctx: ServiceContext, image: str) -> GadgetSpec:
         raise GRPCError(Status.NOT_FOUND, str(e)) from None
     except GadgetError as e:
         raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
-
-
-def new_run(ctx: ServiceContext, spec: GadgetSpec, params: dict[str, str], name: str,
-            ) -> GadgetRun:
-    """A run with the stream's and the sinks' params validated along with the gadget's."""
-    extra = list(GRPC_PARAMS)
-    prefixes = [GRPC_PREFIX]
-    if ctx.sinks is not None:
-        extra += ctx.sinks.params()
-        prefixes += ctx.sinks.prefixes()
-    try:
-        run = GadgetRun(spec, params, ctx.ledger, name, extra, prefixes)
-    except RunError as e:
-        raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
-    if ctx.sinks is not None:
-        problems = ctx.sinks.check(run.values, run.schemas)
-        if problems:
-            raise GRPCError(Status.INVALID_ARGUMENT, "; ".join(
-                f"invalid parameter {key!r}: {reason}" for key, reason in problems))
-    return run
 
 
 def graph_mermaid(run: GadgetRun) -> str:
@@ -144,45 +123,40 @@ class GadgetManager(svc.GadgetManagerBase):
 
 async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
                            rr: pb.GadgetRunRequest) -> None:
-    """Runs ``run`` for this stream alone until stop, timeout, client exit or the source ends."""
+    """Runs ``run`` for this stream alone until stop, timeout, client exit or the source ends.
+
+    Order on the wire (docs/gadget-service.md §3.1): the GadgetInfo, then (at ``logLevel`` >= 4) the
+    ready log event once the programs are attached (api/ready.py), then records; a run the compile
+    queue refuses fails with RESOURCE_EXHAUSTED before anything is sent.
+    """
+    session = RunSession(ctx, run, client_key(stream), DIRECT_RUNS)
     writer = FramedWriter(stream)
     lock = asyncio.Lock()
-    layout = StreamLayout.build(run.schemas, int(run.values.get(BATCH_MAX) or 0),
-                                float(run.values.get(BATCH_LINGER) or 0.02),
-                                _duration_text(float(run.values.get(BATCH_LINGER) or 0.02)))
-    peer = _peer(stream)
-    edge = run.subscribe(f"grpc:{peer}", ctx.events_buffer_length, Overflow.DROP_NEWEST)
     logs = LogForwarder(writer, lock, rr.logLevel)
-    run.add_log_listener(logs)
-    sinks = None
     try:
-        for key, value in sorted(redact(dict(rr.paramValues), run.param_specs).items()):
-            run.log(5, f"param {key}: {value}")
+        session.reserve()
+        linger = float(run.values.get(BATCH_LINGER) or 0.02)
+        layout = StreamLayout.build(run.schemas, int(run.values.get(BATCH_MAX) or 0), linger,
+                                    _duration_text(linger))
+        edge = session.subscribe(grpc_stage(_peer(stream)), ctx.events_buffer_length,
+                                 Overflow.DROP_NEWEST, CLIENT_DROP_REASONS)
+        session.add_log_listener(logs)
+        session.log_params(rr.paramValues)
         info = gadget_info(run.spec, rr.imageName, layout.schemas, run.param_specs,
                            with_ids=True)
         async with lock:
             await writer.write(info_event(info))
-        if ctx.sinks is not None:
-            try:
-                sinks = await ctx.sinks.attach(run)
-            except RunError as e:
-                raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
-        try:
-            await run.start()
-        except SourceError as e:
-            raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
+        await session.start()
+        if rr.logLevel >= READY_SEVERITY:
+            # Written here, before the stream's sink starts: the client sees it before the
+            # first record.
+            async with lock:
+                await writer.write(wire.log_event(READY_SEVERITY, session.ready_text()))
         await _until_done(ctx, stream, run, StreamSink(writer, edge, layout, lock),
                           rr.timeout / 1e9)
     finally:
-        run.remove_log_listener(logs)
         await logs.close()
-        with contextlib.suppress(Exception):
-            await run.stop()
-        if sinks is not None:
-            await sinks.close()
-        # Kept under its own label for a while so scrapes see its final counts, then folded.
-        asyncio.get_running_loop().call_later(RETIRE_AFTER_S, ctx.ledger.retire, run.instance,
-                                              DIRECT_RUNS)
+        await session.close()
 
 
 async def _until_done(ctx: ServiceContext, stream: Any, run: GadgetRun, sink: StreamSink,
@@ -212,7 +186,7 @@ async def _until_done(ctx: ServiceContext, stream: Any, run: GadgetRun, sink: St
         for t in waiters:
             with contextlib.suppress(BaseException):
                 await t
-        edge_left = [e for e in run.fanout.edges if e.name.startswith("grpc:")]
+        edge_left = [e for e in run.fanout.edges if e.name.startswith(GRPC_STAGE_PREFIX)]
         for e in edge_left:
             e.discard_pending("client_gone")
 

@@ -1,4 +1,5 @@
-"""One gadget instance: a headless run that outlives its clients (spec 3.3, 5.4 and 6).
+"""One gadget instance: a headless run that outlives its clients (docs/gadget-service.md §3.3,
+§5.4 and §6).
 
 An instance is a :class:`~pipeline.run.GadgetRun` started from a ``CreateGadgetInstanceRequest``
 and kept running by the daemon: its sinks (``ctx.sinks``) get every record, and the last
@@ -7,7 +8,8 @@ so a client that attaches later first sees what happened before it came.
 
 An attach stream announces the GadgetInfo (``id`` and ``name`` set), replays the buffer, then
 follows live packets through its own bounded queue. Without the extension below a stream's
-``base`` is chosen so the replay is ``1..N`` and live packets go on from ``N+1`` (spec 3.3).
+``base`` is chosen so the replay is ``1..N`` and live packets go on from ``N+1``
+(docs/gadget-service.md §3.3).
 
 Extension (gadgetpipe only; upstream clients neither send nor need it):
 
@@ -37,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +50,7 @@ from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import gadget_info
-from api.gadget_manager import check_version, new_run
+from api.gadget_manager import check_version
 from api.instance_packets import (
     ATTACH_QUEUE,
     Attacher,
@@ -56,16 +59,20 @@ from api.instance_packets import (
     node_field,
     write_replay,
 )
-from api.peers import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, peer_problem
+from api.ready import READY_SEVERITY, is_ready, ready_message
+from api.run_session import REMOVED_INSTANCES, RunSession, new_run
 from api.run_stream import MAX_MESSAGE, StreamLayout, info_event
 from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
 from pipeline.gadget import GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow
+from pipeline.ledger import REASON_CLIENT_GONE, REASON_QUEUE_FULL, STAGE_ATTACH
 from pipeline.params import redact
-from pipeline.run import GadgetRun
+from pipeline.run import GadgetRun, RunIdentity
 from pipeline.schema import DataSourceType
+from pipeline.severity import Severity
 from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 __all__ = [
@@ -85,7 +92,8 @@ FROM_SEQ_METADATA = "gadgetpipe-from-seq"
 SEQ_BASE_METADATA = "gadgetpipe-seq-base"
 """Attach response initial metadata: instance seq = stream seq + this."""
 DEFAULT_EVENT_BUFFER = 1024
-"""Packets an instance keeps for replay when ``eventBufferLength`` is 0 (spec 6.4)."""
+"""Packets an instance keeps for replay when ``eventBufferLength`` is 0
+(docs/gadget-service.md §6.4)."""
 MAX_EVENT_BUFFER = 65536
 """Largest ``eventBufferLength`` accepted: the buffer lives in the daemon's memory."""
 READY_WAIT = 10.0
@@ -96,9 +104,10 @@ PEER_RETRY_MAX = 10.0
 INSTANCE_EDGE = 1 << 16
 """Records the instance's own edge may hold; it blocks (never drops): its consumer only copies
 references into the buffer and the client queues."""
+NOT_TRACING_YET = "starting: not tracing yet (compiling and attaching its programs)"
+"""The state message of an instance whose programs are not attached yet."""
 _MESSAGE_MARGIN = 1024
 _LOG_SHIFT = wire.EVENT_LOG_SHIFT
-_WARN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +117,15 @@ class InstanceStatus:
     id: str
     name: str
     gadget: str
-    status: str  # "Running" | "Error" | "Invalid"
+    status: str  # "Starting" | "Running" | "Error"
     message: str
     attached: int
     buffered: int
     nodes: tuple[str, ...] = ()
+    tracing: bool = False
+    """Its programs are attached (on every node it runs on) and records flow."""
+    ready_seconds: float | None = None
+    """Seconds from its launch (create or restore) to tracing."""
 
 
 @dataclass
@@ -123,14 +136,18 @@ class Member:
     address: str
     state: str = "connecting"  # connecting | up | down | ended
     message: str = ""
+    tracing: bool = False
+    """The instance there has said it traces (api/ready.py) since this daemon followed it."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class Instance:
     """One gadget instance: its run, its replay buffer, its attached clients and its peers.
 
-    Lifecycle: :meth:`launch` starts it in the background (``ready`` is set when it runs or
-    failed); :meth:`stop` stops the gadget, closes every client and frees the BPF programs.
+    Lifecycle: :meth:`launch` starts it in the background (``started`` is set when it runs
+    or failed, ``tracing`` once its programs are attached on every node it runs on);
+    :meth:`stop` stops the gadget, closes every client and frees the BPF programs. A restored
+    instance is not tracing until its programs are attached again.
     """
 
     def __init__(self, ctx: ServiceContext, request: pb.CreateGadgetInstanceRequest,
@@ -145,15 +162,21 @@ class Instance:
         self.status = pb.StatusInvalid
         self.message = ""
         self.info: pb.GadgetInfo | None = None
-        self.ready = asyncio.Event()
+        self.started = asyncio.Event()
+        """Set when the start ended, either way (the GadgetInfo is known, or it failed)."""
+        self.tracing = asyncio.Event()
+        """Set when its programs are attached on every node it runs on (api/ready.py)."""
+        self.failed = asyncio.Event()
         self.ended = asyncio.Event()
+        self.launched = time.monotonic()
+        self.ready_seconds: float | None = None
         size = request.eventBufferLength or DEFAULT_EVENT_BUFFER
         self.ring = PacketRing(min(max(size, 1), MAX_EVENT_BUFFER))
         self._attachers: set[Attacher] = set()
         self._attach_names = itertools.count(1)
         self._run: GadgetRun | None = None
+        self._session: RunSession | None = None
         self._layout: StreamLayout | None = None
-        self._sinks: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._start_task: asyncio.Task[None] | None = None
         self._members: dict[str, Member] = {}
@@ -177,11 +200,20 @@ class Instance:
         return self._run
 
     def state(self) -> pb.GadgetInstanceState:
+        """Running once started (StatusRunning), with a message while it does not trace yet
+        or a peer node is down; StatusInvalid with "starting: ..." before; StatusError."""
         message = self.message
-        down = [f"node {m.node}: {m.message}" for m in self._members.values()
-                if m.state == "down"]
-        if down and self.status == pb.StatusRunning:
-            message = "; ".join(down)
+        if self.status == pb.StatusInvalid and not self.failed.is_set():
+            message = NOT_TRACING_YET
+        elif self.status == pb.StatusRunning:
+            down = [f"node {m.node}: {m.message}" for m in self._members.values()
+                    if m.state == "down"]
+            waiting = [m.node for m in self._members.values()
+                       if not m.tracing and m.state != "down"]
+            if down:
+                message = "; ".join(down)
+            elif waiting and not self.tracing.is_set():
+                message = f"not tracing yet on node(s) {', '.join(waiting)}"
         return pb.GadgetInstanceState(status=self.status, message=message)
 
     def to_proto(self) -> pb.GadgetInstance:
@@ -201,28 +233,65 @@ class Instance:
     def summary(self) -> InstanceStatus:
         return InstanceStatus(self.id, self.name, self.image,
                               {pb.StatusRunning: "Running", pb.StatusError: "Error"}
-                              .get(self.status, "Invalid"),
+                              .get(self.status, "Starting"),
                               self.state().message, len(self._attachers), len(self.ring),
-                              tuple(self.nodes))
+                              tuple(self.nodes), self.tracing.is_set(), self.ready_seconds)
 
     def _fail(self, message: str) -> None:
         self.status = pb.StatusError
         self.message = message
+        self.failed.set()
         _logger.error("instance %s (%s): %s", self.name, self.id, message)
+
+    async def wait_tracing(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds for the instance to trace; False if it failed or
+        does not trace yet."""
+        if not self.tracing.is_set() and not self.failed.is_set():
+            waiters = {asyncio.ensure_future(self.tracing.wait()),
+                       asyncio.ensure_future(self.failed.wait())}
+            try:
+                await asyncio.wait(waiters, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        return self.tracing.is_set()
+
+    def _check_tracing(self) -> None:
+        """Sets ``tracing`` once every node it runs on traces (peers that are down aside),
+        and tells attached clients."""
+        if self.tracing.is_set() or self.status == pb.StatusError:
+            return
+        local = not self.nodes or self._ctx.node in self.nodes
+        if local and (self._session is None or not self._session.ready):
+            return
+        # A peer that cannot be reached does not hold the others back (the state names it).
+        if any(not m.tracing and m.state != "down" for m in self._members.values()):
+            return
+        self.ready_seconds = time.monotonic() - self.launched
+        self.tracing.set()
+        text = self._ready_text()
+        self.log(Severity.INFO, f"{text} ({self.ready_seconds:.2f} s after it was launched)")
+        for a in tuple(self._attachers):
+            a.log(READY_SEVERITY, text)
+
+    def _ready_text(self) -> str:
+        run = self._run
+        return ready_message(run.attach_seconds if run is not None else None)
 
     def log(self, severity: int, message: str) -> None:
         """An instance message: to the daemon log, and to attached clients when warn or worse."""
-        _logger.log({1: logging.CRITICAL, 2: logging.ERROR, 3: logging.WARNING}
-                    .get(severity, logging.INFO if severity == 4 else logging.DEBUG),
-                    "instance %s (%s): %s", self.name, self.id[:12], message)
-        if 0 < severity <= _WARN:
+        _logger.log(Severity.of(severity).python_level, "instance %s (%s): %s", self.name,
+                    self.id[:12], message)
+        if Severity.PANIC < severity <= Severity.WARN:
             for a in tuple(self._attachers):
                 a.log(severity, message)
 
     # -- start / stop -----------------------------------------------------------------------
 
     def launch(self) -> None:
-        """Starts the instance in the background; ``ready`` is set when done either way."""
+        """Starts the instance in the background; ``started`` is set when done either way."""
+        self.launched = time.monotonic()
         self._start_task = asyncio.create_task(self._start(), name=f"instance-start:{self.name}")
 
     async def _start(self) -> None:
@@ -235,7 +304,7 @@ class Instance:
             self._fail(str(e) or type(e).__name__)
             await self._release()
         finally:
-            self.ready.set()
+            self.started.set()
 
     def prepare(self) -> GadgetRun:
         """Resolves the gadget and builds the run without starting it (validation and info).
@@ -256,7 +325,8 @@ class Instance:
             spec: GadgetSpec = self._ctx.catalog.resolve(gc.imageName)
         except GadgetError as e:
             raise GRPCError(Status.NOT_FOUND, str(e)) from None
-        return new_run(self._ctx, spec, dict(gc.paramValues), self.label)
+        identity = RunIdentity(spec.name, self.label, self.id, self.name)
+        return new_run(self._ctx, spec, dict(gc.paramValues), self.label, identity)
 
     async def _start_inner(self) -> None:
         run = self.prepare()
@@ -273,18 +343,22 @@ class Instance:
             await self._start_local(run)
         for node in self.nodes:
             if node != self._ctx.node:
-                m = Member(node, self._peers.address(node))
-                self._members[node] = m
-                m.task = asyncio.create_task(self._follow(m), name=f"peer:{self.name}:{node}")
+                self._members[node] = Member(node, self._peers.address(node))
         self.status = pb.StatusRunning
+        for m in self._members.values():
+            m.task = asyncio.create_task(self._follow(m), name=f"peer:{self.name}:{m.node}")
+        self._check_tracing()
 
     async def _start_local(self, run: GadgetRun) -> None:
-        edge = run.subscribe(f"instance:{self.id[:12]}", INSTANCE_EDGE, Overflow.BLOCK)
-        run.add_log_listener(self._forward_run_log)
+        # Every client's packets count in one attach stage: its rows exist from the start.
+        self._ctx.ledger.declare_drops(self.label, STAGE_ATTACH,
+                                       (REASON_QUEUE_FULL, REASON_CLIENT_GONE))
+        session = RunSession(self._ctx, run, None, REMOVED_INSTANCES)
+        self._session = session
         self._run = run
-        if self._ctx.sinks is not None:
-            self._sinks = await self._ctx.sinks.attach(run)
-        await run.start()
+        edge = session.subscribe(f"instance:{self.id[:12]}", INSTANCE_EDGE, Overflow.BLOCK)
+        session.add_log_listener(self._forward_run_log)
+        await session.start()
         self._tasks.append(asyncio.create_task(self._pump(edge), name=f"instance:{self.name}"))
         self._tasks.append(asyncio.create_task(self._watch(run), name=f"watch:{self.name}"))
 
@@ -300,26 +374,21 @@ class Instance:
         finally:
             waiter.cancel()
         if not self._stopping:
-            self.log(4, "gadget ended")
+            self.log(Severity.INFO, "gadget ended")
             await run.stop()
 
     def _forward_run_log(self, severity: int, message: str) -> None:
         # GadgetRun.log already wrote the daemon log; clients hear about warnings only.
-        if 0 < severity <= _WARN:
+        if Severity.PANIC < severity <= Severity.WARN:
             for a in tuple(self._attachers):
                 a.log(severity, message)
 
     async def _release(self) -> None:
         """Frees what a failed start left behind (the source already stopped itself)."""
-        run, self._run = self._run, None
-        if run is not None:
-            with contextlib.suppress(Exception):
-                await run.stop()
-            run.remove_log_listener(self._forward_run_log)
-        if self._sinks is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._sinks.close(), self._ctx.drain_deadline)
-            self._sinks = None
+        session, self._session = self._session, None
+        self._run = None
+        if session is not None:
+            await session.close()
 
     async def _pump(self, edge: Edge) -> None:
         assert self._layout is not None
@@ -376,8 +445,11 @@ class Instance:
             return
         self._stopping = True
         if self._start_task is not None and not self._start_task.done():
-            # The start may be inside a BPF load in a thread: let it finish so the programs it
-            # loads are ours to free, rather than orphaned by a cancel.
+            if self._session is not None and self._session.waiting_for_turn:
+                # Still in the compile queue: it leaves it, nothing was loaded.
+                self._start_task.cancel()
+            # Else the start may be inside a BPF load in a thread: let it finish so the
+            # programs it loads are freed here.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._start_task)
         for m in self._members.values():
@@ -387,11 +459,10 @@ class Instance:
             if m.task is not None:
                 with contextlib.suppress(BaseException):
                     await m.task
-        run, self._run = self._run, None
-        if run is not None:
-            with contextlib.suppress(Exception):
-                await run.stop()
-            run.remove_log_listener(self._forward_run_log)
+        session, self._session = self._session, None
+        self._run = None
+        if session is not None:
+            await session.stop()  # the source drains into the buffer and the sinks' edges
         for t in self._tasks:
             if not t.done():
                 with contextlib.suppress(TimeoutError, Exception):
@@ -401,14 +472,10 @@ class Instance:
             with contextlib.suppress(BaseException):
                 await t
         self._tasks.clear()
-        if self._sinks is not None:
-            try:
-                await asyncio.wait_for(self._sinks.close(), drain)
-            except Exception as e:
-                _logger.warning("instance %s: closing its sinks: %s", self.name, describe_error(e))
-            self._sinks = None
+        if session is not None:
+            await session.close(drain)
         self._end_clients()
-        self.ready.set()
+        self.started.set()
 
     # -- attach -----------------------------------------------------------------------------
 
@@ -439,18 +506,22 @@ class Instance:
                              f"buffered (the buffer holds {self.ring.capacity})")
             base = 0
         self._attachers.add(client)
+        # Tracing now: the client hears it after the GadgetInfo; else when it happens.
+        tracing = self.tracing.is_set()
         if self.ended.is_set():
             client.close()
         writer = FramedWriter(stream)
         try:
             await stream.send_initial_metadata(metadata={SEQ_BASE_METADATA: str(base)})
             await writer.write(info_event(self.info))
+            if tracing:
+                await writer.write(wire.log_event(READY_SEVERITY, self._ready_text()))
             for note in notes:
-                await writer.write(wire.log_event(_WARN, note))
+                await writer.write(wire.log_event(Severity.WARN, note))
             for m in self._members.values():
                 if m.state == "down":
-                    await writer.write(wire.log_event(
-                        _WARN, f"node {m.node!r} ({m.address}) is unavailable: {m.message}"))
+                    await writer.write(wire.log_event(Severity.WARN, f"node {m.node!r} "
+                                                      f"({m.address}) is unavailable: {m.message}"))
             await write_replay(writer, replay, base)
             # The daemon stopping ends the stream cleanly: what is queued goes out, then OK.
             closer = asyncio.create_task(self._close_on_shutdown(client))
@@ -460,7 +531,7 @@ class Instance:
                 closer.cancel()
         finally:
             self._attachers.discard(client)
-            client.abandon("client_gone")
+            client.abandon(REASON_CLIENT_GONE)
 
     async def _close_on_shutdown(self, client: Attacher) -> None:
         await self._ctx.shutting_down.wait()
@@ -485,18 +556,19 @@ class Instance:
                 await self._ensure_on_peer(channel)
                 next_seq = await self._stream_from(m, channel, next_seq)
                 m.state, m.message = "ended", ""
-                self.log(4, f"node {m.node!r}: the instance ended there")
+                self.log(Severity.INFO, f"node {m.node!r}: the instance ended there")
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                reason = describe_error(e)
+                reason = self._peers.describe(m.node, e)
                 if m.state != "down" or m.message != reason:
-                    self.log(_WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: {reason}; "
-                             "the other nodes continue")
+                    self.log(Severity.WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: "
+                             f"{reason}; the other nodes continue")
                 if m.state == "up":
                     backoff = PEER_RETRY_MIN
                 m.state, m.message = "down", reason
+                self._check_tracing()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, PEER_RETRY_MAX)
 
@@ -538,7 +610,7 @@ class Instance:
                     ds_map = {ds.id: local_ids[ds.name] for ds in info.dataSources
                               if ds.name in local_ids}
                     if m.state != "up":
-                        self.log(4 if m.state == "connecting" else _WARN,
+                        self.log(Severity.INFO if m.state == "connecting" else Severity.WARN,
                                  f"node {m.node!r} ({m.address}) is connected")
                     m.state, m.message = "up", ""
                 elif ev.type == wire.EVENT_TYPE_PAYLOAD:
@@ -550,8 +622,11 @@ class Instance:
                     if ds is not None:
                         self._publish(Chunk(0, ds, payloads=[tag + ev.payload]), gap)
                 elif ev.type >= 1 << _LOG_SHIFT:
-                    self.log(ev.type >> _LOG_SHIFT,
-                             f"node {m.node}: {ev.payload.decode('utf-8', 'replace')}")
+                    text = ev.payload.decode("utf-8", "replace")
+                    if is_ready(ev.type >> _LOG_SHIFT, text):
+                        m.tracing = True
+                        self._check_tracing()
+                    self.log(ev.type >> _LOG_SHIFT, f"node {m.node}: {text}")
 
     async def remove_on_peers(self) -> list[str]:
         """Removes the instance on every peer node; returns the failures."""
@@ -564,6 +639,6 @@ class Instance:
                 if resp.result != 0 and "not found" not in resp.message:
                     failures.append(f"node {m.node}: {resp.message}")
             except Exception as e:
-                failures.append(f"node {m.node}: {describe_error(e)}")
+                failures.append(f"node {m.node}: {self._peers.describe(m.node, e)}")
         return failures
 

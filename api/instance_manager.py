@@ -1,5 +1,6 @@
-"""The daemon's gadget instances: create, list, get, remove, resolve and attach (spec 6), and
-the ``api.GadgetInstanceManager`` servicer over them. One instance is api/instance.py."""
+"""The daemon's gadget instances: create, list, get, remove, resolve and attach
+(docs/gadget-service.md §6), and the ``api.GadgetInstanceManager`` servicer over them. One instance
+is api/instance.py."""
 
 from __future__ import annotations
 
@@ -26,12 +27,16 @@ from api.instance import (
     InstanceStatus,
 )
 from api.peers import PeerPool
+from api.run_session import REMOVED_INSTANCES
 from api.store import InstanceStore, StoreProblem
 from pipeline.run import GadgetRun
 
 __all__ = ["ID_RE", "NAME_RE", "GadgetInstanceManager", "InstanceManager", "random_name"]
 
 _logger = logging.getLogger(__name__)
+
+RESTORE_REPORT_WAIT = 300.0
+"""Seconds the start-up report waits for restored instances to trace."""
 
 ID_RE = re.compile(r"^[a-f0-9]{32}$")
 NAME_RE = re.compile(r"^[a-z0-9-_]{1,32}$")
@@ -73,21 +78,27 @@ class InstanceManager:
     Args:
         ctx: the daemon's service context (catalog, ledger, sinks, node name).
         state_dir: where instances are persisted (``<state_dir>/gadgets``).
-        nodes: peer daemons by node name, for multi-node instances and legacy fan-out.
+        nodes: peer daemons by node name, for multi-node instances and legacy fan-out: their
+            addresses, or a :class:`PeerPool` with their TLS settings.
         ready_wait: seconds GetGadgetInfo/attach wait for a starting instance.
     """
 
     def __init__(self, ctx: ServiceContext, state_dir: Path,
-                 nodes: Mapping[str, str] | None = None, ready_wait: float = READY_WAIT) -> None:
+                 nodes: Mapping[str, str] | PeerPool | None = None,
+                 ready_wait: float = READY_WAIT) -> None:
         self._ctx = ctx
         self.store = InstanceStore(state_dir)
-        self.peers = PeerPool(nodes or {})
+        self.peers = nodes if isinstance(nodes, PeerPool) else PeerPool(nodes or {})
         self._ready_wait = ready_wait
+        self.ready_wait = ready_wait
+        """Seconds CreateGadgetInstance waits for the new instance to trace."""
         self._instances: dict[str, Instance] = {}
         self._names: dict[str, str] = {}  # name -> id
+        self._restore_report: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Opens the store and starts every persisted instance (in the background)."""
+        began = time.monotonic()
         self.peers.start()
         await asyncio.to_thread(self.store.start)
         requests = await asyncio.to_thread(self.store.load_all)
@@ -96,16 +107,30 @@ class InstanceManager:
             if inst.name in self._names:
                 # A hand-edited store: keep the first, report the other as an error.
                 inst._fail(f"gadget with name {inst.name!r} already exists")
-                inst.ready.set()
+                inst.started.set()
             else:
                 self._names[inst.name] = inst.id
                 inst.launch()
             self._instances[inst.id] = inst
         _logger.info("restored %d gadget instance(s) from %s (%d unreadable)", len(requests),
                      self.store.directory, len(self.store.problems()))
+        if requests:
+            restored = list(self._instances.values())
+            self._restore_report = asyncio.create_task(self._report_restored(restored, began),
+                                                       name="instances-restored")
+
+    async def _report_restored(self, restored: list[Instance], began: float) -> None:
+        """Logs when every restored instance traces again (or failed): they count as not
+        ready until then."""
+        await asyncio.gather(*(i.wait_tracing(RESTORE_REPORT_WAIT) for i in restored))
+        tracing = sum(i.tracing.is_set() for i in restored)
+        _logger.info("restored instances: %d of %d tracing %.2f s after the instance manager "
+                     "started", tracing, len(restored), time.monotonic() - began)
 
     async def stop(self) -> None:
         """Stops every instance (their files stay, so the next start restores them)."""
+        if self._restore_report is not None:
+            self._restore_report.cancel()
         await asyncio.gather(*(i.stop(self._ctx.drain_deadline)
                                for i in self._instances.values()), return_exceptions=True)
         self.peers.stop()
@@ -124,8 +149,12 @@ class InstanceManager:
 
     # -- RPC bodies -------------------------------------------------------------------------
 
-    async def create(self, req: pb.CreateGadgetInstanceRequest) -> pb.CreateGadgetInstanceResponse:
-        """Validates, persists and starts an instance.
+    async def create(self, req: pb.CreateGadgetInstanceRequest, wait: float = 0.0,
+                     ) -> pb.CreateGadgetInstanceResponse:
+        """Validates, persists and starts an instance; then waits up to ``wait`` seconds for
+        it to trace. The answer's state says which: StatusRunning (tracing), StatusError
+        (its start failed, with the reason) or StatusInvalid with "starting: not tracing yet
+        ..." (still compiling when the wait ended; List shows when it runs).
 
         Raises:
             GRPCError: the request is invalid (nothing persisted) or the store failed.
@@ -165,6 +194,8 @@ class InstanceManager:
         inst.launch()
         _logger.info("created gadget instance %s (%s) of %s", gi.name, gi.id,
                      gi.gadgetConfig.imageName)
+        if wait > 0:
+            await inst.wait_tracing(wait)
         return pb.CreateGadgetInstanceResponse(result=0, gadgetInstance=inst.to_proto())
 
     def list(self) -> list[pb.GadgetInstance]:
@@ -181,7 +212,8 @@ class InstanceManager:
         return inst.to_proto()
 
     async def remove(self, instance_id: str) -> pb.StatusResponse:
-        """Stops and forgets an instance; an unknown id is ``result=1`` (spec 6.2)."""
+        """Stops and forgets an instance; an unknown id is ``result=1``
+        (docs/gadget-service.md §6.2)."""
         if not ID_RE.match(instance_id):
             raise GRPCError(Status.INVALID_ARGUMENT, f"invalid gadget instance id: {instance_id}")
         inst = self._instances.get(instance_id)
@@ -200,7 +232,9 @@ class InstanceManager:
             del self._instances[instance_id]
             if self._names.get(inst.name) == instance_id:
                 del self._names[inst.name]
-        self._ctx.ledger.forget(inst.label)
+        # One policy for every run (api/run_session.py): its rows keep their label for a
+        # while, then fold.
+        self._ctx.folds.later(inst.label, REMOVED_INSTANCES)
         _logger.info("removed gadget instance %s (%s)", inst.name, inst.id)
         return pb.StatusResponse(result=0, message="; ".join(failures))
 
@@ -238,10 +272,11 @@ class InstanceManager:
 
     async def _wait_ready(self, inst: Instance) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(inst.ready.wait(), self._ready_wait)
+            await asyncio.wait_for(inst.started.wait(), self._ready_wait)
 
     async def attach(self, stream: Any, req: pb.GadgetAttachRequest) -> None:
-        """Serves an attach stream (spec 3.3); the caller checked the version."""
+        """Serves an attach stream (docs/gadget-service.md §3.3); the caller checked the
+        version."""
         inst = self._instances.get(req.id)
         if inst is None:
             raise GRPCError(Status.NOT_FOUND, f"gadget {req.id} not found")
@@ -275,7 +310,7 @@ class GadgetInstanceManager(svc.GadgetInstanceManagerBase):
 
     async def CreateGadgetInstance(self, stream: Any) -> None:
         req: pb.CreateGadgetInstanceRequest = await stream.recv_message()
-        await stream.send_message(await self._m.create(req))
+        await stream.send_message(await self._m.create(req, wait=self._m.ready_wait))
 
     async def ListGadgetInstances(self, stream: Any) -> None:
         await stream.recv_message()

@@ -24,14 +24,16 @@ import numpy as np
 from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
-from pipeline.ledger import Ledger
+from pipeline.ledger import REASON_QUEUE_FULL, STAGE_ATTACH, Ledger
+from pipeline.severity import Severity
 
 __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk", "PacketRing", "node_field",
            "write_replay"]
 
 ATTACH_QUEUE = 1024
-"""Live packets one attached client may have waiting before new ones are dropped (spec 3.3)."""
-ATTACH_STAGE = "attach"
+"""Live packets one attached client may have waiting before new ones are dropped
+(docs/gadget-service.md §3.3)."""
+ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
 DROP_REPORT_INTERVAL = 1.0
@@ -40,7 +42,6 @@ _WRITE_BUDGET = 1 << 20
 """Bytes (roughly) one attach write gathers before it goes out."""
 _SEQ_MASK = 0xFFFFFFFF
 _TAG_NODE = 0x0A  # GadgetData.node and GadgetDataArray.node are both field 1, string
-_WARN = 3
 
 
 @dataclass(slots=True)
@@ -181,7 +182,7 @@ class Attacher:
             self._wake.set()
         if n > take:
             self.dropped += n - take
-            self._ledger.dropped(self._label, ATTACH_STAGE, n - take, "queue_full")
+            self._ledger.dropped(self._label, ATTACH_STAGE, n - take, REASON_QUEUE_FULL)
 
     def log(self, severity: int, message: str) -> None:
         """Queues a log event for this client (bounded; the daemon log has them all)."""
@@ -209,8 +210,8 @@ class Attacher:
             return b""
         self._reported = self.dropped
         self._last_report = now
-        return wire.log_event(_WARN, f"this client is too slow: {lost} events were dropped for "
-                              f"it ({self.dropped} in total); the seq gaps show where")
+        return wire.log_event(Severity.WARN, f"this client is too slow: {lost} events were "
+                              f"dropped for it ({self.dropped} in total); the seq gaps show where")
 
     async def run(self, writer: FramedWriter, base: int) -> None:
         """Writes queued packets (stream seq = instance seq - ``base``) until closed and

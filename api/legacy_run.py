@@ -1,4 +1,5 @@
-"""``BuiltInGadgetManager.RunBuiltInGadget``: the pre-v0.42 built-in gadget API (spec 3.7).
+"""``BuiltInGadgetManager.RunBuiltInGadget``: the pre-v0.42 built-in gadget API
+(docs/gadget-service.md §3.7).
 
 A legacy client names a gadget by category and name (``trace``/``exec``); every gadget folder
 whose gadget.yaml carries ``category`` and ``legacyName`` answers to that pair. The
@@ -29,9 +30,11 @@ their ``node``, their logs are prefixed with ``node <name>:``, their job ids are
 their results forwarded. A peer that cannot be reached or fails is reported by a warn log event
 naming it, and the other nodes continue.
 
-JSON is built per batch: each field is read as one column (numpy ``tolist`` for numbers), rows
-are zipped into nested dicts and serialized with orjson, so no per-field Python decoding runs
-per record.
+JSON is the sinks' encoder's (pipeline/sinks/encode.py, the same JSON a Kafka or JSON-lines
+sink writes for the record), built per batch column by column, with ``node`` added. The local
+run is a :class:`api.run_session.RunSession` like any other; its params are logged at debug
+level as the client sent them (no sink param: they can carry credentials), and once every node
+traces an info log event says so (api/ready.py), before the local node's first record.
 """
 
 from __future__ import annotations
@@ -50,94 +53,36 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
-from api.gadget_manager import DIRECT_RUNS, new_run
-from api.peers import PeerPool, describe_error, peer_problem
-from api.run_stream import read_control
+from api.peers import PeerPool, peer_problem
+from api.ready import READY_SEVERITY, is_ready, ready_message
+from api.run_session import CLIENT_DROP_REASONS, DIRECT_RUNS, RunSession, client_key, new_run
+from api.run_stream import LogForwarder, read_control
 from api.stream_writer import FramedWriter
-from pipeline import accessors, wire
-from pipeline.batch import Batch
+from pipeline import wire
 from pipeline.gadget import RUNTIME_PREFIX, GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow
-from pipeline.params import redact
+from pipeline.ledger import REASON_CLIENT_GONE
 from pipeline.run import OPERATOR_PARAMS, GadgetRun
-from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag
+from pipeline.schema import DataSourceSchema, DataSourceType
+from pipeline.severity import Severity
+from pipeline.sinks.encode import JsonEncoder, PerSchema
 
-__all__ = ["JsonEncoder", "legacy_params", "run_builtin", "select_nodes"]
+__all__ = ["legacy_json_encoder", "legacy_params", "run_builtin", "select_nodes"]
 
 _logger = logging.getLogger(__name__)
 
 EVENT_TYPE_RESULT = 1
 EVENT_TYPE_JOB_ID = 3
-JSON_SKIP = "json.skip"
 NODE_KEY = "node"
 RUNTIME_KEY_PREFIX = "runtime."
 _SEQ_MASK = 0xFFFFFFFF
-_WARN = 3
 _ERROR = 2
 
-Template = list[tuple[str, "int | Template"]]
 
 
-class JsonEncoder:
-    """Turns batches of one data source into JSON, compiled once per schema.
-
-    Args:
-        schema: the data source as the run emits it (after operators).
-        node: the value of the ``node`` key in every object.
-    """
-
-    def __init__(self, schema: DataSourceSchema, node: str) -> None:
-        by_index = {f.index: f for f in schema.fields}
-        parents = {f.parent for f in schema.fields
-                   if f.flags & FieldFlag.HAS_PARENT and f.parent is not None}
-        self._fields: list[Field] = []
-        root: dict[str, Any] = {}
-        for f in schema.fields:
-            if not f.has_value or f.index in parents or f.annotations.get(JSON_SKIP) == "true":
-                continue
-            path = [f.name]
-            p = f
-            while p.flags & FieldFlag.HAS_PARENT and p.parent in by_index:
-                p = by_index[p.parent]
-                path.insert(0, p.name)
-            node_dict = root
-            for part in path[:-1]:
-                node_dict = node_dict.setdefault(part, {})
-            node_dict[path[-1]] = len(self._fields)
-            self._fields.append(f)
-        self._template = _template(root)
-        self._node = node
-
-    def records(self, batch: Batch) -> list[dict[str, Any]]:
-        """One nested dict per record."""
-        if not len(batch):
-            return []
-        cols = [accessors.values(batch, f) for f in self._fields]
-        tmpl = self._template
-        node = self._node
-        out = []
-        for row in zip(*cols, strict=True):
-            d = _build(tmpl, row)
-            d[NODE_KEY] = node
-            out.append(d)
-        return out
-
-    def objects(self, batch: Batch) -> list[bytes]:
-        """One JSON object per record."""
-        dumps = orjson.dumps
-        return [dumps(d) for d in self.records(batch)]
-
-    def array(self, batch: Batch) -> bytes:
-        """The batch as one JSON array."""
-        return orjson.dumps(self.records(batch))
-
-
-def _template(tree: Mapping[str, Any]) -> Template:
-    return [(k, v if isinstance(v, int) else _template(v)) for k, v in tree.items()]
-
-
-def _build(tmpl: Template, row: Sequence[Any]) -> dict[str, Any]:
-    return {k: row[v] if isinstance(v, int) else _build(v, row) for k, v in tmpl}
+def legacy_json_encoder(schema: DataSourceSchema, node: str) -> JsonEncoder:
+    """The JSON of a legacy payload: the sinks' JSON of the record, plus ``node``."""
+    return JsonEncoder(schema, {NODE_KEY: node})
 
 
 def legacy_params(spec: GadgetSpec, params: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -219,7 +164,7 @@ async def run_builtin(ctx: ServiceContext, stream: Any) -> None:
     # Validated even when only peers run it: a bad request fails here, once, not per node.
     run = new_run(ctx, spec, values, ctx.next_run_name())
     session = _Session(ctx, stream, rr, peers)
-    await session.serve(run if local else None, remote, ignored)
+    await session.serve(run if local else None, values, remote, ignored)
 
 
 class _Session:
@@ -235,7 +180,9 @@ class _Session:
         self._lock = asyncio.Lock()
         self._seq = 0
         self._stop = asyncio.Event()
-        self._pending_logs: set[asyncio.Task[None]] = set()
+        self.log = LogForwarder(self._writer, self._lock, rr.logLevel)
+        """Log events to the client (the one bounded forwarder every stream uses)."""
+        self._waiting_ready: set[str] = set()
 
     async def _write(self, data: bytes) -> None:
         async with self._lock:
@@ -254,31 +201,26 @@ class _Session:
                 for i, p in enumerate(payloads))
             await self._writer.write(data)
 
-    def log(self, severity: int, message: str) -> None:
-        """A log event if the client asked for that level; never blocks the caller."""
-        if severity <= 0 or severity > self._rr.logLevel:
+    async def _node_ready(self, node: str, failed: bool = False, text: str = "") -> None:
+        """Notes that ``node`` traces (or failed); once every node does, the client hears
+        the ready event (api/ready.py)."""
+        if node not in self._waiting_ready:
             return
-        task = asyncio.create_task(self._send_log(severity, message))
-        self._pending_logs.add(task)
-        task.add_done_callback(self._pending_logs.discard)
+        self._waiting_ready.discard(node)
+        if not self._waiting_ready and not failed and self._rr.logLevel >= READY_SEVERITY:
+            await self._write(wire.log_event(READY_SEVERITY, text or ready_message()))
 
-    async def _send_log(self, severity: int, message: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._write(wire.log_event(severity, message))
-
-    async def _flush_logs(self) -> None:
-        if self._pending_logs:
-            await asyncio.wait(set(self._pending_logs), timeout=self._ctx.drain_deadline)
-
-    async def serve(self, run: GadgetRun | None, remote: list[str], ignored: list[str]) -> None:
+    async def serve(self, run: GadgetRun | None, values: Mapping[str, str], remote: list[str],
+                    ignored: list[str]) -> None:
         job = str(uuid.uuid4())
         await self._write(wire.grpc_frame(wire.gadget_event(EVENT_TYPE_JOB_ID, 0, job.encode())))
         for key in ignored:
-            self.log(_WARN, f"ignoring unknown parameter {key!r}")
+            self.log(Severity.WARN, f"ignoring unknown parameter {key!r}")
         nodes: dict[str, asyncio.Task[NodeResult]] = {}
+        self._waiting_ready = {*([self._ctx.node] if run is not None else []), *remote}
         if run is not None:
-            nodes[self._ctx.node] = asyncio.create_task(self._run_local(run, only=not remote),
-                                                        name=f"legacy:{self._ctx.node}")
+            nodes[self._ctx.node] = asyncio.create_task(
+                self._run_local(run, values, only=not remote), name=f"legacy:{self._ctx.node}")
         for node in remote:
             nodes[node] = asyncio.create_task(self._run_peer(node), name=f"legacy:{node}")
         control = asyncio.create_task(read_control(self._stream), name="legacy-control")
@@ -318,7 +260,7 @@ class _Session:
                     results.append(NodeResult(node, error=str(task.exception())))
                 else:
                     results.append(task.result())
-            await self._flush_logs()
+            await self.log.flush(self._ctx.drain_deadline)
             for r in results:
                 await self._write(wire.grpc_frame(wire.gadget_event(EVENT_TYPE_RESULT, 0,
                                                                     r.payload())))
@@ -329,29 +271,33 @@ class _Session:
             for t in [control, shutdown, *nodes.values(), *([timer] if timer else [])]:
                 with contextlib.suppress(BaseException):
                     await t
-            for t in list(self._pending_logs):
-                t.cancel()
+            await self.log.close()
 
-    async def _run_local(self, run: GadgetRun, only: bool) -> NodeResult:
+    async def _run_local(self, run: GadgetRun, values: Mapping[str, str], only: bool
+                         ) -> NodeResult:
         result = NodeResult(self._ctx.node)
-        edge = run.subscribe(f"legacy:{run.instance}", self._ctx.events_buffer_length,
-                             Overflow.DROP_NEWEST)
-        run.add_log_listener(self.log)
-        sinks = None
+        session = RunSession(self._ctx, run, client_key(self._stream), DIRECT_RUNS)
         sender: asyncio.Task[None] | None = None
+        edge: Edge | None = None
         try:
-            for key, value in sorted(redact(run.values, run.param_specs).items()):
-                run.log(5, f"param {key}: {value}")
             try:
-                if self._ctx.sinks is not None:
-                    sinks = await self._ctx.sinks.attach(run)
-                await run.start()
+                session.reserve()
+                edge = session.subscribe(f"legacy:{run.instance}",
+                                         self._ctx.events_buffer_length, Overflow.DROP_NEWEST,
+                                         CLIENT_DROP_REASONS)
+                session.add_log_listener(self.log)
+                session.log_params(values)
+                await session.start()
             except Exception as e:
+                message = e.message if isinstance(e, GRPCError) and e.message else str(e)
                 if only:
-                    raise GRPCError(Status.FAILED_PRECONDITION, str(e)) from None
-                result.error = str(e)
-                self.log(_ERROR, f"node {self._ctx.node}: {e}")
+                    raise GRPCError(e.status if isinstance(e, GRPCError)
+                                    else Status.FAILED_PRECONDITION, message) from None
+                result.error = message
+                self.log(_ERROR, f"node {self._ctx.node}: {message}")
+                await self._node_ready(self._ctx.node, failed=True)
                 return result
+            await self._node_ready(self._ctx.node, text=session.ready_text())
             sender = asyncio.create_task(self._send_local(edge, result))
             stop = asyncio.create_task(self._stop.wait())
             ended = asyncio.create_task(run.wait())
@@ -360,42 +306,37 @@ class _Session:
             finally:
                 stop.cancel()
                 ended.cancel()
-            await run.stop()  # drains the source into the edge, then closes it
+            await session.stop()  # drains the source into the edge, then closes it
             try:
                 await asyncio.wait_for(asyncio.shield(sender), self._ctx.drain_deadline)
             except TimeoutError:
                 result.error = "did not drain in time"
             return result
         finally:
-            run.remove_log_listener(self.log)
-            with contextlib.suppress(Exception):
-                await run.stop()
+            await session.stop()
             if sender is not None:
                 sender.cancel()
                 with contextlib.suppress(BaseException):
                     await sender
-            edge.discard_pending("client_gone")
-            if sinks is not None:
-                with contextlib.suppress(Exception):
-                    await sinks.close()
-            self._ctx.ledger.retire(run.instance, DIRECT_RUNS)
+            if edge is not None:
+                edge.discard_pending(REASON_CLIENT_GONE)
+            await session.close()
 
     async def _send_local(self, edge: Edge, result: NodeResult) -> None:
-        encoders: dict[int, JsonEncoder] = {}
+        node = self._ctx.node
+        encoders = PerSchema(lambda schema: legacy_json_encoder(schema, node))
         expected = 0
         while True:
             try:
                 pos, batch = await edge.get()
             except EdgeClosed:
                 return
-            enc = encoders.get(id(batch.schema))
-            if enc is None:
-                enc = encoders[id(batch.schema)] = JsonEncoder(batch.schema, self._ctx.node)
+            enc = encoders.get(batch.schema)
             if batch.schema.type == DataSourceType.ARRAY:
-                payloads = [enc.array(batch)]
+                payloads = [enc.encode_array(batch)]
                 gap = 1 if pos > expected else 0
             else:
-                payloads = enc.objects(batch)
+                payloads = enc.encode(batch)
                 gap = pos - expected
             expected = pos + len(batch)
             await self._emit(payloads, gap)
@@ -436,17 +377,20 @@ class _Session:
                         with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                             result.error = orjson.loads(ev.payload).get("error", "")
                     elif ev.type >= 1 << wire.EVENT_LOG_SHIFT:
-                        self.log(ev.type >> wire.EVENT_LOG_SHIFT,
-                                 f"node {node}: {ev.payload.decode('utf-8', 'replace')}")
+                        text = ev.payload.decode("utf-8", "replace")
+                        if is_ready(ev.type >> wire.EVENT_LOG_SHIFT, text):
+                            await self._node_ready(node)
+                        self.log(ev.type >> wire.EVENT_LOG_SHIFT, f"node {node}: {text}")
                 stopper.cancel()
                 # grpclib checks the status on exit, and only once our side ended too.
                 await st.end()
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            result.error = describe_error(e)
-            self.log(_WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
+            result.error = self._peers.describe(node, e)
+            self.log(Severity.WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
                      "continuing with the other nodes")
+            await self._node_ready(node, failed=True)
             _logger.warning("legacy run: node %s (%s): %s", node, address, result.error)
         finally:
             if stopper is not None:

@@ -149,7 +149,9 @@ class StreamSink:
 
 
 class LogForwarder:
-    """Sends log events at or below the client's level, without ever blocking the run."""
+    """Sends log events at or below the client's level, without ever blocking the run: at
+    most :data:`LOG_QUEUE` wait to be written; more are dropped (counted in ``dropped``; the
+    daemon's own log has them all). Every stream consumer forwards its run's logs with one."""
 
     def __init__(self, writer: FramedWriter, lock: asyncio.Lock, level: int) -> None:
         self._writer = writer
@@ -173,6 +175,11 @@ class LogForwarder:
             async with self._lock:
                 await self._writer.write(wire.log_event(severity, message))
 
+    async def flush(self, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds for the log events on their way out."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
+
     async def close(self) -> None:
         for t in list(self._pending):
             t.cancel()
@@ -182,7 +189,7 @@ class LogForwarder:
 async def read_control(stream: object) -> str:
     """Reads the rest of a run stream; returns why the run should stop.
 
-    Half-close and receive errors mean stop, as upstream treats them (spec 3.2).
+    Half-close and receive errors mean stop, as upstream treats them (docs/gadget-service.md §3.2).
     """
     while True:
         try:

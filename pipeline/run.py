@@ -33,7 +33,19 @@ from typing import Any, cast
 from pipeline.batch import Batch
 from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.graph import Edge, Fanout, Overflow
-from pipeline.ledger import Ledger
+from pipeline.ledger import (
+    DROPPED,
+    PRODUCED,
+    REASON_CLOSED,
+    REASON_FILTERED,
+    REASON_QUEUE_FULL,
+    REASON_RINGBUF_FULL,
+    REASON_SHED,
+    STAGE_FILTER,
+    STAGE_KERNEL,
+    STAGE_SOURCE,
+    Ledger,
+)
 from pipeline.operators import Operator, OperatorError
 from pipeline.operators import derive as derive_op
 from pipeline.operators import enrich as enrich_op
@@ -41,15 +53,28 @@ from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec, resolve
 from pipeline.schema import DataSourceSchema
-from pipeline.sources.base import SheddingSource, Source
+from pipeline.severity import Severity
+from pipeline.source import SheddingSource, Source
 
 _logger = logging.getLogger(__name__)
 
-STAGE_SOURCE = "source"
-STAGE_KERNEL = "kernel"
-STAGE_FILTER = "filter"
-REASON_RINGBUF_FULL = "ringbuf_full"
-REASON_SHED = "shed"
+__all__ = [
+    "OPERATOR_PARAMS",
+    "OWNED_PREFIXES",
+    "REASON_RINGBUF_FULL",
+    "REASON_SHED",
+    "STAGE_FILTER",
+    "STAGE_KERNEL",
+    "STAGE_SOURCE",
+    "GadgetRun",
+    "LogListener",
+    "RunError",
+    "RunIdentity",
+    "ShedController",
+    "build_operators",
+    "queue_fill",
+]
+
 SHED = RUNTIME_PREFIX + "shed"
 SHED_HIGH = RUNTIME_PREFIX + "shed-high"
 SHED_LOW = RUNTIME_PREFIX + "shed-low"
@@ -76,6 +101,28 @@ LogListener = Callable[[int, str], None]
 
 class RunError(ValueError):
     """The run request is invalid (bad params or operator settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunIdentity:
+    """Who a run is, as sinks and metrics name it; set where the run is made.
+
+    Args:
+        gadget: the gadget's name (``trace_exec``).
+        label: the run's ledger label (``instance:<name>``, ``run-N``).
+        instance_id: the instance's id (32 hex), or the label for a run that is no instance.
+        instance_name: the instance's name, or the label for a run that is no instance.
+    """
+
+    gadget: str
+    label: str
+    instance_id: str
+    instance_name: str
+
+    @classmethod
+    def of_run(cls, gadget: str, label: str) -> RunIdentity:
+        """A run that is no instance (a direct or legacy run): named by its label."""
+        return cls(gadget, label, label, label)
 
 
 def build_operators(values: Mapping[str, Any],
@@ -154,13 +201,20 @@ class GadgetRun:
         instance: the ledger label of this run.
         extra_params: params other layers own (gRPC stream, sinks); validated here too.
         extra_prefixes: the prefixes of ``extra_params``, checked strictly.
+        identity: who the run is (instance id and name); by default a run named by its
+            label.
     """
 
     def __init__(self, spec: GadgetSpec, param_values: Mapping[str, str], ledger: Ledger,
                  instance: str, extra_params: Iterable[ParamSpec] = (),
-                 extra_prefixes: Iterable[str] = ()) -> None:
+                 extra_prefixes: Iterable[str] = (), identity: RunIdentity | None = None
+                 ) -> None:
         self.spec = spec
         self.instance = instance
+        self.identity = identity or RunIdentity.of_run(spec.name, instance)
+        if self.identity.label != instance:
+            raise ValueError(f"run identity {self.identity.label!r} is not the run's label "
+                             f"{instance!r}")
         self._ledger = ledger
         specs = [*spec.params, *OPERATOR_PARAMS, *extra_params]
         try:
@@ -188,7 +242,10 @@ class GadgetRun:
         self._shed_at = 0.0
         self._shed_task: asyncio.Task[None] | None = None
         self.error: str | None = None
+        self.attach_seconds = 0.0
+        """How long the source took to compile, load and attach (its ``start``)."""
         self.started = asyncio.Event()
+        """Set once the source's programs are attached: records flow from then on."""
         self.finished = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
 
@@ -204,14 +261,29 @@ class GadgetRun:
             self._log_listeners.remove(fn)
 
     def log(self, severity: int, message: str) -> None:
-        _logger.log(_PY_LEVEL.get(severity, logging.INFO), "[%s] %s", self.instance, message)
+        _logger.log(Severity.of(severity).python_level, "[%s] %s", self.instance, message)
         for fn in tuple(self._log_listeners):
             fn(severity, message)
 
     def subscribe(self, name: str, capacity: int, overflow: Overflow,
                   on_drop: Callable[[int], None] | None = None) -> Edge:
+        """A new edge of the fan-out; its ledger rows exist (at 0) from now on."""
+        reasons = [REASON_CLOSED] if overflow is Overflow.BLOCK else [REASON_QUEUE_FULL,
+                                                                      REASON_CLOSED]
+        self._ledger.declare_drops(self.instance, name, reasons)
         return self.fanout.subscribe(Edge(name, capacity, overflow, self._ledger, self.instance,
                                           on_drop))
+
+    def _declare_rows(self) -> None:
+        """The rows the source and the operators can produce, at 0 (see pipeline/ledger.py)."""
+        self._ledger.declare_drops(self.instance, STAGE_SOURCE, ())
+        # The kernel stage counts only what never reached the ring: produced = dropped.
+        self._ledger.declare(self.instance, STAGE_KERNEL, PRODUCED)
+        shed = [REASON_SHED] if self._shedder is not None else []
+        for reason in (REASON_RINGBUF_FULL, *shed):
+            self._ledger.declare(self.instance, STAGE_KERNEL, DROPPED, reason)
+        if self.values.get("operator.filter.filter"):
+            self._ledger.declare(self.instance, STAGE_FILTER, DROPPED, REASON_FILTERED)
 
     def unsubscribe(self, edge: Edge) -> None:
         self.fanout.unsubscribe(edge)
@@ -220,8 +292,11 @@ class GadgetRun:
         """Builds and starts the source; raises SourceError with the reason."""
         factory = self.spec.source_factory()
         self._source = factory(self.spec, self.values)
+        self._declare_rows()
+        began = time.monotonic()
         try:
             await self._source.start(self._emit, self.log)
+            self.attach_seconds = time.monotonic() - began
         except BaseException as e:
             self.error = str(e)
             self.finished.set()
@@ -236,8 +311,8 @@ class GadgetRun:
                                                       name=f"shed:{self.instance}")
             else:
                 self._shedder = None
-                self.log(3, f"{SHED}: gadget {self.spec.name} cannot sample in the kernel; "
-                         "running without load shedding")
+                self.log(Severity.WARN, f"{SHED}: gadget {self.spec.name} cannot sample in the "
+                         "kernel; running without load shedding")
 
     async def _emit(self, batch: Batch) -> None:
         n = len(batch)
@@ -246,7 +321,7 @@ class GadgetRun:
         for op in self._operators:
             batch = op.process(batch)
         if len(batch) < n:
-            self._ledger.dropped(self.instance, STAGE_FILTER, n - len(batch), "filtered")
+            self._ledger.dropped(self.instance, STAGE_FILTER, n - len(batch), REASON_FILTERED)
         self._ledger.delivered(self.instance, STAGE_SOURCE, len(batch))
         if len(batch):
             await self.fanout.publish(batch)
@@ -277,15 +352,15 @@ class GadgetRun:
             return
         cast(SheddingSource, self._source).set_sample_rate(rate)
         if before == 1:
-            self.log(3, f"shedding load: queue {edge} is {fill:.0%} full; the kernel keeps 1 "
-                     f"record in {rate} (the others are counted as shed)")
+            self.log(Severity.WARN, f"shedding load: queue {edge} is {fill:.0%} full; the kernel "
+                     f"keeps 1 record in {rate} (the others are counted as shed)")
         elif rate == 1:
             self._sync_kernel_losses()
-            self.log(4, f"load shedding ended: the queues drained ({self._kernel_shed} records "
-                     "shed so far)")
+            self.log(Severity.INFO, "load shedding ended: the queues drained "
+                     f"({self._kernel_shed} records shed so far)")
         else:
-            self.log(5, f"load shedding: the kernel keeps 1 record in {rate} (queue {edge} "
-                     f"{fill:.0%} full)")
+            self.log(Severity.DEBUG, f"load shedding: the kernel keeps 1 record in {rate} "
+                     f"(queue {edge} {fill:.0%} full)")
 
     def _sync_kernel_losses(self) -> None:
         if self._source is None:
@@ -296,7 +371,8 @@ class GadgetRun:
             self._kernel_lost = lost
             self._ledger.produced(self.instance, STAGE_KERNEL, delta)
             self._ledger.dropped(self.instance, STAGE_KERNEL, delta, REASON_RINGBUF_FULL)
-            self.log(3, f"kernel ring buffer full: {delta} records lost ({lost} in total)")
+            self.log(Severity.WARN,
+                     f"kernel ring buffer full: {delta} records lost ({lost} in total)")
         if self.values.get(SHED) and hasattr(self._source, "shed"):
             shed = cast(SheddingSource, self._source).shed()
             if shed > self._kernel_shed:
@@ -346,6 +422,3 @@ class GadgetRun:
             self.fanout.close()
             self.finished.set()
 
-
-_PY_LEVEL = {1: logging.CRITICAL, 2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO,
-             5: logging.DEBUG, 6: logging.DEBUG}

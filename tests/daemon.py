@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from api._gen import gadget_service_pb2 as pb
 from api.client import GadgetClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +105,16 @@ class DaemonProcess:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def instance_tracing(client: GadgetClient, ref: str, timeout: float = 90.0) -> pb.GadgetInfo:
+    """Waits, on the daemon's events, until instance ``ref`` (id, name or id prefix) traces:
+    GetGadgetInfo with flag 1 (the daemon answers once the instance started, or with its
+    error), then an attach stream until its ready event (api/ready.py). Returns the info."""
+    info = client.info(ref, instance=True)
+    stream = client.attach(info.id)
+    try:
+        stream.wait_ready(timeout)
+    finally:
+        stream.cancel()
+    return info

@@ -1,5 +1,5 @@
 """The ``enrich`` operator: adds the node name and the cgroup / container of each record's
-process as dynamic fields (each in its own payload, ``size`` 0, spec 4.3).
+process as dynamic fields (each in its own payload, ``size`` 0, docs/gadget-service.md §4.3).
 
 Field names follow upstream Inspektor Gadget's enrichment where it has one: ``k8s.node``,
 ``runtime.containerId``, ``runtime.runtimeName``; ``runtime.cgroupPath`` has no upstream

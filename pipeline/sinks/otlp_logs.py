@@ -1,8 +1,11 @@
 """The ``otel-logs`` sink: one OTLP log record per event, over gRPC or HTTP/protobuf.
 
 Each batch becomes one ``ExportLogsServiceRequest`` (split only where a request would pass
-``max-request-bytes``), built as bytes by :class:`pipeline.sinks.encode.OtlpLogEncoder` — the
-SDK's ``Logger.emit`` costs ~49 µs per event here (perf-facts §4) and is not used on this path.
+``max-request-bytes``), built as bytes by :class:`pipeline.sinks.encode.OtlpLogEncoder`: the
+bytes the OpenTelemetry SDK's exporter writes for the same records
+(tests/unit/test_otlp_sdk.py), at a fraction of the cost of the SDK's per-record
+``Logger.emit`` path (~49 µs per event on the 2-core test machine), which therefore serves
+only the daemon's own logs (api/otel_logs.py).
 
 The transport follows the OTLP retry rules: retryable gRPC codes (CANCELLED,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS) and
@@ -50,12 +53,12 @@ from pipeline.sinks.encode import (
     otlp_scope,
 )
 from pipeline.sinks.endpoints import Endpoint
+from pipeline.version import VERSION
 
 __all__ = ["OtelLogsSink", "OtelLogsSinkType", "resource_attributes"]
 
 _logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 EXPORT_METHOD = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 HTTP_PATH = "/v1/logs"
 RETRYABLE_GRPC = frozenset({

@@ -9,7 +9,9 @@ Declared with params (prefix ``operator.prometheus.``), metrics separated by ``;
   buckets are a list, ``exp(start,factor,count)`` or ``lin(start,width,count)``; an optional
   fourth part lists label fields (``lat:latency_ns:exp(1000,2,20):proc.comm``).
 
-Every series also carries ``gadget``, ``gadget_instance`` and ``datasource``. A label's name is
+Every series also carries ``gadget``, ``gadget_instance`` (the run's ledger label, as in the
+self-metrics), ``gadget_instance_id``, ``gadget_instance_name`` (an instance's id and name; a
+direct run's label) and ``datasource``. A label's name is
 the last part of its field name (``proc.comm`` → ``comm``). Counting is per batch: the label
 bytes of every record are gathered into one matrix and ``np.unique`` counts each distinct
 label set once; histograms use ``np.searchsorted`` and ``np.bincount``. Only the distinct label
@@ -61,7 +63,8 @@ METRIC_PREFIX = "gadgetpipe_gadget_"
 OVERFLOW_LABEL = "__overflow__"
 REFUSED_METRIC = "gadgetpipe_metric_series_refused"
 SERIES_METRIC = "gadgetpipe_metric_series"
-BASE_LABELS = ("gadget", "gadget_instance", "datasource")
+BASE_LABELS = ("gadget", "gadget_instance", "gadget_instance_id", "gadget_instance_name",
+               "datasource")
 
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _LABEL_BAD = re.compile(r"[^a-zA-Z0-9_]")
@@ -324,6 +327,8 @@ class RunMetrics:
     instance: str
     metrics: dict[str, list[_Metric]]
     retire_at: float | None = None
+    instance_id: str = ""
+    instance_name: str = ""
 
     def count(self, batch: Batch) -> None:
         for m in self.metrics.get(batch.schema.name, ()):
@@ -338,7 +343,7 @@ class GadgetMetricsStore:
 
     def build(self, gadget: str, instance: str, schemas: Sequence[DataSourceSchema],
               counters: Sequence[CounterSpec], histograms: Sequence[HistogramSpec],
-              max_series: int) -> RunMetrics:
+              max_series: int, instance_id: str = "", instance_name: str = "") -> RunMetrics:
         """The metrics of a run; raises MetricSpecError for unknown fields or clashes."""
         by_ds: dict[str, list[_Metric]] = {}
         declared: set[str] = set()
@@ -376,7 +381,8 @@ class GadgetMetricsStore:
                         if ours.name == m.name and ours.kind != m.kind:
                             raise MetricSpecError(
                                 f"metric {m.name!r} is a {m.kind} in {other.instance}")
-        return RunMetrics(gadget, instance, by_ds)
+        return RunMetrics(gadget, instance, by_ds, instance_id=instance_id or instance,
+                          instance_name=instance_name or instance)
 
     def add(self, run: RunMetrics) -> None:
         self._runs[run.instance] = run
@@ -413,7 +419,9 @@ class GadgetMetricsCollector(Collector):
         series = Metric(SERIES_METRIC, "Label sets (series) a gadget metric holds", "gauge")
         for run in self._store.runs():
             for ds, metrics in run.metrics.items():
-                base = {"gadget": run.gadget, "gadget_instance": run.instance, "datasource": ds}
+                base = {"gadget": run.gadget, "gadget_instance": run.instance,
+                        "gadget_instance_id": run.instance_id,
+                        "gadget_instance_name": run.instance_name, "datasource": ds}
                 for m in metrics:
                     name = METRIC_PREFIX + m.name
                     fam = families.get(name)
@@ -501,7 +509,8 @@ class PrometheusSinkType(SinkTypeBase):
         return bool(own.get("enable") or own.get("counters") or own.get("histograms"))
 
     def _metrics(self, values: Mapping[str, Any], gadget: str, instance: str,
-                 schemas: tuple[DataSourceSchema, ...]) -> RunMetrics:
+                 schemas: tuple[DataSourceSchema, ...], instance_id: str = "",
+                 instance_name: str = "") -> RunMetrics:
         own = self.own(values)
         counters = parse_counters(str(own.get("counters") or ""), self.key("counters"))
         histograms = parse_histograms(str(own.get("histograms") or ""),
@@ -509,7 +518,7 @@ class PrometheusSinkType(SinkTypeBase):
         if not counters and not histograms:
             counters = [CounterSpec("records")]
         return self.store.build(gadget, instance, schemas, counters, histograms,
-                                int(own.get("max-series") or 1000))
+                                int(own.get("max-series") or 1000), instance_id, instance_name)
 
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:
@@ -532,7 +541,8 @@ class PrometheusSinkType(SinkTypeBase):
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> PrometheusSink:
         try:
-            metrics = self._metrics(values, context.gadget, context.instance, context.schemas)
+            metrics = self._metrics(values, context.gadget, context.instance, context.schemas,
+                                    context.id, context.instance_name)
         except MetricSpecError as e:
             raise SinkError(str(e), retryable=False) from e
         own = self.own(values)

@@ -27,9 +27,9 @@ from typing import Any, Protocol
 from prometheus_client.registry import Collector
 
 import pipeline.sinks as sinks_pkg
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, sink_stage
 from pipeline.params import ParamSpec
-from pipeline.run import RunError
+from pipeline.run import RunError, RunIdentity
 from pipeline.sinks.base import SINK_MARK, SinkContext, SinkError, SinkRunner, SinkType
 
 __all__ = ["AttachedSinks", "SinkManager", "discover_sink_types"]
@@ -46,6 +46,9 @@ class _Run(Protocol):
 
     @property
     def instance(self) -> str: ...
+
+    @property
+    def identity(self) -> RunIdentity: ...
 
     @property
     def values(self) -> Mapping[str, Any]: ...
@@ -205,11 +208,12 @@ class SinkManager:
                 attached then).
         """
         values = run.values
+        who = run.identity
         ctx = SinkContext(
-            gadget=str(getattr(getattr(run, "spec", None), "name", "") or ""),
-            instance=run.instance,
-            instance_name=str(getattr(run, "instance_name", "") or run.instance),
-            instance_id=str(getattr(run, "instance_id", "") or run.instance),
+            gadget=who.gadget,
+            instance=who.label,
+            instance_name=who.instance_name,
+            instance_id=who.instance_id,
             node=self.node,
             schemas=tuple(run.schemas),
             ledger=self._ledger,
@@ -225,7 +229,7 @@ class SinkManager:
                 except SinkError as e:
                     raise RunError(f"sink {name}: {e}") from e
                 capacity, overflow = t.edge_settings(values)
-                edge = run.subscribe(f"sink:{name}", capacity, overflow)
+                edge = run.subscribe(sink_stage(name), capacity, overflow)
                 runner = SinkRunner(sink, edge, self._ledger, run.instance,
                                     t.retry_policy(values), _max_batch(t, values),
                                     _linger(t, values))

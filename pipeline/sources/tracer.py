@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import re
 import threading
@@ -17,6 +16,7 @@ import numpy as np
 
 from pipeline.batch import Batch, Rows
 from pipeline.gadget import BPF_INCLUDE_DIR, RUNTIME_PREFIX, GadgetSpec
+from pipeline.heap import trim_heap
 from pipeline.schema import DataSourceSchema, FieldFlag
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.ringbuf import RingReader, RingWakeups, read_lost, record_stride
@@ -32,13 +32,6 @@ COMPILE_LOCK = threading.Lock()
 """Held around every ``bcc.BPF()`` compile: libbcc's clang/LLVM is not thread-safe, and runs
 starting together (a config's instances, a client's run) compile in worker threads at once
 (seen: segfaults and spurious 'linux/types.h not found')."""
-
-
-def _trim_heap() -> None:
-    """Returns the compiler's freed heap to the kernel. clang/LLVM free ~25-30 MB per compile
-    that malloc would otherwise keep resident (trace_open: RssAnon 63 -> 37 MB; ~2 ms)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def import_bcc() -> Any:
@@ -159,7 +152,7 @@ class TracerSource:
                     bpf = bcc.BPF(src_file=str(self._spec.program).encode(),
                                   cflags=self._cflags)
                 finally:
-                    _trim_heap()
+                    trim_heap()  # clang/LLVM free ~25-30 MB per compile
         except Exception as e:  # bcc raises bare Exception for every failure
             msg = str(e)
             m = _ATTACH_FAIL.search(msg)

@@ -20,6 +20,9 @@ from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
 from tests.specdecode import field_value
 
+READY_TIMEOUT = 120.0
+"""Seconds a run may take to compile and attach (a busy machine compiles slowly)."""
+
 
 @dataclass
 class Collected:
@@ -45,9 +48,13 @@ def decode_all(ds: pb.DataSource, element: pb.DataElement) -> dict[str, Any]:
 
 def collect(stream: RunStream, until: Callable[[Collected], bool], timeout: float,
             ) -> Collected:
-    """Reads ``stream`` until ``until`` holds or ``timeout`` passes; then stops the run and
-    drains the stream. A type-2 (done) event fails the test, as upstream never sends one."""
+    """Waits until the gadget traces (its ready event), then reads ``stream`` until ``until``
+    holds or ``timeout`` passes; then stops the run and drains the stream. A type-2 (done)
+    event fails the test, as upstream never sends one."""
     got = Collected()
+    before = stream.wait_ready(timeout=READY_TIMEOUT)
+    got.info = stream.info
+    assert all(ev.type != 0 for ev in before), "a record before the ready event"
     deadline = time.monotonic() + timeout
     timer = threading.Timer(timeout, stream.stop)  # a quiet stream still ends in time
     timer.start()

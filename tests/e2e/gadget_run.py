@@ -1,9 +1,10 @@
 """Running a tracer gadget against a trigger until the wanted records arrive, for the per-gadget
 end-to-end tests (tests/e2e/test_gadget_*.py).
 
-Tracing attaches only after the GadgetInfo event, so the trigger repeats in a thread until the
-wanted records arrive; every record is decoded from the announced field table with the spec
-decoder (tests/specdecode.py), as tests/e2e/test_trace_exec.py does.
+The trigger starts once the gadget says it traces (its ready event, api/ready.py) and repeats
+in a thread until the wanted records arrive (a gadget may need several); every record is
+decoded from the announced field table with the spec decoder (tests/specdecode.py), as
+tests/e2e/test_trace_exec.py does.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from api._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.specdecode import field_value
 
+READY_TIMEOUT = 120.0
+"""Seconds a run may take to compile and attach (a busy machine compiles slowly)."""
+
 Record = dict[str, Any]
-"""One record: full field name -> decoded value (spec 4.3)."""
+"""One record: full field name -> decoded value (docs/gadget-service.md §4.3)."""
 
 
 @contextmanager
@@ -62,8 +66,11 @@ def collect(daemon: DaemonProcess, gadget: str, params: dict[str, str],
     records: list[Record] = []
     info: pb.GadgetInfo | None = None
     with daemon.client() as c:
-        # The server-side timeout ends the stream even if nothing ever arrives.
+        # The server-side timeout (counted from the ready moment) ends the stream even if
+        # nothing ever arrives.
         stream = c.run(gadget, params, timeout_s=timeout)
+        stream.wait_ready(timeout=READY_TIMEOUT)  # the trigger starts once the gadget traces
+        info = stream.info
         deadline = time.monotonic() + timeout
         with repeating(trigger):
             for ev in stream.raw():

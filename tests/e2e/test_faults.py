@@ -81,8 +81,9 @@ def still_serves(c: GadgetClient, tmp: Path) -> None:
     assert [d.name for d in c.info("trace_exec").dataSources] == ["exec"]
     binary = unique_binary(tmp)
     stream = c.run("trace_exec", {"operator.oci.ebpf.comm": binary.name[:15]}, timeout_s=30)
-    with keep_running([str(binary)]):
-        assert next(ev for ev in stream if ev.records)
+    stream.wait_ready()
+    subprocess.run([str(binary)], check=True)
+    assert next(ev for ev in stream if ev.records)
     stream.stop()
     list(stream.raw())
 
@@ -122,6 +123,7 @@ class Reader:
         self.records = 0
         self.warnings: list[str] = []
         self.first_record = threading.Event()
+        self.ready = threading.Event()
         self.error: grpc.RpcError | None = None
         self.ended = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -130,6 +132,8 @@ class Reader:
     def _run(self) -> None:
         try:
             for ev in self.stream:
+                if ev.ready:
+                    self.ready.set()
                 if ev.log is not None and ev.severity <= WARN:
                     self.warnings.append(ev.log)
                 self.records += len(ev.records)
@@ -140,13 +144,13 @@ class Reader:
         finally:
             self.ended.set()
 
-    def wait_info(self, timeout: float = 30.0) -> None:
-        """Until the GadgetInfo event came (RunStream keeps it rather than yielding it)."""
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the gadget traces (its ready event): what a workload does from then on is
+        seen. Fails at once if the stream ends first."""
         deadline = time.monotonic() + timeout
-        while self.stream.info is None:
-            assert not self.ended.is_set(), f"the stream ended: {self.error}"
-            assert time.monotonic() < deadline, "no GadgetInfo"
-            time.sleep(0.02)
+        while not self.ready.wait(0.1):
+            assert not self.ended.is_set(), f"the stream ended before it traced: {self.error}"
+            assert time.monotonic() < deadline, f"not tracing after {timeout} s"
 
     def join(self, timeout: float) -> None:
         self._t.join(timeout)
@@ -229,8 +233,7 @@ def test_sigterm_while_a_run_streams_drains_it_to_the_client(tmp_path: Path) -> 
             # the ring until the stop drains it.
             reader = Reader(c.run("trace_exec", {"operator.oci.ebpf.comm": binary.name[:15],
                                                  "operator.bcc.drain-interval": "30s"}))
-            reader.wait_info()
-            time.sleep(0.5)  # attached: GadgetInfo goes out before the tracepoints attach
+            reader.wait_ready()
             done = subprocess.run([str(exec_loop_path()), "-p", str(binary), str(count)],
                                   capture_output=True, text=True, check=True)
             assert json.loads(done.stdout)["failed"] == 0
@@ -266,9 +269,12 @@ def test_prometheus_killed_and_restarted_scrapes_again(tmp_path: Path) -> None:
             # The daemon does not notice: it keeps counting, its endpoint keeps answering.
             mid = sample(scrape(port), "gadgetpipe_records_produced_total", gadget_instance=label,
                          stage="source")
-            time.sleep(1.0)
-            assert sample(scrape(port), "gadgetpipe_records_produced_total",
-                          gadget_instance=label, stage="source") > mid >= before
+            assert mid >= before
+            deadline = time.monotonic() + 30
+            while sample(scrape(port), "gadgetpipe_records_produced_total",
+                         gadget_instance=label, stage="source") <= mid:
+                assert time.monotonic() < deadline, "the daemon stopped counting"
+                time.sleep(0.05)  # polling the endpoint
             prom.start()
             after = prom.wait_for(series, lambda r: bool(r) and float(r[0]["value"][1]) > mid,
                                   timeout=60)
@@ -298,14 +304,12 @@ def test_ring_overrun_is_told_and_accounted(tmp_path: Path) -> None:
             "operator.bcc.wakeup-fill": "100",      # no early wake-up: drained on the timer only
             "operator.bcc.drain-interval": "20ms",
             "operator.grpc.batch-max": "256"}))
-        reader.wait_info()
-        time.sleep(0.5)  # the tracepoints attach after the GadgetInfo event
+        reader.wait_ready()
         done = subprocess.run([str(exec_loop_path()), "-p", str(binary), str(count)],
                               capture_output=True, text=True, check=True)
         made = json.loads(done.stdout)
         assert made["failed"] == 0
-        time.sleep(0.2)
-        reader.stream.stop()
+        reader.stream.stop()  # the stop drains what the ring still holds
         reader.join(30)
         assert reader.error is None
         m = scrape(port)

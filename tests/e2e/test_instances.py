@@ -29,8 +29,9 @@ from api._gen import gadget_service_pb2 as pb
 from api._gen import gadget_service_pb2_grpc as rpc
 from api.cli_instances import open_attach
 from api.client import GadgetClient
+from api.ready import is_ready
 from bench.peers import exec_loop_path, goclient_path
-from tests.daemon import ROOT, DaemonProcess
+from tests.daemon import ROOT, DaemonProcess, instance_tracing
 from tests.e2e.helpers import bpf_programs_of, info_fields, keep_running, unique_binary
 from tests.specdecode import field_value
 
@@ -80,14 +81,9 @@ def create(c: GadgetClient, comm: str | None = None, name: str = "", buffer: int
 
 
 def wait_ready(c: GadgetClient, ref: str, timeout: float = 90.0) -> pb.GadgetInfo:
-    """GetGadgetInfo with flag 1 blocks (bounded) until the instance started."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return c.info(ref, instance=True)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
+    """Until the instance traces (its ready event on an attach stream); GetGadgetInfo with
+    flag 1 first fails with the instance's error if its start failed."""
+    return instance_tracing(c, ref, timeout)
 
 
 def run_binary(binary: Path, times: int) -> None:
@@ -102,6 +98,8 @@ class Attached:
     info: pb.GadgetInfo | None = None
     records: list[tuple[int, pb.DataElement, str]] = field(default_factory=list)
     logs: list[tuple[int, str]] = field(default_factory=list)
+    """Log events but the ready one."""
+    ready: threading.Event = field(default_factory=threading.Event)
     error: grpc.RpcError | None = None
     ended: threading.Event = field(default_factory=threading.Event)
     base: int = 0
@@ -145,6 +143,8 @@ def attach(c: GadgetClient, instance_id: str, from_seq: int | None = None) -> At
                         assert out.info is not None, "payload before GadgetInfo"
                         d = pb.GadgetData.FromString(ev.payload)
                         out.records.append((ev.seq, d.data, d.node))
+                    elif is_ready(ev.type >> 16, ev.payload.decode()):
+                        out.ready.set()
                     elif ev.type >= 1 << 16:
                         out.logs.append((ev.type >> 16, ev.payload.decode()))
                     else:
@@ -296,7 +296,8 @@ def test_duplicates_get_remove_and_errors_follow_the_spec(node: DaemonProcess) -
                                 imageName="trace_exec", version=1))))
                 assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
                 assert e.value.details() == text
-            # A start failure is the instance's state, not a Create failure (spec 6.1).
+            # A start failure is the instance's state, not a Create failure
+            # (docs/gadget-service.md §6.1).
             with pytest.raises(grpc.RpcError) as e:
                 wait_ready(c, "dup")
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -318,7 +319,8 @@ def test_duplicates_get_remove_and_errors_follow_the_spec(node: DaemonProcess) -
         with pytest.raises(grpc.RpcError) as e:
             c.instances.GetGadgetInstance(pb.GadgetInstanceId(id="short"))
         assert "invalid gadget instance id: short" in (e.value.details() or "")
-        # Remove of an unknown id is OK status with result 1 naming the id (spec 6.2).
+        # Remove of an unknown id is OK status with result 1 naming the id
+        # (docs/gadget-service.md §6.2).
         resp = c.instances.RemoveGadgetInstance(pb.GadgetInstanceId(id=ID))
         assert resp.result == 1 and ID in resp.message
         with pytest.raises(grpc.RpcError) as e:
@@ -469,11 +471,18 @@ def test_upstream_go_client_attaches_counts_records_and_ends_ok_on_remove(
         try:
             wait_ready(c, gi.id)
             run_binary(binary, 5)
+            ours = attach(c, gi.id)
+            ours.wait_for(5)
+            # -v: the Go client prints log events, the ready one right after the GadgetInfo.
             go = subprocess.Popen([str(goclient_path()), "-addr", node.address, "-attach", gi.id,
-                                   "-quiet"], stdout=subprocess.PIPE, text=True)
-            time.sleep(1.5)
+                                   "-quiet", "-v"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+            assert go.stderr is not None
+            line = go.stderr.readline()
+            assert line.startswith("log[4]: gadget tracing"), line
             run_binary(binary, 3)
-            time.sleep(1.5)
+            ours.wait_for(8)  # published: the Go client's queue has them or they are sent
+            ours.cancel()
         finally:
             c.instances.RemoveGadgetInstance(pb.GadgetInstanceId(id=gi.id))
         out, _ = go.communicate(timeout=30)
@@ -723,10 +732,11 @@ def test_multi_node_instance_merges_peers_tags_nodes_and_removes_everywhere(
                     nodes=("node-a", "node-b", "node-c", "node-d"))
         try:
             wait_ready(c, gi.id)
+            # Tracing on node-a means tracing on every peer that is up: the peers' attach
+            # streams brought their ready events.
             for peer in (b, c3):
                 with peer.client() as pc:
                     wait_ready(pc, gi.id)  # created there with the same id
-            time.sleep(2)  # the peers' attach streams connect
             run_binary(binary, 2)
             att = attach(c, gi.id)
             att.wait_for(6)

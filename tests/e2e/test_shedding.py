@@ -76,7 +76,8 @@ class SlowReader:
     logs: list[tuple[int, str]] = field(default_factory=list)
     error: grpc.RpcError | None = None
     fast: threading.Event = field(default_factory=threading.Event)
-    started: threading.Event = field(default_factory=threading.Event)
+    ready: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -85,7 +86,8 @@ class SlowReader:
     def _run(self) -> None:
         try:
             for ev in self.stream:
-                self.started.set()
+                if ev.ready:
+                    self.ready.set()
                 if ev.log is not None:
                     self.logs.append((ev.severity, ev.log))
                     continue
@@ -95,7 +97,14 @@ class SlowReader:
         except grpc.RpcError as e:
             self.error = e
         finally:
-            self.started.set()
+            self.ended.set()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the gadget traces (its ready event); fails if the stream ends first."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            assert not self.ended.is_set(), f"the stream ended before it traced: {self.error}"
+            assert time.monotonic() < deadline, f"not tracing after {timeout} s"
 
     def catch_up(self) -> None:
         self.fast.set()
@@ -118,10 +127,7 @@ def test_a_slow_client_makes_the_kernel_shed_and_every_record_is_counted(
     with env.daemon.client() as c:
         reader = SlowReader(c.run("trace_exec", {"operator.oci.ebpf.comm": binary.name[:15],
                                                  "operator.bcc.shed": "true"}))
-        # GadgetInfo goes out before the tracepoints attach; give them a moment.
-        while reader.stream.info is None and not reader.started.is_set():
-            time.sleep(0.02)
-        time.sleep(0.5)
+        reader.wait_ready()
         (label,) = live_runs(env.metrics_port) - known
         done = subprocess.run([str(exec_loop_path()), "-p", str(binary), str(EXECS)],
                               capture_output=True, text=True, check=True)

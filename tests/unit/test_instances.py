@@ -18,13 +18,14 @@ from api.cli_instances import ResolveError, resolve
 from api.context import ServiceContext
 from api.instance_manager import NAME_RE, InstanceManager, random_name
 from api.instance_packets import Attacher, Chunk, PacketRing, node_field
-from api.legacy_run import JsonEncoder, legacy_params, select_nodes
+from api.legacy_run import legacy_json_encoder, legacy_params, select_nodes
 from api.peers import PeerPool
 from api.store import InstanceStore
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog
 from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
+from pipeline.sinks.encode import JsonEncoder as SinkJsonEncoder
+from pipeline.sources.catalog import Catalog
 from tests.specdecode import split_frames
 
 # -- packets ----------------------------------------------------------------------------------
@@ -196,10 +197,10 @@ async def test_create_fills_id_name_time_and_persists_then_duplicates_are_refuse
         await manager.create(create_request(id=gi.id, params=BAD_AT_START))
     with pytest.raises(GRPCError, match=f'gadget with name "{gi.name}" already exists'):
         await manager.create(create_request(name=gi.name, params=BAD_AT_START))
-    # The start fails after the reply: the state says why (spec 6.1).
+    # The start fails after the reply: the state says why (docs/gadget-service.md §6.1).
     inst = manager.resolve(gi.id)
     assert inst is not None
-    await asyncio.wait_for(inst.ready.wait(), 30)
+    await asyncio.wait_for(inst.started.wait(), 30)
     [listed] = manager.list()
     assert listed.state.status == pb.StatusError
     assert listed.state.message
@@ -296,14 +297,28 @@ def test_json_encoder_nests_by_parent_and_adds_the_node() -> None:
         rec[i, pid.offs: pid.offs + 4] = np.frombuffer(p.to_bytes(4, "little"), dtype=np.uint8)
         a = "x\u00a0y".encode()
         rec[i, args.offs: args.offs + len(a)] = np.frombuffer(a, dtype=np.uint8)
-    enc = JsonEncoder(ds, "node-1")
-    objs = [orjson.loads(b) for b in enc.objects(Batch(ds, rec))]
+    enc = legacy_json_encoder(ds, "node-1")
+    objs = [orjson.loads(b) for b in enc.encode(Batch(ds, rec))]
     assert [o["proc"]["comm"] for o in objs] == ["bash", "sh"]
     assert [o["proc"]["pid"] for o in objs] == [7, 8]
     assert objs[0]["proc"]["creds"] == {"uid": 0, "gid": 0}
     assert objs[0]["args"] == "x\u00a0y"
     assert {o["node"] for o in objs} == {"node-1"}
-    assert json.loads(enc.array(Batch(ds, rec)))[1]["proc"]["pid"] == 8
+    assert json.loads(enc.encode_array(Batch(ds, rec)))[1]["proc"]["pid"] == 8
+
+
+def test_legacy_json_is_the_sinks_json_and_leaves_out_json_skip_fields() -> None:
+    ds = Catalog().resolve("trace_dns").datasources[0]
+    skipped = {f.name for f in ds.fields if f.annotations.get("json.skip") == "true"}
+    assert skipped == {"dns_off", "data_len"}
+    batch = Batch(ds, np.zeros((1, ds.record_size), dtype=np.uint8))
+    [legacy] = legacy_json_encoder(ds, "n1").encode(batch)
+    [sink] = SinkJsonEncoder(ds).encode(batch)
+    obj = orjson.loads(legacy)
+    assert obj.pop("node") == "n1"
+    assert obj == orjson.loads(sink)
+    assert not skipped & set(obj)
+    assert "latency_ns" in obj
 
 
 # -- CLI ----------------------------------------------------------------------------------------

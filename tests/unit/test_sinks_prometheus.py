@@ -55,7 +55,8 @@ def registry(store: GadgetMetricsStore) -> CollectorRegistry:
     return reg
 
 
-BASE = {"gadget": "g", "gadget_instance": "i1", "datasource": "ev"}
+BASE = {"gadget": "g", "gadget_instance": "i1", "gadget_instance_id": "i1",
+        "gadget_instance_name": "i1", "datasource": "ev"}
 
 
 def test_parse_declarations() -> None:

@@ -15,12 +15,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.instance import InstanceStatus
+from api.metrics_server import MetricsServer, parse_listen
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun
-from pipeline.selfmetrics import MetricsServer, parse_listen
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 
 
 class Instances:
@@ -101,8 +101,9 @@ async def test_metrics_endpoint_serves_ledger_queues_sinks_and_gadget_metrics(
         assert get("gadgetpipe_instances", {"status": "Running"}) == 2
         assert get("gadgetpipe_instances", {"status": "Error"}) == 1
         assert get("gadgetpipe_gadget_by_comm_total",
-                   {"gadget": "trace_exec", "gadget_instance": "run-7", "datasource": "exec",
-                    "comm": "sh"}) == 2
+                   {"gadget": "trace_exec", "gadget_instance": "run-7",
+                    "gadget_instance_id": "run-7", "gadget_instance_name": "run-7",
+                    "datasource": "exec", "comm": "sh"}) == 2
         # gzip and OpenMetrics are negotiated as Prometheus asks for them
         _, headers, body = await asyncio.to_thread(
             http_get, url, {"Accept-Encoding": "gzip",

@@ -39,6 +39,7 @@ import numpy as np
 from pipeline.batch import Batch
 from pipeline.gadget import BPF_INCLUDE_DIR, EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.schema import DataSourceSchema
+from pipeline.severity import Severity
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.ringbuf import RingReader, RingWakeups, read_lost
 from pipeline.sources.tracer import (
@@ -495,7 +496,7 @@ class DnsSource:
         self._malformed += 1
         n = self._malformed
         if self._log is not None and (n in (1, 10, 100) or n % 1000 == 0):
-            self._log(3, f"trace_dns: {n} packet(s) not parsed as DNS (latest: {why})")
+            self._log(Severity.WARN, f"trace_dns: {n} packet(s) not parsed as DNS (latest: {why})")
 
     async def wait(self) -> None:
         if self._task is not None:
