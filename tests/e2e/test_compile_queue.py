@@ -148,10 +148,10 @@ def test_past_its_bounds_the_compile_queue_refuses_with_resource_exhausted(
                 s.wait_ready()
                 served += 1
                 end(s)
-            except grpc.RpcError as e:
-                refused.append(e)
+            except grpc.RpcError as err:
+                refused.append(err)
     assert refused, "nothing was refused"
     assert served >= 2
-    for e in refused:
-        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert message in (e.details() or ""), e.details()
+    for r in refused:
+        assert r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert message in (r.details() or ""), r.details()
