@@ -182,6 +182,7 @@ class _Session:
         self.log = LogForwarder(self._writer, self._lock, rr.logLevel)
         """Log events to the client (the one bounded forwarder every stream uses)."""
         self._waiting_ready: set[str] = set()
+        self._ready_text = ""  # set once a node traces
 
     async def _write(self, data: bytes) -> None:
         async with self._lock:
@@ -206,8 +207,10 @@ class _Session:
         if node not in self._waiting_ready:
             return
         self._waiting_ready.discard(node)
-        if not self._waiting_ready and not failed and self._rr.logLevel >= READY_SEVERITY:
-            await self._write(wire.log_event(READY_SEVERITY, text or ready_message()))
+        if not failed:
+            self._ready_text = text or self._ready_text or ready_message()
+        if not self._waiting_ready and self._ready_text and self._rr.logLevel >= READY_SEVERITY:
+            await self._write(wire.log_event(READY_SEVERITY, self._ready_text))
 
     async def serve(self, run: GadgetRun | None, values: Mapping[str, str], remote: list[str],
                     ignored: list[str]) -> None:
