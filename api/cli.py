@@ -16,6 +16,7 @@ from typing import Any
 from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
 from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
 from api.decode import DataSourceDecoder, flatten
+from pipeline.operators import fields as fields_op
 from pipeline.params import parse_duration
 
 BATCH_DEFAULT = 1024
@@ -137,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.filter:
         params["operator.filter.filter"] = args.filter
     if args.fields:
-        params["operator.fields.fields"] = args.fields
+        params[fields_op.PARAM] = args.fields
     if args.detach:
         from api.cli_instances import run_detached
 

@@ -2,7 +2,7 @@
 
 * ``config render FILE...``: validates and prints the exact ``CreateGadgetInstanceRequest``s
   (protobuf JSON, a JSON array) that ``apply`` (or, with ``--owner config``, the daemon's
-  ``serve --config``) sends, bookkeeping tags included.
+  ``serve --config``) sends, bookkeeping tags included, secret param values redacted.
 * ``config check FILE...``: validates, including whether the kafka brokers and OTLP endpoints
   the files name accept connections; prints warnings and ``ok``.
 * ``config schema``: the JSON Schema of one config document (= ``config/schema.json``).
@@ -46,7 +46,7 @@ from config.schema import schema_text
 ClientFactory = Callable[[argparse.Namespace], GadgetClient]
 AddRemote = Callable[[argparse.ArgumentParser], None]
 
-__all__ = ["RemoteOps", "register"]
+__all__ = ["RemoteOps", "register", "rendered"]
 
 
 def _load(files: list[str], reachability: Reachability) -> LoadedConfig | None:
@@ -60,13 +60,19 @@ def _load(files: list[str], reachability: Reachability) -> LoadedConfig | None:
     return loaded
 
 
+def rendered(loaded: LoadedConfig, owner: str) -> list[dict[str, Any]]:
+    """The requests a config sends, as protobuf JSON, stamped for ``owner``; secret param
+    values read ``<redacted>`` (the digest tag is of the real request)."""
+    return [json_format.MessageToDict(loaded.redacted(stamp(r, owner)))
+            for r in loaded.requests()]
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     loaded = _load(args.files, Reachability.OFF)
     if loaded is None:
         return 1
     owner = OWNER_CONFIG if args.owner == "config" else OWNER_APPLY
-    out = [json_format.MessageToDict(stamp(r, owner)) for r in loaded.requests()]
-    print(json.dumps(out, indent=2, ensure_ascii=False))
+    print(json.dumps(rendered(loaded, owner), indent=2, ensure_ascii=False))
     return 0
 
 

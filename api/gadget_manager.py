@@ -16,8 +16,6 @@ from api.gadget_info import field_table, gadget_info, sorted_datasources
 from api.ready import READY_SEVERITY
 from api.run_session import CLIENT_DROP_REASONS, DIRECT_RUNS, RunSession, client_key, new_run
 from api.run_stream import (
-    BATCH_LINGER,
-    BATCH_MAX,
     LogForwarder,
     StreamLayout,
     StreamSink,
@@ -28,7 +26,10 @@ from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
+from pipeline.operators import fields as fields_op
+from pipeline.operators import filter as filter_op
 from pipeline.run import GadgetRun
+from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 _logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def resolve_gadget(ctx: ServiceContext, image: str) -> GadgetSpec:
 
 def graph_mermaid(run: GadgetRun) -> str:
     lines = ["flowchart LR", f"  src[{run.spec.name}: BPF ring buffers]"]
-    ops = [k.split(".")[1] for k in ("operator.filter.filter", "operator.fields.fields")
+    ops = [k.split(".")[1] for k in (filter_op.PARAM, fields_op.PARAM)
            if run.values.get(k)]
     prev = "src"
     for op in ops:

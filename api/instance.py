@@ -60,15 +60,17 @@ from api.instance_packets import (
 from api.peers import PeerPool, describe_error, peer_problem
 from api.ready import READY_SEVERITY, is_ready, ready_message
 from api.run_session import REMOVED_INSTANCES, RunSession, new_run
-from api.run_stream import BATCH_LINGER, BATCH_MAX, MAX_MESSAGE, StreamLayout, info_event
+from api.run_stream import MAX_MESSAGE, StreamLayout, info_event
 from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
 from pipeline.gadget import GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE, REASON_QUEUE_FULL, STAGE_ATTACH
+from pipeline.params import redact
 from pipeline.run import GadgetRun, RunIdentity
 from pipeline.schema import DataSourceType
+from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 __all__ = [
     "DEFAULT_EVENT_BUFFER",
@@ -212,9 +214,17 @@ class Instance:
         return pb.GadgetInstanceState(status=self.status, message=message)
 
     def to_proto(self) -> pb.GadgetInstance:
+        """The instance as clients see it: secret param values (OTLP headers …) read
+        ``<redacted>``; the store and peer daemons get the request itself."""
         gi = pb.GadgetInstance()
         gi.CopyFrom(self.request.gadgetInstance)
         gi.state.CopyFrom(self.state())
+        values = gi.gadgetConfig.paramValues
+        specs = self.run.param_specs if self.run is not None else (
+            self._ctx.sinks.params() if self._ctx.sinks is not None else ())
+        shown = redact(dict(values), specs)
+        values.clear()
+        values.update(shown)
         return gi
 
     def summary(self) -> InstanceStatus:

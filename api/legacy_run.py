@@ -32,7 +32,7 @@ naming it, and the other nodes continue.
 JSON is the sinks' encoder's (pipeline/sinks/encode.py, the same JSON a Kafka or JSON-lines
 sink writes for the record), built per batch column by column, with ``node`` added. The local
 run is a :class:`api.run_session.RunSession` like any other; its params are logged at debug
-level as the client sent them (no sink param: they can carry credentials), and once every node
+level as the client sent them (secret ones redacted, pipeline/params.py), and once every node
 traces an info log event says so (api/ready.py), before the local node's first record.
 """
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from api._gen import gadget_service_pb2 as pb
 from config.loader import ConfigError, ConfigLoader, LoadedConfig, Reachability
 from config.schema import RESERVED_TAG_PREFIX
+from pipeline.params import REDACTED
 
 if TYPE_CHECKING:
     from api.instance_manager import InstanceManager
@@ -148,10 +149,22 @@ class Action:
         return f"{text}: {self.reason}" if self.reason else text
 
 
+def _shown(want: pb.GadgetRunRequest, have: pb.GadgetRunRequest) -> pb.GadgetRunRequest:
+    """``want`` as the daemon shows it: values it lists as ``<redacted>`` (secrets, which it
+    never sends) redacted too, so they compare equal; the digest tag covers their values."""
+    out = pb.GadgetRunRequest()
+    out.CopyFrom(want)
+    for k, v in have.paramValues.items():
+        if v == REDACTED and out.paramValues.get(k, ""):
+            out.paramValues[k] = REDACTED
+    return out
+
+
 def _same(gi: pb.GadgetInstance, req: pb.CreateGadgetInstanceRequest) -> bool:
     want = req.gadgetInstance
     return (_digest_of(gi) == _digest_of(want) and owner_of(gi) == owner_of(want)
-            and gi.gadgetConfig == want.gadgetConfig and list(gi.tags) == list(want.tags)
+            and gi.gadgetConfig == _shown(want.gadgetConfig, gi.gadgetConfig)
+            and list(gi.tags) == list(want.tags)
             and list(gi.nodes) == list(want.nodes) and (not want.id or gi.id == want.id))
 
 
@@ -165,7 +178,7 @@ def describe_change(gi: pb.GadgetInstance, req: pb.CreateGadgetInstanceRequest) 
         out.append(f"owned by {owner or 'no one (created by hand)'}, now by {owner_of(want)}")
     if have_cfg.imageName != want_cfg.imageName:
         out.append(f"gadget {have_cfg.imageName} -> {want_cfg.imageName}")
-    a, b = dict(have_cfg.paramValues), dict(want_cfg.paramValues)
+    a, b = dict(have_cfg.paramValues), dict(_shown(want_cfg, have_cfg).paramValues)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if changed:
         out.append("params changed: " + ", ".join(changed))

@@ -22,21 +22,11 @@ from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed
-from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, DataSourceType
 
 _logger = logging.getLogger(__name__)
 
-GRPC_PREFIX = "operator.grpc."
-BATCH_MAX = GRPC_PREFIX + "batch-max"
-BATCH_LINGER = GRPC_PREFIX + "batch-linger"
-GRPC_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("batch-max", GRPC_PREFIX, "Records per packet. 0: one GadgetEvent per record "
-              "(what upstream clients expect); N: GadgetDataArray packets of up to N records",
-              "0", "uint32", tags=("group:Data Collection",)),
-    ParamSpec("batch-linger", GRPC_PREFIX, "How long a batched packet may wait to fill up",
-              "20ms", "duration", tags=("group:Data Collection",)),
-)
+
 MAX_MESSAGE = 4 << 20
 """Upstream clients refuse messages over 4 MiB (grpc-go's default receive limit)."""
 _MESSAGE_MARGIN = 1024

@@ -14,8 +14,9 @@ Contracts:
   (``insecure: "yes"`` is an error, not ``True``). The loader resolves YAML scalars with the
   YAML 1.2 core schema (``yes``/``on`` stay strings, ``0755`` is decimal) before validating.
 * Keys are camelCase (as in the gadget service's protobuf and upstream manifests), except the
-  keys of ``sinks:``/``metrics:`` sections, which are the sinks' parameter keys verbatim
-  (``max-series``), because they become ``operator.<sink>.<key>`` parameters.
+  keys of ``sinks:``/``metrics:`` sections and ``daemon.sinks``, which are the sinks' setting
+  names (``max-series``; the param key ``prometheus-max-series`` is accepted too): a setting
+  ``s`` of sink ``t`` becomes the parameter ``operator.t.t-s``.
 * What cannot be checked without the catalog and the sinks (gadget names, parameter keys and
   values, filter expressions, sink settings) is checked by :mod:`config.loader`.
 
@@ -27,7 +28,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -40,6 +42,9 @@ from pydantic import (
 )
 
 from pipeline.params import parse_duration
+
+if TYPE_CHECKING:
+    from pipeline.sinks.base import SinkType
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -222,6 +227,8 @@ SinkValue = Annotated[Any, AfterValidator(_check_sink_value),
                       WithJsonSchema({"anyOf": [_SCALAR_SCHEMA,
                                                 {"type": "array", "items": _SCALAR_SCHEMA}]})]
 SinkSettings = dict[str, SinkValue]
+_SINK_VALUE_SCHEMA: dict[str, Any] = {"anyOf": [_SCALAR_SCHEMA,
+                                                {"type": "array", "items": _SCALAR_SCHEMA}]}
 ParamValue = Annotated[Any, AfterValidator(_check_param_value),
                        WithJsonSchema({"anyOf": [_SCALAR_SCHEMA,
                                                  {"type": "array", "items": _SCALAR_SCHEMA},
@@ -278,8 +285,8 @@ class DaemonSection(_Model):
         default_factory=dict)
     """Peer daemons by node name (``node-b: 10.0.0.2:8080``), for multi-node instances."""
     sinks: dict[str, SinkSettings] = Field(default_factory=dict)
-    """Daemon-wide sink defaults by sink type (``kafka``, ``otel-logs``, ``prometheus``,
-    ``jsonl``), keys as the sink's params without prefix (``brokers``, ``endpoint``)."""
+    """Daemon-wide sink defaults by sink type, keys as the sink's setting names
+    (``brokers``, ``endpoint``); see ``$defs/sink-<type>``."""
 
 
 class InstanceSection(_Model):
@@ -306,13 +313,15 @@ class InstanceSection(_Model):
     """Record filter (``operator.filter.filter``), e.g. ``proc.comm==bash``."""
     fields: Annotated[str | None, BeforeValidator(
         _join_list(","), json_schema_input_type=str | list[str] | None)] = None
-    """Fields to emit (``operator.fields.fields``): ``a,b`` or a list."""
+    """Fields to emit (``operator.fields.fields-select``): ``a,b`` or a list."""
     sinks: dict[str, SinkSettings | None] = Field(default_factory=dict)
     """Sinks to enable, by sink type, with their settings (``kafka: {topic: t}`` ->
-    ``operator.kafka.enable=true``, ``operator.kafka.topic=t``); lists are joined with ``,``."""
+    ``operator.kafka.kafka-enable=true``, ``operator.kafka.kafka-topic=t``); lists are joined
+    with ``,``."""
     metrics: SinkSettings | None = None
-    """Prometheus metrics of this instance (the ``prometheus`` sink); ``counters`` and
-    ``histograms`` may be lists (joined with ``;``)."""
+    """Prometheus metrics of this instance: the settings of the sink type whose section is
+    ``metrics`` (``prometheus``); ``counters`` and ``histograms`` may be lists (joined with
+    ``;``)."""
 
 
 class ConfigDocument(_Model):
@@ -357,11 +366,38 @@ class InstanceSpecManifest(_Model):
 # JSON Schema
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of one YAML document (either kind), with ``$defs`` for the models."""
+def json_schema(sinks: Mapping[str, SinkType] | None = None) -> dict[str, Any]:
+    """The JSON Schema of one YAML document (either kind), with ``$defs`` for the models.
+
+    Args:
+        sinks: the sink types whose settings the ``sinks:`` sections (and a sink's own
+            section, ``metrics:``) may hold; default: every registered sink type. Each becomes
+            ``$defs/sink-<name>``, its settings described as the sink type declares them.
+    """
+    if sinks is None:
+        from pipeline.sinks.registry import discover_sink_types
+
+        sinks = {name: cls() for name, cls in discover_sink_types().items()}
     adapter: TypeAdapter[Any] = TypeAdapter(ConfigDocument | InstanceSpecManifest)
     schema = adapter.json_schema(by_alias=True, mode="validation",
                                  ref_template="#/$defs/{model}")
+    defs = schema["$defs"]
+    defs["sink-value"] = _SINK_VALUE_SCHEMA
+    for name, t in sorted(sinks.items()):
+        defs[f"sink-{name}"] = _sink_schema(t)
+    by_name = {name: {"$ref": f"#/$defs/sink-{name}"} for name in sorted(sinks)}
+    daemon = defs["DaemonSection"]["properties"]["sinks"]
+    daemon.pop("additionalProperties", None)
+    daemon.update(properties=by_name, additionalProperties=False)
+    inst = defs["InstanceSection"]["properties"]
+    inst["sinks"].pop("additionalProperties", None)
+    inst["sinks"].update(properties={n: {"anyOf": [ref, {"type": "null"}]}
+                                     for n, ref in by_name.items()},
+                         additionalProperties=False)
+    for name, t in sinks.items():
+        section = inst.get(t.section) if t.section else None
+        if section is not None:
+            section["anyOf"] = [by_name[name], {"type": "null"}]
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "gadgetpipe config",
@@ -373,6 +409,31 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-def schema_text() -> str:
+def _sink_schema(t: SinkType) -> dict[str, Any]:
+    """The settings of one sink type, named as YAML names them (the param key is accepted
+    too)."""
+    props: dict[str, Any] = {}
+    for setting, p in t.settings().items():
+        prop: dict[str, Any] = {"$ref": "#/$defs/sink-value", "description": p.description
+                                + (f" (param {p.full_key}; {p.type_hint})"
+                                   if p.type_hint != "string" else f" (param {p.full_key})")}
+        if p.default and not p.secret:
+            prop["default"] = p.default
+        if p.possible_values:
+            prop["enum"] = list(p.possible_values)
+            prop.pop("$ref")
+        props[setting] = prop
+    return {
+        "type": "object",
+        "title": f"{t.name} sink",
+        "description": f"Settings of the {t.name} sink; a setting s is the param "
+                       f"{t.prefix}{t.name}-s, which is also accepted as the key.",
+        "properties": props,
+        "patternProperties": {f"^{t.name}-": {}},
+        "additionalProperties": False,
+    }
+
+
+def schema_text(sinks: Mapping[str, SinkType] | None = None) -> str:
     """What ``config/schema.json`` holds."""
-    return json.dumps(json_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(json_schema(sinks), indent=2, sort_keys=True, ensure_ascii=False) + "\n"

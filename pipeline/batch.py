@@ -1,9 +1,18 @@
-"""Batches: one data source's records as one contiguous block, never one object per record."""
+"""Batches: one data source's records as one contiguous block, never one object per record.
+
+Payload 0 of every record is a row of :attr:`Batch.rows`; payloads 1..P-1 are columns of
+:attr:`Batch.extra`, one ``bytes`` per record. A column may be a :class:`LazyColumn`: a derived
+payload (pipeline/derive) that is computed from the batch's raw columns the first time anyone
+reads it, once for every consumer of the batch, and never when nobody does. The methods here
+that reshape a batch (:meth:`Batch.select`, :meth:`Batch.slice`, :meth:`Batch.concat`) keep such
+columns lazy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -32,12 +41,52 @@ class Batch:
         return int(self.rows.shape[0])
 
     def select(self, mask: npt.NDArray[np.bool_]) -> Batch:
-        """The records where ``mask`` is true (copies)."""
+        """The records where ``mask`` is true (copies; derived columns stay lazy)."""
+        rows = self.rows[mask]
         if not self.extra:
-            return Batch(self.schema, self.rows[mask])
-        idx = np.flatnonzero(mask).tolist()
-        return Batch(self.schema, self.rows[mask],
-                     tuple([col[i] for i in idx] for col in self.extra))
+            return Batch(self.schema, rows)
+        idx = np.flatnonzero(mask)
+        groups: dict[int, DerivedGroup] = {}
+        out: list[Sequence[bytes]] = []
+        for col in self.extra:
+            if isinstance(col, LazyColumn):
+                out.append(col.taken(idx, rows, groups))
+            else:
+                out.append(_take(col, idx))
+        return Batch(self.schema, rows, tuple(out))
+
+    def slice(self, start: int, stop: int | None = None) -> Batch:
+        """Records ``[start, stop)``: a view of the rows, derived columns stay lazy."""
+        rows = self.rows[start:stop]
+        if not self.extra:
+            return Batch(self.schema, rows)
+        groups: dict[int, DerivedGroup] = {}
+        out: list[Sequence[bytes]] = []
+        for col in self.extra:
+            if isinstance(col, LazyColumn):
+                out.append(col.sliced(start, stop, rows, groups))
+            else:
+                out.append(col[start:stop])
+        return Batch(self.schema, rows, tuple(out))
+
+    @staticmethod
+    def concat(batches: Sequence[Batch]) -> Batch:
+        """One batch holding the records of ``batches`` (one schema), in order; derived columns
+        stay lazy unless every part has computed them already."""
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        rows = np.concatenate([b.rows for b in batches])
+        out: list[Sequence[bytes]] = []
+        groups: dict[tuple[int, ...], DerivedGroup] = {}
+        for i in range(len(first.extra)):
+            cols = [b.extra[i] for b in batches]
+            if all(isinstance(c, LazyColumn) for c in cols):
+                out.append(LazyColumn.joined([c for c in cols if isinstance(c, LazyColumn)],
+                                             rows, groups))
+            else:
+                out.append([x for c in cols for x in c])
+        return Batch(first.schema, rows, tuple(out))
 
     def with_schema(self, schema: DataSourceSchema) -> Batch:
         return Batch(schema, self.rows, self.extra)
@@ -61,3 +110,222 @@ class Batch:
     def empty(cls, schema: DataSourceSchema) -> Batch:
         return cls(schema, np.zeros((0, schema.record_size), dtype=np.uint8),
                    tuple([] for _ in range(schema.payload_count - 1)))
+
+
+def _take(col: Sequence[bytes], idx: npt.NDArray[np.intp]) -> list[bytes]:
+    if isinstance(col, list) and len(col) == 0:
+        return []
+    return [col[i] for i in idx.tolist()]
+
+
+def object_column(values: Sequence[bytes]) -> npt.NDArray[np.object_]:
+    """``values`` as a 1-D numpy object array (``np.array`` would make a fixed-width S array or
+    a 2-D one; this keeps the bytes objects themselves, for take-by-index)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Coded:
+    """A column as its distinct values and, per record, an index into them: what most derived
+    columns are (an errno name, a user name, a signal name), and what encoders can use to encode
+    each distinct value once."""
+
+    table: Sequence[bytes]
+    codes: npt.NDArray[np.intp]
+
+    def values(self) -> list[bytes]:
+        if len(self.codes) == 0:
+            return []
+        return object_column(self.table)[self.codes].tolist()  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """A column whose entries all have the same length, as one (n, width) byte matrix (what a
+    timestamp text is): encoders copy it as a block, with no object per record."""
+
+    matrix: npt.NDArray[np.uint8]
+
+    def values(self) -> list[bytes]:
+        n, width = self.matrix.shape
+        if width == 0:
+            return [b""] * n
+        out: list[bytes] = np.ascontiguousarray(self.matrix).view(f"V{width}").reshape(
+            -1).tolist()
+        return out
+
+
+Derived = list[bytes] | Coded | Fixed
+"""What a derivation returns: one payload entry per record, plainly, coded or fixed-width."""
+
+
+class DeriveStats:
+    """How much derivation a run did: tests and the bench read it to see that a run whose
+    consumers read only raw fields derived nothing."""
+
+    __slots__ = ("columns", "records")
+
+    def __init__(self) -> None:
+        self.columns = 0
+        self.records = 0
+
+
+class DerivedGroup:
+    """What the derived columns of one batch share: the raw batch they are computed from
+    (payload 0 and the payloads its source stored) and a memo for intermediate results that
+    several columns use (an address's text for both ``addr`` and ``endpoint``)."""
+
+    __slots__ = ("base", "memo", "stats")
+
+    def __init__(self, base: Batch, stats: DeriveStats) -> None:
+        self.base = base
+        self.memo: dict[str, Any] = {}
+        self.stats = stats
+
+    def rebased(self, rows: Rows, stored: tuple[Sequence[bytes], ...]) -> DerivedGroup:
+        return DerivedGroup(Batch(self.base.schema, rows, stored), self.stats)
+
+
+Derivation = Callable[[Batch, dict[str, Any]], Derived]
+"""Computes one derived payload for every record of a raw batch; the dict is the group memo."""
+
+
+class LazyColumn(Sequence[bytes]):
+    """A derived payload column, computed on first read and kept.
+
+    Args:
+        derive: the derivation.
+        group: the raw batch it reads and the shared memo.
+        key: the derived field's full name (for errors and the memo).
+    """
+
+    __slots__ = ("_done", "_form", "_values", "derive", "group", "key")
+
+    def __init__(self, derive: Derivation, group: DerivedGroup, key: str) -> None:
+        self.derive = derive
+        self.group = group
+        self.key = key
+        self._done = False
+        self._values: list[bytes] | None = None
+        self._form: Coded | Fixed | None = None
+
+    @classmethod
+    def _computed(cls, like: LazyColumn, group: DerivedGroup, values: list[bytes] | None,
+                  form: Coded | Fixed | None) -> LazyColumn:
+        out = cls(like.derive, group, like.key)
+        out._done, out._values, out._form = True, values, form
+        return out
+
+    @property
+    def computed(self) -> bool:
+        return self._done
+
+    def _ensure(self) -> None:
+        if self._done:
+            return
+        out = self.derive(self.group.base, self.group.memo)
+        n = len(self.group.base)
+        if isinstance(out, Coded):
+            got = len(out.codes)
+            self._form = out
+        elif isinstance(out, Fixed):
+            got = out.matrix.shape[0]
+            self._form = out
+        else:
+            got = len(out)
+            self._values = out
+        if got != n:
+            raise ValueError(f"derived field {self.key!r}: {got} values for {n} records")
+        self._done = True
+        self.group.stats.columns += 1
+        self.group.stats.records += n
+
+    def _compute(self) -> list[bytes]:
+        self._ensure()
+        if self._values is None:
+            assert self._form is not None
+            self._values = self._form.values()
+        return self._values
+
+    def values(self) -> list[bytes]:
+        """Every record's entry (computes it if nobody has yet)."""
+        return self._compute()
+
+    def form(self) -> Coded | Fixed | None:
+        """The column as its derivation produced it when coded or fixed-width (computes it);
+        None for a plain list."""
+        self._ensure()
+        return self._form
+
+    def __len__(self) -> int:
+        return len(self.group.base)
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(i, slice):
+            if i.step not in (None, 1):
+                return self._compute()[i]
+            base = self.group.base
+            return self.sliced(i.start or 0, i.stop, base.rows[i.start:i.stop], {})
+        return self._compute()[i]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._compute())
+
+    # -- reshaping, without computing ---------------------------------------------------------
+
+    def taken(self, idx: npt.NDArray[np.intp], rows: Rows,
+              groups: dict[int, DerivedGroup]) -> Sequence[bytes]:
+        """The entries at ``idx``; ``rows`` are the batch's rows already taken."""
+        g = groups.get(id(self.group))
+        if g is None:
+            stored = tuple(_take(c, idx) for c in self.group.base.extra)
+            g = groups[id(self.group)] = self.group.rebased(rows, stored)
+        if not self._done:
+            return LazyColumn(self.derive, g, self.key)
+        form = self._form
+        if isinstance(form, Coded):
+            form = Coded(form.table, form.codes[idx])
+        elif isinstance(form, Fixed):
+            form = Fixed(form.matrix[idx])
+        values = _take(self._values, idx) if self._values is not None else None
+        return LazyColumn._computed(self, g, values, form)
+
+    def sliced(self, start: int, stop: int | None, rows: Rows,
+               groups: dict[int, DerivedGroup]) -> Sequence[bytes]:
+        g = groups.get(id(self.group))
+        if g is None:
+            stored = tuple(c[start:stop] for c in self.group.base.extra)
+            g = groups[id(self.group)] = self.group.rebased(rows, stored)
+        if not self._done:
+            return LazyColumn(self.derive, g, self.key)
+        form = self._form
+        if isinstance(form, Coded):
+            form = Coded(form.table, form.codes[start:stop])
+        elif isinstance(form, Fixed):
+            form = Fixed(form.matrix[start:stop])
+        values = self._values[start:stop] if self._values is not None else None
+        return LazyColumn._computed(self, g, values, form)
+
+    @staticmethod
+    def joined(parts: Sequence[LazyColumn], rows: Rows,
+               groups: dict[tuple[int, ...], DerivedGroup]) -> Sequence[bytes]:
+        """``parts`` one after the other; ``rows`` are the concatenated rows."""
+        key = tuple(id(p.group) for p in parts)
+        g = groups.get(key)
+        if g is None:
+            first = parts[0].group
+            stored = tuple([x for p in parts for x in p.group.base.extra[i]]
+                           for i in range(len(first.base.extra)))
+            g = groups[key] = first.rebased(rows, stored)
+        if all(p._done for p in parts):
+            return LazyColumn._computed(parts[0], g, [x for p in parts for x in p._compute()],
+                                        None)
+        return LazyColumn(parts[0].derive, g, parts[0].key)

@@ -16,9 +16,18 @@ from typing import Any, Protocol
 
 import yaml
 
+from pipeline import annotations as ann
+from pipeline.derive import (
+    DeclaredField,
+    DeriveEnv,
+    DeriveError,
+    DeriveSpec,
+    EnumSpec,
+    build_plan,
+)
 from pipeline.layout import StructRegistry
 from pipeline.params import ParamSpec
-from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag
+from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 
 SOURCES_DIR = Path(__file__).resolve().parent / "sources"
 BPF_INCLUDE_DIR = SOURCES_DIR / "bpf"
@@ -92,6 +101,7 @@ class GadgetSpec:
     legacy_name: str = ""
     structs: StructRegistry = field(default_factory=StructRegistry, compare=False)
     struct_names: Mapping[str, str] = field(default_factory=dict)
+    derive: DeriveSpec = field(default_factory=DeriveSpec, compare=False)
 
     @property
     def program(self) -> Path:
@@ -129,7 +139,7 @@ def _param_specs(raw: Mapping[str, Any], folder: str) -> list[ParamSpec]:
         for key, p in (params or {}).items():
             p = p or {}
             known = {"description", "default", "typeHint", "alias", "title", "possibleValues",
-                     "mandatory", "tags", "alternativeKey", "cflag"}
+                     "mandatory", "tags", "alternativeKey", "cflag", "oldKeys"}
             unknown = set(p) - known
             if unknown:
                 raise GadgetError(f"{folder}/gadget.yaml: param {key!r} has unknown keys "
@@ -143,6 +153,8 @@ def _param_specs(raw: Mapping[str, Any], folder: str) -> list[ParamSpec]:
                 mandatory=bool(p.get("mandatory", False)), tags=tuple(p.get("tags", ())),
                 alternative_key=p.get("alternativeKey", ""),
                 extra={"cflag": p["cflag"]} if "cflag" in p else {},
+                # Keys the param had before (same prefix), still accepted; never announced.
+                old_keys=tuple(prefix + str(k) for k in p.get("oldKeys", ())),
             ))
     return out
 
@@ -153,16 +165,69 @@ def _annotation_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _apply_annotations(fields: list[Field], raw: Mapping[str, Any]) -> list[Field]:
+def _field_config(raw: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """gadget.yaml's ``fields:`` of a data source: full name -> annotations as strings."""
+    return {name: {k: _annotation_text(v) for k, v in ((conf or {}).get("annotations")
+                                                       or {}).items()}
+            for name, conf in (raw or {}).items()}
+
+
+def _apply_annotations(fields: list[Field], config: Mapping[str, Mapping[str, str]],
+                       ) -> list[Field]:
+    """The gadget's settings over the layout's annotations; Hidden follows the result (as
+    upstream sets it after applying a data source's field configuration)."""
     out = []
     for f in fields:
-        conf = (raw or {}).get(f.full_name) or {}
-        ann = {**f.annotations, **{k: _annotation_text(v)
-                                   for k, v in (conf.get("annotations") or {}).items()}}
-        flags = f.flags
-        if ann.get("columns.hidden") == "true":
-            flags |= FieldFlag.HIDDEN
-        out.append(replace(f, annotations=ann, flags=flags))
+        a = ann.configured(f.annotations, config.get(f.full_name, {}))
+        flags = f.flags | FieldFlag.HIDDEN if ann.hidden(a) else f.flags & ~FieldFlag.HIDDEN
+        out.append(replace(f, annotations=a, flags=flags))
+    return out
+
+
+_KINDS = {"string": Kind.STRING, "bool": Kind.BOOL, "int8": Kind.INT8, "int16": Kind.INT16,
+          "int32": Kind.INT32, "int64": Kind.INT64, "uint8": Kind.UINT8, "uint16": Kind.UINT16,
+          "uint32": Kind.UINT32, "uint64": Kind.UINT64, "float32": Kind.FLOAT32,
+          "float64": Kind.FLOAT64, "bytes": Kind.BYTES}
+
+
+def _enums(path: Path, raw: Mapping[str, Any], structs: StructRegistry) -> dict[str, EnumSpec]:
+    out = {}
+    for name, conf in (raw or {}).items():
+        conf = conf or {}
+        values = conf.get("values") or []
+        pairs = dict(values) if isinstance(values, Mapping) else \
+            {n: i for i, n in enumerate(values)}
+        try:
+            structs.add_enum(name, str(conf.get("type", "u32")))
+        except ValueError as e:
+            raise GadgetError(f"{path}: {e}") from e
+        out[name] = EnumSpec(name, {int(v): str(n) for n, v in pairs.items()})
+    return out
+
+
+def _declared(path: Path, folder: Path, ds_name: str, raw: Mapping[str, Any],
+              ) -> list[DeclaredField]:
+    """A data source's ``derived:`` entries, bound to the functions of the gadget's hooks.py."""
+    if not raw:
+        return []
+    if not (folder / "hooks.py").exists():
+        raise GadgetError(f"{path}: data source {ds_name!r} declares derived fields but the "
+                          "gadget has no hooks.py")
+    hooks = importlib.import_module(f"pipeline.sources.{folder.name}.hooks")
+    out = []
+    for name, conf in raw.items():
+        conf = conf or {}
+        fn = getattr(hooks, str(conf.get("from", "")), None)
+        if not callable(fn):
+            raise GadgetError(f"{path}: derived field {ds_name}.{name}: hooks.py has no "
+                              f"function {conf.get('from')!r}")
+        kind = _KINDS.get(str(conf.get("kind", "string")))
+        if kind is None:
+            raise GadgetError(f"{path}: derived field {ds_name}.{name}: unknown kind "
+                              f"{conf.get('kind')!r} (one of {', '.join(_KINDS)})")
+        order = conf.get("order")
+        out.append(DeclaredField(name, kind, fn, None if order is None else int(order),
+                                 bool(conf.get("hidden", False))))
     return out
 
 
@@ -188,10 +253,13 @@ def load_spec(folder: Path) -> GadgetSpec:
     except yaml.YAMLError as e:
         raise GadgetError(f"{path}: {e}") from e
     structs = _common_structs()
+    enums = _enums(path, meta.get("enums") or {}, structs)
     for name, members in (meta.get("structs") or {}).items():
         structs.add_struct(name, members)
     datasources = []
     struct_names = {}
+    configs: dict[str, dict[str, dict[str, str]]] = {}
+    declared: dict[str, list[DeclaredField]] = {}
     for ds_name, ds in (meta.get("datasources") or {}).items():
         struct = ds.get("struct")
         if not struct:
@@ -203,13 +271,21 @@ def load_spec(folder: Path) -> GadgetSpec:
             payloads = 2
         else:
             fields, size = structs.fields(struct)
-        fields = _apply_annotations(fields, ds.get("fields") or {})
+        configs[ds_name] = _field_config(ds.get("fields") or {})
+        fields = _apply_annotations(fields, configs[ds_name])
+        declared[ds_name] = _declared(path, folder, ds_name, ds.get("derived") or {})
         ann = {k: str(v) for k, v in (ds.get("annotations") or {}).items()}
         ds_type = DataSourceType.ARRAY if ds.get("type") == "array" else DataSourceType.SINGLE
         datasources.append(DataSourceSchema(
             name=ds_name, type=ds_type, fields=tuple(fields), record_size=size,
             payload_count=payloads, tags=tuple(ds.get("tags", ())), annotations=ann))
         struct_names[ds_name] = struct
+    spec_derive = DeriveSpec(enums=enums, declared=declared, config=configs)
+    for schema in datasources:
+        try:
+            build_plan(schema, spec_derive, DeriveEnv())  # a gadget's mistakes fail at load
+        except DeriveError as e:
+            raise GadgetError(f"{path}: {e}") from e
     params = _param_specs(meta.get("params") or {}, folder.name)
     if meta.get("filters", True):
         params = [*COMMON_FILTER_PARAMS, *params]
@@ -219,6 +295,7 @@ def load_spec(folder: Path) -> GadgetSpec:
         folder=folder, metadata=text, datasources=tuple(datasources), params=tuple(params),
         category=meta.get("category", ""), legacy_name=meta.get("legacyName", ""),
         structs=structs, struct_names=struct_names,
+        derive=spec_derive,
     )
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pipeline import annotations as ann
 from pipeline.schema import KIND_FLAG_ARRAY, Field, FieldFlag, Kind
 
 _SCALARS: Mapping[str, tuple[type[ctypes._SimpleCData], Kind]] = {  # type: ignore[type-arg]
@@ -24,12 +25,10 @@ _SCALARS: Mapping[str, tuple[type[ctypes._SimpleCData], Kind]] = {  # type: igno
     "f32": (ctypes.c_float, Kind.FLOAT32), "f64": (ctypes.c_double, Kind.FLOAT64),
 }
 
-_MEMBER = re.compile(r"^\s*(?:(?:struct|union)\s+)?(?P<type>\w+)\s+(?P<name>\w+)\s*"
+_MEMBER = re.compile(r"^\s*(?:(?:struct|union|enum)\s+)?(?P<type>\w+)\s+(?P<name>\w+)\s*"
                      r"(?:\[(?P<n>\d+)\])?\s*$")
 
-DEFAULT_ANNOTATIONS: Mapping[str, str] = {
-    "columns.width": "16", "columns.ellipsis": "end", "columns.alignment": "left",
-}
+DEFAULT_ANNOTATIONS: Mapping[str, str] = ann.DEFAULT_ANNOTATIONS
 
 
 class LayoutError(ValueError):
@@ -64,6 +63,13 @@ class StructRegistry:
 
     def add_typedef(self, name: str, target: str) -> None:
         self._typedefs[name] = target
+
+    def add_enum(self, name: str, underlying: str) -> None:
+        """A C enum of the scalar type ``underlying``: members of type ``enum <name>`` are laid
+        out as that scalar and tagged ``type:<name>`` (the enum formatter reads the tag)."""
+        if underlying not in _SCALARS:
+            raise LayoutError(f"enum {name!r}: underlying type {underlying!r} is not a scalar")
+        self._typedefs[name] = underlying
 
     def add_struct(self, name: str, members: Sequence[str]) -> None:
         """Declares a struct, or a union when ``name`` reads ``union <name>`` (members then
@@ -116,7 +122,11 @@ class StructRegistry:
         return self._decls[name]
 
     def fields(self, struct_name: str, payload_index: int = 0) -> tuple[list[Field], int]:
-        """Static fields of ``struct_name`` in declaration order, and the struct's size."""
+        """Static fields of ``struct_name`` in declaration order, and the struct's size.
+
+        Annotations are upstream's for static members: the defaults, then the templates of the
+        member's ``gadget_*`` types and process-struct aliases (pipeline/annotations.py).
+        """
         out: list[Field] = []
         self._walk(struct_name, 0, None, "", payload_index, out)
         return out, ctypes.sizeof(self.struct(struct_name))
@@ -129,7 +139,8 @@ class StructRegistry:
                 continue  # padding and private members, as upstream skips them
             desc = getattr(cls, m.name)
             resolved, chain = self.resolve(m.type)
-            tags = ("src:ebpf", f"name:{m.name}", *(f"type:{t}" for t in chain))
+            types = [*chain, resolved] if resolved in self._decls else list(chain)
+            tags = ("src:ebpf", f"name:{m.name}", *(f"type:{t}" for t in types))
             flags = FieldFlag.STATIC_MEMBER | (FieldFlag.HAS_PARENT if parent else FieldFlag.NONE)
             if resolved == "char" and m.count is not None:
                 kind: int = Kind.CSTRING
@@ -137,10 +148,13 @@ class StructRegistry:
                 kind = _SCALARS[resolved][1] | (KIND_FLAG_ARRAY if m.count is not None else 0)
             else:
                 kind = Kind.BYTES
+            annotations = {**DEFAULT_ANNOTATIONS, **ann.for_types(types, struct_name, m.name)}
+            if ann.hidden(annotations):
+                flags |= FieldFlag.HIDDEN
             f = Field(
                 name=m.name, full_name=prefix + m.name, index=len(out), kind=int(kind),
                 payload_index=payload_index, offs=base + desc.offset, size=desc.size,
-                flags=flags, tags=tags, annotations=dict(DEFAULT_ANNOTATIONS),
+                flags=flags, tags=tags, annotations=annotations,
                 parent=parent.index if parent else None,
             )
             out.append(f)

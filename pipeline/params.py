@@ -3,6 +3,17 @@
 Keys under a prefix this daemon owns are checked strictly (an unknown one is an error with a
 suggestion); keys under other prefixes (``operator.cli.``, ``operator.sort.`` …, which upstream
 clients always send for their local operators) are ignored, as upstream servers do.
+
+Upstream clients turn every announced param into a command-line flag named by its ``key``
+(and its ``alternativeKey``, and a short flag from its ``alias``), so keys must be unique across
+everything a gadget announces; see ``tests/unit/test_param_keys.py``. A param renamed for that
+keeps its former full keys in :attr:`ParamSpec.old_keys`: :func:`resolve` accepts them as the
+same param, and they are never announced (an announced alternative key would be a flag again).
+
+A param marked :attr:`ParamSpec.secret` (a credential) never leaves the daemon in clear: its
+announced default is :data:`REDACTED`, a value equal to :data:`REDACTED` means "the default"
+(clients echo announced defaults back), errors do not quote its value, and
+:func:`redact` hides it wherever values are logged or shown.
 """
 
 from __future__ import annotations
@@ -25,6 +36,10 @@ _INT_RANGES = {
     "uint8": (0, (1 << 8) - 1), "uint16": (0, (1 << 16) - 1), "uint32": (0, (1 << 32) - 1),
     "uint64": (0, (1 << 64) - 1), "uint": (0, (1 << 64) - 1),
 }
+
+
+REDACTED = "<redacted>"
+"""What a secret param's value reads as wherever it is shown."""
 
 
 class ParamError(ValueError):
@@ -62,23 +77,30 @@ class ParamSpec:
     tags: tuple[str, ...] = ()
     alternative_key: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    old_keys: tuple[str, ...] = ()
+    """Full keys this param had before (accepted as the same param, never announced)."""
+    secret: bool = False
+    """A credential: never logged, announced or shown in clear (see the module doc)."""
 
     @property
     def full_key(self) -> str:
         return self.prefix + self.key
 
     def to_proto(self) -> pb.Param:
+        default = REDACTED if self.secret and self.default else self.default
         return pb.Param(
             key=self.key, prefix=self.prefix, description=self.description,
-            defaultValue=self.default, typeHint=self.type_hint, alias=self.alias,
+            defaultValue=default, typeHint=self.type_hint, alias=self.alias,
             title=self.title, possibleValues=list(self.possible_values),
             isMandatory=self.mandatory, tags=list(self.tags), alternativeKey=self.alternative_key,
         )
 
     def parse(self, raw: str) -> Any:
-        """The typed value of ``raw``; raises ParamError naming the key and the reason."""
+        """The typed value of ``raw``; raises ParamError naming the key and the reason (without
+        the value when the param is secret)."""
         if self.possible_values and raw not in self.possible_values:
-            raise ParamError(self.full_key, f"{raw!r} is not one of "
+            shown = "the value" if self.secret else repr(raw)
+            raise ParamError(self.full_key, f"{shown} is not one of "
                              f"{', '.join(self.possible_values)}")
         hint = self.type_hint
         try:
@@ -102,8 +124,34 @@ class ParamSpec:
             if hint == "[]string":
                 return [s for s in raw.split(",") if s]
         except ValueError as e:
-            raise ParamError(self.full_key, str(e)) from None
+            reason = f"not a valid {hint}" if self.secret else str(e)
+            raise ParamError(self.full_key, reason) from None
         return raw
+
+
+def _given(specs: list[ParamSpec], values: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Full key -> (value, the key it was given under), for every spec given a value under its
+    key, its alternative key or one of its old keys.
+
+    Raises:
+        ParamError: one param is given under two of its names.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for s in specs:
+        names = (s.full_key, *((s.prefix + s.alternative_key,) if s.alternative_key else ()),
+                 *s.old_keys)
+        for name in names:
+            raw = values.get(name)
+            if raw is None:
+                continue
+            if s.secret and raw == REDACTED:
+                continue  # a client echoing the announced default back
+            first = out.get(s.full_key)
+            if first is not None and first[0] != raw:
+                raise ParamError(s.full_key, f"given twice, as {first[1]!r} and {name!r}")
+            if first is None:
+                out[s.full_key] = (raw, name)
+    return out
 
 
 def resolve(specs: Iterable[ParamSpec], values: Mapping[str, str],
@@ -115,24 +163,50 @@ def resolve(specs: Iterable[ParamSpec], values: Mapping[str, str],
             prefix is unknown (with the nearest known key as a suggestion).
     """
     specs = list(specs)
-    by_key = {s.full_key: s for s in specs}
-    alt = {s.prefix + s.alternative_key: s for s in specs if s.alternative_key}
+    known = known_keys(specs)
+    by_key = [s.full_key for s in specs]
     owned = tuple(owned_prefixes)
     for k in values:
-        if k in by_key or k in alt:
+        if k in known:
             continue
         if k.startswith(owned):
-            near = difflib.get_close_matches(k, list(by_key), n=1)
+            near = difflib.get_close_matches(k, by_key, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ParamError(k, f"unknown parameter{hint}")
+    given = _given(specs, values)
     out: dict[str, Any] = {}
     for s in specs:
-        raw = values.get(s.full_key)
-        if raw is None and s.alternative_key:
-            raw = values.get(s.prefix + s.alternative_key)
+        raw = given.get(s.full_key, (None, ""))[0]
         if raw is None:
             if s.mandatory:
                 raise ParamError(s.full_key, "is mandatory")
             raw = s.default
         out[s.full_key] = s.parse(raw)
     return out
+
+
+def known_keys(specs: Iterable[ParamSpec]) -> dict[str, ParamSpec]:
+    """Every full key a param may be given under (key, alternative key, old keys)."""
+    out: dict[str, ParamSpec] = {}
+    for s in specs:
+        out[s.full_key] = s
+        if s.alternative_key:
+            out[s.prefix + s.alternative_key] = s
+        for old in s.old_keys:
+            out[old] = s
+    return out
+
+
+def secret_keys(specs: Iterable[ParamSpec]) -> frozenset[str]:
+    """Every full key (current, alternative, old) under which a secret param may be given."""
+    return frozenset(k for k, s in known_keys(specs).items() if s.secret)
+
+
+def redact(values: Mapping[str, Any], secrets: Iterable[ParamSpec] | frozenset[str]
+           ) -> dict[str, Any]:
+    """A copy of ``values`` (params by full key, as given or resolved) whose secret params
+    read :data:`REDACTED`; ``secrets`` is the param specs (their secret ones count) or a set of
+    secret keys from :func:`secret_keys`. Empty values stay empty: nothing to hide."""
+    keys = secrets if isinstance(secrets, frozenset) else secret_keys(secrets)
+    return {k: (REDACTED if k in keys and v not in ("", None) else v)
+            for k, v in values.items()}

@@ -47,6 +47,7 @@ from pipeline.ledger import (
     Ledger,
 )
 from pipeline.operators import Operator, OperatorError
+from pipeline.operators import derive as derive_op
 from pipeline.operators import enrich as enrich_op
 from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
@@ -82,15 +83,17 @@ SHED_STEP = 0.01
 follows the queues, not each batch."""
 
 OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
+    # Key and alias as upstream's filter operator (operator.filter.filter, -F).
     ParamSpec("filter", "operator.filter.", "Keep records matching all comparisons, e.g. "
               "proc.comm==bash,proc.pid>100 (~ for a regex)", "", "string", alias="F",
               tags=("group:Data Filtering",)),
-    ParamSpec("fields", "operator.fields.", "Fields to announce and emit: a,b or ds:a,b;ds2:c",
-              "", "string", tags=("group:Data Manipulation",)),
+    ParamSpec(fields_op.PARAM.removeprefix(fields_op.PREFIX), fields_op.PREFIX,
+              "Fields the daemon announces and emits: a,b or ds:a,b;ds2:c", "", "string",
+              tags=("group:Data Manipulation",), old_keys=(fields_op.OLD_PARAM,)),
     *enrich_op.PARAMS,
 )
 OWNED_PREFIXES: tuple[str, ...] = (EBPF_PREFIX, RUNTIME_PREFIX, "operator.filter.",
-                                   "operator.fields.", enrich_op.PREFIX)
+                                   fields_op.PREFIX, enrich_op.PREFIX)
 
 LogListener = Callable[[int, str], None]
 
@@ -128,10 +131,10 @@ def build_operators(values: Mapping[str, Any],
         # First, as upstream enriches before filtering: later operators see the new fields.
         ops.append(enrich_op.Enrich(values, schemas))
         schemas = [ops[-1].output_schema(s) for s in schemas]
-    if values.get("operator.filter.filter"):
-        ops.append(filter_op.Filter(values["operator.filter.filter"], schemas))
-    if values.get("operator.fields.fields"):
-        ops.append(fields_op.FieldSelect(values["operator.fields.fields"], schemas))
+    if values.get(filter_op.PARAM):
+        ops.append(filter_op.Filter(values[filter_op.PARAM], schemas))
+    if values.get(fields_op.PARAM):
+        ops.append(fields_op.FieldSelect(values[fields_op.PARAM], schemas))
     return ops
 
 
@@ -215,7 +218,11 @@ class GadgetRun:
         specs = [*spec.params, *OPERATOR_PARAMS, *extra_params]
         try:
             self.values = resolve(specs, param_values, (*OWNED_PREFIXES, *extra_prefixes))
-            self._operators = build_operators(self.values, list(spec.datasources))
+            # Derived fields first: every later operator, stream and sink sees them announced
+            # (computed only when read: pipeline/derive).
+            self.derive = derive_op.Derive(spec.datasources, spec.derive)
+            derived = [self.derive.output_schema(s) for s in spec.datasources]
+            self._operators = [self.derive, *build_operators(self.values, derived)]
         except (ParamError, OperatorError) as e:
             raise RunError(str(e)) from e
         self._shedder = ShedController.from_values(self.values)

@@ -8,10 +8,27 @@ dataSourceID=4}, GadgetData{data=3}, GadgetDataArray{dataArray=3}, DataElement{p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, Coded, Fixed, LazyColumn, object_column
+from pipeline.params import ParamSpec
+
+GRPC_PREFIX = "operator.grpc."
+BATCH_MAX = GRPC_PREFIX + "batch-max"
+BATCH_LINGER = GRPC_PREFIX + "batch-linger"
+GRPC_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("batch-max", GRPC_PREFIX, "Records per packet. 0: one GadgetEvent per record "
+              "(what upstream clients expect); N: GadgetDataArray packets of up to N records",
+              "0", "uint32", tags=("group:Data Collection",)),
+    ParamSpec("batch-linger", GRPC_PREFIX, "How long a batched packet may wait to fill up",
+              "20ms", "duration", tags=("group:Data Collection",)),
+)
+"""How a run's records are packed into gadget service messages: the params of every run a
+gRPC client receives (the config loader validates them with the rest)."""
 
 EVENT_TYPE_PAYLOAD = 0
 EVENT_TYPE_INFO = 4
@@ -26,6 +43,7 @@ _TAG_PAYLOAD = 0x0A  # DataElement.payload
 
 # The largest value of each varint length; seq is a uint32 so five bytes is the most.
 _VARINT_LIMITS = np.array([1 << 7, 1 << 14, 1 << 21, 1 << 28], dtype=np.uint64)
+_VARINT_LIMITS_64 = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
 
 
 def varint(value: int) -> bytes:
@@ -130,39 +148,331 @@ def per_record_events(batch: Batch, first_seq: int, ds_id: int) -> bytes:
 
 
 def _per_record_events_general(batch: Batch, first_seq: int, ds_id: int) -> bytes:
-    out = []
-    for i in range(len(batch)):
-        gd = length_delimited(_TAG_DATA, data_element(batch.payloads(i)))
-        seq = (first_seq + i) & 0xFFFFFFFF
-        out.append(grpc_frame(gadget_event(EVENT_TYPE_PAYLOAD, seq, gd, ds_id)))
-    return b"".join(out)
+    """Framed events of records with further payloads (derived fields, enrichment)."""
+    n = len(batch)
+    seqs = np.arange(first_seq, first_seq + n, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    tail = bytes([_TAG_EVENT_DSID]) + varint(ds_id) if ds_id else b""
+    head = _EventHead(seqs, len(tail), batch.schema.record_size)
+    return b"".join(_Parts(batch).records(head, tail).tolist())
+
+
+class _Head:
+    """What precedes each record's payload 0 bytes: here the tag and length of payload 0
+    (``data_elements``). Subclasses add the message framing around the element."""
+
+    def __init__(self, record_size: int) -> None:
+        self.element = _element_prefix(record_size)
+
+    def varying(self) -> npt.NDArray[np.int64] | None:
+        """Per record, the length of a head part that varies other than with the element's
+        length (None: none does)."""
+        return None
+
+    def prefix(self, de_len: int) -> bytes:
+        """The head of an element of ``de_len`` bytes, up to a varying part."""
+        return self.element
+
+    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
+        """The heads of records ``sel``, all of the same shape, their elements ``de_len``
+        bytes long."""
+        p = np.frombuffer(self.prefix(de_len), dtype=np.uint8)
+        return np.broadcast_to(p, (len(sel), len(p)))
+
+    def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
+                                                             npt.NDArray[np.int64]]:
+        """Every record's head left-aligned in a matrix, and its length."""
+        n = len(de_len)
+        return _concat_blocks(n, [_const_block(n, self.element)])
+
+
+class _ArrayHead(_Head):
+    """``GadgetDataArray.dataArray`` entry: tag and length of the element."""
+
+    def prefix(self, de_len: int) -> bytes:
+        return bytes([_TAG_DATA]) + varint(de_len) + self.element
+
+    def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
+                                                             npt.NDArray[np.int64]]:
+        n = len(de_len)
+        return _concat_blocks(n, [_const_block(n, bytes([_TAG_DATA])), _varint_block(de_len),
+                                  _const_block(n, self.element)])
+
+
+class _EventHead(_Head):
+    """A framed ``GadgetEvent{seq, GadgetData{data}}`` up to payload 0's bytes."""
+
+    def __init__(self, seqs: npt.NDArray[np.uint64], tail_len: int, record_size: int) -> None:
+        super().__init__(record_size)
+        self.seqs = seqs
+        self.seq_len = _varint_len(seqs)
+        self.tail_len = tail_len
+
+    def varying(self) -> npt.NDArray[np.int64] | None:
+        return self.seq_len
+
+    def _lengths(self, de_len: Any, seq_len: Any) -> tuple[Any, Any]:
+        gd_len = 1 + _varint_len(np.asarray(de_len)) + de_len
+        return gd_len, 1 + seq_len + 1 + _varint_len(np.asarray(gd_len)) + gd_len + self.tail_len
+
+    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
+        seq_len = int(self.seq_len[sel[0]])
+        gd_len, ev_len = (int(x) for x in self._lengths(de_len, seq_len))
+        pre = b"\x00" + ev_len.to_bytes(4, "big") + bytes([_TAG_EVENT_SEQ])
+        post = bytes([_TAG_EVENT_PAYLOAD]) + varint(gd_len) + bytes([_TAG_DATA]) + \
+            varint(de_len) + self.element
+        out = np.empty((len(sel), len(pre) + seq_len + len(post)), dtype=np.uint8)
+        out[:, : len(pre)] = np.frombuffer(pre, dtype=np.uint8)
+        out[:, len(pre): len(pre) + seq_len] = _varint_block(self.seqs[sel])[0][:, :seq_len]
+        out[:, len(pre) + seq_len:] = np.frombuffer(post, dtype=np.uint8)
+        return out
+
+    def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
+                                                             npt.NDArray[np.int64]]:
+        n = len(de_len)
+        gd_len, ev_len = self._lengths(de_len, self.seq_len)
+        return _concat_blocks(n, [
+            _const_block(n, b"\x00"),
+            (ev_len.astype(">u4").view(np.uint8).reshape(n, 4), None),
+            _const_block(n, bytes([_TAG_EVENT_SEQ])), _varint_block(self.seqs),
+            _const_block(n, bytes([_TAG_EVENT_PAYLOAD])), _varint_block(gd_len),
+            _const_block(n, bytes([_TAG_DATA])), _varint_block(de_len),
+            _const_block(n, self.element),
+        ])
+
+
+Block = tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64] | None]
+"""Bytes of one part of every record: a (n, width) matrix and each row's used length (None:
+the whole width)."""
+
+
+def _const_block(n: int, data: bytes) -> Block:
+    return np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (n, len(data))), None
+
+
+def _varint_len(values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Bytes of each value's varint (values below 2^63)."""
+    lens: npt.NDArray[np.int64] = np.searchsorted(
+        _VARINT_LIMITS_64, values.astype(np.uint64), side="right").astype(np.int64) + 1
+    return lens
+
+
+def _varint_block(values: npt.NDArray[Any]) -> Block:
+    v = values.astype(np.uint64)
+    lens = _varint_len(v)
+    width = int(lens.max(initial=1))
+    mat = np.empty((len(v), width), dtype=np.uint8)
+    for k in range(width):
+        byte = (v >> np.uint64(7 * k)) & np.uint64(0x7F)
+        mat[:, k] = byte | ((lens > k + 1).astype(np.uint64) << np.uint64(7))
+    return mat, lens
+
+
+def _concat_blocks(n: int, blocks: list[Block]) -> tuple[npt.NDArray[np.uint8],
+                                                         npt.NDArray[np.int64]]:
+    """Each record's blocks one after the other, left-aligned in one matrix, and its length
+    (for a few narrow blocks: it moves one byte column at a time)."""
+    width = sum(m.shape[1] for m, _ in blocks)
+    out = np.zeros((n, width), dtype=np.uint8)
+    pos = np.zeros(n, dtype=np.int64)
+    rows = np.arange(n)
+    aligned = True  # every row has the same length so far
+    for m, used in blocks:
+        if used is None and aligned:
+            p = int(pos[0]) if n else 0
+            out[:, p: p + m.shape[1]] = m
+        else:
+            for k in range(m.shape[1]):
+                sel = rows if used is None else np.flatnonzero(used > k)
+                out[sel, pos[sel] + k] = m[sel, k]
+            aligned = aligned and used is None
+        pos += m.shape[1] if used is None else used
+    return out, pos
+
+
+def _rows_as_bytes(mat: npt.NDArray[np.uint8]) -> list[bytes]:
+    """Each row of a byte matrix as a bytes object (a void view converts in C, trailing
+    zeros kept)."""
+    n, width = mat.shape
+    if width == 0:
+        return [b""] * n
+    out: list[bytes] = np.ascontiguousarray(mat).view(f"V{width}").reshape(-1).tolist()
+    return out
+
+
+def _ragged_rows(mat: npt.NDArray[np.uint8], used: npt.NDArray[np.int64],
+                 ) -> npt.NDArray[np.object_]:
+    """Row ``i``'s first ``used[i]`` bytes as a bytes object, for every row (one numpy pass
+    per distinct length)."""
+    out = np.empty(len(used), dtype=object)
+    for length in np.unique(used).tolist():
+        sel = np.flatnonzero(used == length)
+        out[sel] = _rows_as_bytes(mat[sel, :length])
+    return out
+
+
+def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
+    """A payload column as ``DataElement.payload`` entries (tag, length, bytes) in one block,
+    when its derivation produced a coded or fixed-width column (each distinct value encoded
+    once); None for a plain list."""
+    form = col.form() if isinstance(col, LazyColumn) else None
+    if isinstance(form, Coded):
+        table = [length_delimited(_TAG_PAYLOAD, v) for v in form.table]
+        lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
+        mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
+        for i, e in enumerate(table):  # per distinct value
+            mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
+        return mat[form.codes], lens[form.codes]
+    if isinstance(form, Fixed):
+        prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
+        out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)
+        out[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+        out[:, len(prefix):] = form.matrix
+        return out, None
+    return None
+
+
+_MAX_SHAPES = 64
+"""Most distinct record shapes (lengths of the variable parts) assembled as blocks; beyond
+that a batch is joined piece by piece."""
+
+
+class _Parts:
+    """The ``DataElement`` of every record after payload 0's tag and length: the row, then
+    each further payload's entry, and the element's total length (``de_len``).
+
+    :meth:`records` puts a head before and a constant tail after each, as one bytes object
+    per record. When every further payload is coded or fixed-width (derived fields), records
+    of the same shape (the same length of each variable part) are assembled together as one
+    byte matrix, so there is one object per record; otherwise each part of each record is its
+    own object, joined.
+    """
+
+    def __init__(self, batch: Batch) -> None:
+        n = len(batch)
+        self.n = n
+        self.rows = batch.rows
+        size = batch.schema.record_size
+        self.de_len = np.full(n, len(_element_prefix(size)) + size, dtype=np.int64)
+        blocks = [_entry_block(c, n) for c in batch.extra]
+        self.blocks: list[Block] | None = None
+        self.pieces: list[npt.NDArray[np.object_]] = []
+        if all(b is not None for b in blocks):
+            self.blocks = [b for b in blocks if b is not None]
+            for m, used in self.blocks:
+                self.de_len += m.shape[1] if used is None else used
+            return
+        for col in batch.extra:
+            parts, lens = _payload_entries(col, n)
+            self.pieces.extend(parts)
+            self.de_len += lens
+
+    def records(self, head: _Head, tail: bytes) -> npt.NDArray[np.object_]:
+        """Each record's bytes: its head, its element's parts, ``tail``."""
+        n = self.n
+        if self.blocks is not None:
+            out = self._by_shape(head, tail)
+            if out is not None:
+                return out
+            self.pieces = []
+            for m, used in self.blocks:
+                self.pieces.append(_ragged_rows(m, used) if used is not None
+                                   else object_column(_rows_as_bytes(m)))
+        if n == 0:
+            return np.empty(0, dtype=object)
+        cols: list[Any] = [_ragged_rows(*head.ragged(self.de_len)),
+                           object_column(_rows_as_bytes(self.rows)), *self.pieces]
+        if tail:
+            cols.append(tail)
+        table = np.empty((n, len(cols)), dtype=object)
+        for j, c in enumerate(cols):
+            table[:, j] = c
+        return np.array(list(map(b"".join, table.tolist())), dtype=object)
+
+    def _by_shape(self, head: _Head, tail: bytes) -> npt.NDArray[np.object_] | None:
+        """Records grouped by shape (the lengths of their variable parts), each group
+        assembled as one matrix; None when there are too many shapes for that to pay."""
+        assert self.blocks is not None
+        n = self.n
+        variable: list[npt.NDArray[np.int64]] = []
+        for _, used in self.blocks:
+            if used is not None:
+                variable.append(used)
+        varying = head.varying()
+        if varying is not None:
+            variable.insert(0, varying)
+        if variable and n:
+            # One int64 key per record (mixed radix over the lengths): a 1-D unique sorts
+            # far faster than a row-wise one.
+            key = np.zeros(n, dtype=np.int64)
+            radix = 1
+            for used in variable:
+                top = int(used.max(initial=0)) + 1
+                if radix * top >= 1 << 62:
+                    return None
+                key += used * radix
+                radix *= top
+            ukeys, inv = np.unique(key, return_inverse=True)
+            inv = inv.reshape(-1)
+        else:
+            ukeys, inv = np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.intp)
+        if len(ukeys) > _MAX_SHAPES:
+            return None
+        order = np.argsort(inv, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=len(ukeys)))])
+        tail_row = np.frombuffer(tail, dtype=np.uint8)
+        out = np.empty(n, dtype=object)
+        for g in range(len(ukeys)):
+            sel = order[bounds[g]: bounds[g + 1]]
+            if len(sel) == 0:
+                continue
+            i = int(sel[0])
+            parts = [head.block(sel, int(self.de_len[i])), self.rows[sel]]
+            for m, used in self.blocks:
+                parts.append(m[sel] if used is None else m[sel, : int(used[i])])
+            if tail:
+                parts.append(np.broadcast_to(tail_row, (len(sel), len(tail))))
+            out[sel] = _rows_as_bytes(np.concatenate(parts, axis=1))
+        return out
+
+
+def _payload_entries(col: Sequence[bytes], n: int) -> tuple[list[npt.NDArray[np.object_]],
+                                                            npt.NDArray[np.int64]]:
+    """A plain payload column as ``DataElement.payload`` entries: the prefix (tag, length) and
+    the bytes of each record as object columns to join, and each record's encoded length."""
+    values = list(col)
+    vlen = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    prefix = _concat_blocks(n, [_const_block(n, bytes([_TAG_PAYLOAD])), _varint_block(vlen)])
+    return [_ragged_rows(*prefix), object_column(values)], prefix[1] + vlen
 
 
 def data_elements(batch: Batch) -> list[bytes]:
     """Each record's ``DataElement`` bytes."""
-    if batch.extra:
-        return [data_element(batch.payloads(i)) for i in range(len(batch))]
+    n = len(batch)
     size = batch.schema.record_size
     head = _element_prefix(size)
-    out = np.empty((len(batch), len(head) + size), dtype=np.uint8)
+    if batch.extra and n:
+        elements: list[bytes] = _Parts(batch).records(_Head(size), b"").tolist()
+        return elements
+    out = np.empty((n, len(head) + size), dtype=np.uint8)
     out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
     out[:, len(head):] = batch.rows
-    flat = out.tobytes()
-    w = out.shape[1]
-    return [flat[i * w: (i + 1) * w] for i in range(len(batch))]
+    return _rows_as_bytes(out) if n else []
 
 
 def gadget_data_array(batch: Batch) -> bytes:
     """A ``GadgetDataArray`` holding every record of the batch."""
-    if not batch.extra and len(batch):
-        size = batch.schema.record_size
-        element = _element_prefix(size)
+    n = len(batch)
+    size = batch.schema.record_size
+    element = _element_prefix(size)
+    if not batch.extra and n:
         head = bytes([_TAG_DATA]) + varint(len(element) + size) + element
-        out = np.empty((len(batch), len(head) + size), dtype=np.uint8)
+        out = np.empty((n, len(head) + size), dtype=np.uint8)
         out[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
         out[:, len(head):] = batch.rows
         return out.tobytes()
-    return b"".join(length_delimited(_TAG_DATA, de) for de in data_elements(batch))
+    if n == 0:
+        return b""
+    return b"".join(_Parts(batch).records(_ArrayHead(size), b"").tolist())
 
 
 def gadget_data(batch: Batch) -> list[bytes]:
@@ -178,8 +488,7 @@ def array_events(batch: Batch, first_seq: int, ds_id: int,
     parts = []
     packets = 0
     for start in range(0, max(n, 1), max_per_packet):
-        chunk = Batch(batch.schema, batch.rows[start: start + max_per_packet],
-                      tuple(col[start: start + max_per_packet] for col in batch.extra))
+        chunk = batch.slice(start, start + max_per_packet)
         seq = (first_seq + packets) & 0xFFFFFFFF
         parts.append(grpc_frame(gadget_event(EVENT_TYPE_PAYLOAD, seq, gadget_data_array(chunk),
                                              ds_id)))

@@ -32,14 +32,17 @@ from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, Field, FieldFlag, Kind
 
 PREFIX = "operator.enrich."
-NODE = PREFIX + "node"
-CONTAINER = PREFIX + "container"
+# Keys carry the operator's name: upstream clients make a flag of every key, and ``node`` is
+# one of theirs (see tests/unit/test_param_keys.py). The old keys are still accepted.
+NODE = PREFIX + "enrich-node"
+CONTAINER = PREFIX + "enrich-container"
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("node", PREFIX, "Add k8s.node, the name of the node the daemon runs on "
-              "($NODE_NAME, else the host name)", "false", "bool", tags=("group:Enrichment",)),
-    ParamSpec("container", PREFIX, "Add runtime.cgroupPath, runtime.containerId and "
+    ParamSpec("enrich-node", PREFIX, "Add k8s.node, the name of the node the daemon runs on "
+              "($NODE_NAME, else the host name)", "false", "bool", tags=("group:Enrichment",),
+              old_keys=(PREFIX + "node",)),
+    ParamSpec("enrich-container", PREFIX, "Add runtime.cgroupPath, runtime.containerId and "
               "runtime.runtimeName of each record's process, from /proc/<pid>/cgroup", "false",
-              "bool", tags=("group:Enrichment",)),
+              "bool", tags=("group:Enrichment",), old_keys=(PREFIX + "container",)),
 )
 
 ANN_PID = "enrich.pid"

@@ -1,16 +1,25 @@
 """The ``fields`` operator: selects which fields a data source announces.
 
-Selection changes the schema only; the record bytes pass through untouched, so selecting is
-free on the hot path and decoders simply never look at the other fields.
+Payload 0 passes through untouched, so selecting is free on the hot path and decoders simply
+never look at the other fields of the record. Further payloads (derived fields, enrichment)
+that no selected field references are dropped from the batch and the remaining ones
+renumbered, so they are neither sent nor, for derived ones, ever computed.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from pipeline.batch import Batch
 from pipeline.operators import OperatorError
 from pipeline.schema import DataSourceSchema, Field
 
-PARAM = "operator.fields.fields"
+PREFIX = "operator.fields."
+PARAM = PREFIX + "fields-select"
+"""Not ``fields``: upstream clients run their own ``cli`` operator, whose ``fields`` param
+becomes the ``--fields`` flag; a second ``fields`` key makes them panic."""
+OLD_PARAM = PREFIX + "fields"
+"""The key before: still accepted as the same param."""
 
 
 def parse(spec: str) -> dict[str | None, list[str]]:
@@ -30,11 +39,12 @@ class FieldSelect:
     def __init__(self, spec: str, schemas: list[DataSourceSchema]) -> None:
         wanted = parse(spec)
         self._schemas: dict[str, DataSourceSchema] = {}
+        self._kept: dict[str, tuple[int, ...]] = {}
         for s in schemas:
             names = wanted.get(s.name, wanted.get(None))
             if names is None:
                 continue
-            self._schemas[s.name] = _select(s, names)
+            self._schemas[s.name], self._kept[s.name] = _compact(_select(s, names))
         for ds in wanted:
             if ds is not None and ds not in {s.name for s in schemas}:
                 raise OperatorError(PARAM, f"no data source {ds!r}")
@@ -44,7 +54,21 @@ class FieldSelect:
 
     def process(self, batch: Batch) -> Batch:
         out = self._schemas.get(batch.schema.name)
-        return batch if out is None else batch.with_schema(out)
+        if out is None:
+            return batch
+        kept = self._kept[batch.schema.name]
+        if len(kept) == len(batch.extra):
+            return batch.with_schema(out)
+        return Batch(out, batch.rows, tuple(batch.extra[p - 1] for p in kept))
+
+
+def _compact(schema: DataSourceSchema) -> tuple[DataSourceSchema, tuple[int, ...]]:
+    """The schema with the payloads no kept field references removed (payload 0 always
+    stays), and the old indexes of the further payloads kept, in order."""
+    used = sorted({f.payload_index for f in schema.fields if f.has_value} - {0})
+    renumber = {p: i + 1 for i, p in enumerate(used)}
+    fields = [replace(f, payload_index=renumber.get(f.payload_index, 0)) for f in schema.fields]
+    return replace(schema, fields=tuple(fields), payload_count=len(used) + 1), tuple(used)
 
 
 def _select(schema: DataSourceSchema, names: list[str]) -> DataSourceSchema:

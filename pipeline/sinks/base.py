@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, TypeVar
 
-import numpy as np
-
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import Ledger
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema
+from pipeline.sinks.endpoints import Endpoint, tcp_probe
 
 __all__ = [
+    "KEY_ENABLE",
     "OUTCOME_RETRIED",
     "SINK_MARK",
     "RetryPolicy",
@@ -42,7 +42,9 @@ __all__ = [
     "SinkTypeBase",
     "coalesce",
     "has_field",
+    "list_separator",
     "register_sink",
+    "setting_of",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -161,13 +163,9 @@ class RetryPolicy:
 
 def coalesce(batches: list[Batch]) -> Batch:
     """One batch holding the records of ``batches`` (same schema), in order."""
-    if len(batches) == 1:
-        return batches[0]
-    first = batches[0]
-    rows = np.concatenate([b.rows for b in batches])
-    extra: tuple[list[bytes], ...] = tuple(
-        [x for b in batches for x in b.extra[i]] for i in range(len(first.extra)))
-    return Batch(first.schema, rows, extra)
+    # Batch.concat keeps derived payloads lazy: a sink that reads only raw fields never
+    # computes them.
+    return Batch.concat(batches)
 
 
 class SinkRunner:
@@ -371,10 +369,18 @@ class SinkRunner:
 
 
 class SinkType(Protocol):
-    """A registered kind of sink: its params, and how to build one for a run."""
+    """A registered kind of sink: everything the daemon and the config loader know of it.
+
+    Its settings (as params, with validation), whether a run enables it, the problems of its
+    settings that params cannot express, the peers its settings name and how to check that
+    they are reachable, and how to build one for a run. Nothing outside the sink's own module
+    knows a sink by name: adding a sink is adding one module (see :func:`register_sink`).
+    """
 
     name: str
     prefix: str
+    section: str
+    """An instance-level YAML key that stands for ``sinks.<name>`` (``metrics``), or ""."""
 
     def params(self) -> tuple[ParamSpec, ...]: ...
 
@@ -389,7 +395,30 @@ class SinkType(Protocol):
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None: ...
 
+    def settings(self) -> dict[str, ParamSpec]: ...
+
+    def key(self, setting: str) -> str: ...
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]: ...
+
+    def probe(self, endpoint: Endpoint, timeout: float) -> str | None: ...
+
     async def close(self) -> None: ...
+
+
+SETTING = "setting"
+"""``ParamSpec.extra`` key: the setting name of a sink param (``topic``)."""
+LIST_SEPARATOR = "list_separator"
+"""``ParamSpec.extra`` key: how a YAML list given for a sink setting is joined."""
+
+
+def setting_of(param: ParamSpec) -> str:
+    """The setting name of a sink param (``topic`` for ``operator.kafka.kafka-topic``)."""
+    return str(param.extra.get(SETTING) or param.key)
+
+
+def list_separator(param: ParamSpec) -> str:
+    return str(param.extra.get(LIST_SEPARATOR) or ",")
 
 
 KEY_ENABLE = "enable"
@@ -401,11 +430,17 @@ KEY_MAX_BATCH = "max-batch"
 
 class SinkTypeBase:
     """Common params and plumbing for sink types; subclasses set ``name``, list their own
-    params in :meth:`own_params` and implement :meth:`build`.
+    settings in :meth:`own_params` (with :meth:`param`) and implement :meth:`build`.
 
-    Every type gets ``operator.<name>.enable``, ``.queue-capacity``, ``.overflow``,
-    ``.retry-timeout`` and ``.max-batch``. Values handed to :meth:`build` are the run's
-    resolved params; :meth:`own` strips the prefix.
+    A setting ``topic`` of type ``kafka`` is the param ``operator.kafka.kafka-topic``: upstream
+    clients make a flag of every param's key (``--kafka-topic``), so the key carries the sink's
+    name, as upstream's own operators do (``operator.otel-logs.otel-logs-exporter``). The
+    setting's former key ``operator.kafka.topic`` is still accepted (``ParamSpec.old_keys``).
+    YAML ``sinks:`` sections and ``daemon.sinks`` name settings (``topic``).
+
+    Every type gets the settings ``enable``, ``queue-capacity``, ``overflow``,
+    ``retry-timeout`` and ``max-batch``. Values handed to :meth:`build` are the run's resolved
+    params; :meth:`own` gives them by setting name.
     """
 
     name: ClassVar[str] = ""
@@ -415,20 +450,35 @@ class SinkTypeBase:
     default_retry_timeout: ClassVar[str] = "30s"
     default_max_batch: ClassVar[int] = DEFAULT_MAX_BATCH
     group: ClassVar[str] = "group:Sinks"
+    section: ClassVar[str] = ""
 
     @property
     def prefix(self) -> str:
         return f"operator.{self.name}."
 
+    def key(self, setting: str) -> str:
+        """The full param key of a setting: ``operator.kafka.kafka-topic`` for ``topic``."""
+        return f"{self.prefix}{self.name}-{setting}"
+
     def own_params(self) -> tuple[ParamSpec, ...]:
         return ()
 
-    def param(self, key: str, description: str, default: str = "",
+    def param(self, setting: str, description: str, default: str = "",
               type_hint: str = "string", possible: tuple[str, ...] = (),
-              advanced: bool = False) -> ParamSpec:
+              advanced: bool = False, secret: bool = False,
+              list_separator: str = ",") -> ParamSpec:
+        """The param of a setting.
+
+        Args:
+            setting: its name in YAML (``topic``).
+            secret: the value is a credential (see :mod:`pipeline.params`).
+            list_separator: how a YAML list given for it is joined.
+        """
         tags = (self.group, "advanced") if advanced else (self.group,)
-        return ParamSpec(key, self.prefix, description, default, type_hint,
-                         possible_values=possible, tags=tags)
+        return ParamSpec(f"{self.name}-{setting}", self.prefix, description, default,
+                         type_hint, possible_values=possible, tags=tags,
+                         old_keys=(self.prefix + setting,), secret=secret,
+                         extra={SETTING: setting, LIST_SEPARATOR: list_separator})
 
     def params(self) -> tuple[ParamSpec, ...]:
         common = (
@@ -447,35 +497,53 @@ class SinkTypeBase:
         )
         return common + self.own_params()
 
+    def settings(self) -> dict[str, ParamSpec]:
+        """The params by setting name (``topic``), as YAML names them."""
+        return {setting_of(p): p for p in self.params()}
+
     def own(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The values under this type's prefix, keyed without it."""
-        p = self.prefix
-        return {k[len(p):]: v for k, v in values.items() if k.startswith(p)}
+        """The resolved values of this type's settings, by setting name."""
+        out = {}
+        for setting in self.settings():
+            full = self.key(setting)
+            if full in values:
+                out[setting] = values[full]
+        return out
 
     def enabled(self, values: Mapping[str, Any]) -> bool:
-        return bool(values.get(self.prefix + KEY_ENABLE))
+        return bool(values.get(self.key(KEY_ENABLE)))
 
     def edge_settings(self, values: Mapping[str, Any]) -> tuple[int, Overflow]:
-        cap = values.get(self.prefix + KEY_CAPACITY) or self.default_capacity
-        over = values.get(self.prefix + KEY_OVERFLOW) or self.default_overflow
+        cap = values.get(self.key(KEY_CAPACITY)) or self.default_capacity
+        over = values.get(self.key(KEY_OVERFLOW)) or self.default_overflow
         return max(1, int(cap)), Overflow(over)
 
     def retry_policy(self, values: Mapping[str, Any]) -> RetryPolicy:
-        elapsed = values.get(self.prefix + KEY_RETRY)
+        elapsed = values.get(self.key(KEY_RETRY))
         return RetryPolicy(max_elapsed=float(elapsed if elapsed is not None else 30.0))
 
     def max_batch(self, values: Mapping[str, Any]) -> int:
-        return int(values.get(self.prefix + KEY_MAX_BATCH) or self.default_max_batch)
+        return int(values.get(self.key(KEY_MAX_BATCH)) or self.default_max_batch)
 
     def linger(self, values: Mapping[str, Any]) -> float:
-        """Seconds a send waits for more records (types with a ``linger`` param)."""
-        return float(values.get(self.prefix + "linger") or 0.0)
+        """Seconds a send waits for more records (types with a ``linger`` setting)."""
+        return float(values.get(self.key("linger")) or 0.0)
 
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:
         """The first problem of the settings that params alone cannot express, as (full
         param key, reason), or None. No side effects: no file, no connection, no metric."""
         return None
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+        """The peers an enabled sink with these settings would connect to (none by
+        default); ``gadgetpipe config check`` probes them."""
+        return ()
+
+    def probe(self, endpoint: Endpoint, timeout: float) -> str | None:
+        """None if the endpoint looks reachable, else why not (by default: whether one of
+        its addresses accepts a TCP connection). Blocking; called off the event loop."""
+        return tcp_probe(endpoint, timeout)
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> Sink:
         raise NotImplementedError
@@ -502,7 +570,10 @@ def register_sink(name: str) -> Callable[[_T], _T]:
     """Marks a sink-type class for discovery under ``name`` (also its param prefix).
 
     The mark is a class attribute, not an entry in a module-level table: the registry finds
-    marked classes by importing the modules of ``pipeline/sinks``.
+    marked classes by importing the modules of ``pipeline/sinks``. A type declares its
+    settings (:meth:`SinkTypeBase.own_params`), their checks (:meth:`SinkTypeBase.check`) and
+    endpoints (:meth:`SinkTypeBase.endpoints`, :meth:`SinkTypeBase.probe`); the daemon, the
+    config loader, its JSON Schema and ``config render`` take them from there.
     """
 
     def mark(cls: _T) -> _T:

@@ -6,9 +6,10 @@ records are assembled by joining the fragments column-wise. There is no dict per
 protobuf object per record (perf-facts §4: per-event objects cost 3-20x more here).
 
 JSON follows upstream's shape: fields nested under their parents (``{"proc":{"comm":…}}``),
-named as the data source names them. OTLP records carry every value field as a typed attribute
-(int/double/bool/string, arrays as array values, raw bytes as bytes), INFO severity, the event
-time from the data source's timestamp field, and a body that is either a constant or a field.
+named as the data source names them, without the fields annotated ``json.skip``. OTLP records
+carry every value field as a typed attribute (int/double/bool/string, arrays as array values,
+raw bytes as bytes), INFO severity, the event time from the data source's timestamp field, and a
+body that is either a constant or a field.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ ANNOTATION_LOGS_NAME = "logs.name"
 """Field annotation: the attribute key of this field in OTLP logs (upstream's name)."""
 ANNOTATION_LOGS_BODY = "logs.body"
 """Data source annotation: the field whose value is the log body."""
-ANNOTATION_JSON_SKIP = "json.skip"
-"""Field annotation: ``true`` leaves the field out of JSON."""
+JSON_SKIP = "json.skip"
+"""Field annotation: ``"true"`` keeps the field out of JSON, as upstream's JSON formatter."""
 TIMESTAMP_FIELD = "timestamp_raw"
 TIMESTAMP_TAG = "type:gadget_timestamp"
 
@@ -181,18 +182,15 @@ class _Template:
     fields: tuple[Field, ...]
 
 
-def json_skipped(f: Field) -> bool:
-    """Whether a field is left out of JSON (annotation ``json.skip``, as upstream)."""
-    return str(f.annotations.get(ANNOTATION_JSON_SKIP, "")).lower() == "true"
-
-
 def _json_template(schema: DataSourceSchema, constants: Mapping[str, str]) -> _Template:
-    leaves = {f.index for f in leaf_fields(schema) if not json_skipped(f)}
+    leaves = {f.index for f in leaf_fields(schema)}
     children: dict[int | None, list[Field]] = {}
     for f in schema.fields:
         children.setdefault(f.parent, []).append(f)
 
     def has_leaf(f: Field) -> bool:
+        if f.annotations.get(JSON_SKIP) == "true":
+            return False  # upstream's JSON formatter leaves these out, children included
         return f.index in leaves or any(has_leaf(c) for c in children.get(f.index, ()))
 
     pieces: list[str | None] = []

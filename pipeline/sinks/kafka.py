@@ -63,6 +63,7 @@ from pipeline.sinks.encode import (
     otlp_scope,
     time_field,
 )
+from pipeline.sinks.endpoints import Endpoint
 from pipeline.sinks.otlp_logs import VERSION, resource_attributes
 
 __all__ = ["CONTENT_TYPES", "KafkaSink", "KafkaSinkType", "topic_name"]
@@ -431,11 +432,16 @@ class KafkaSinkType(SinkTypeBase):
         try:
             check_template(str(own.get("topic") or "gadget.{gadget}"))
         except ValueError as e:
-            return self.prefix + "topic", str(e)
+            return self.key("topic"), str(e)
         key = str(own.get("key") or "")
         if key and not has_field(schemas, key):
-            return self.prefix + "key", f"no data source has a field {key!r}"
+            return self.key("key"), f"no data source has a field {key!r}"
         return None
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+        brokers = str(self.own(values).get("brokers") or "")
+        return (Endpoint(self.key("brokers"), brokers,
+                         tuple(b.strip() for b in brokers.split(",") if b.strip()), 9092),)
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> KafkaSink:
         problem = self.check(values, context.schemas)

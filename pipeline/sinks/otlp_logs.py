@@ -49,6 +49,7 @@ from pipeline.sinks.encode import (
     otlp_resource,
     otlp_scope,
 )
+from pipeline.sinks.endpoints import Endpoint
 
 __all__ = ["OtelLogsSink", "OtelLogsSinkType", "resource_attributes"]
 
@@ -80,10 +81,11 @@ def resource_attributes(ctx: SinkContext) -> dict[str, Any]:
 
 def _parse_headers(text: str) -> dict[str, str]:
     out = {}
-    for part in (p for p in text.split(",") if p.strip()):
+    for i, part in enumerate(p for p in text.split(",") if p.strip()):
         k, sep, v = part.partition("=")
         if not sep:
-            raise ValueError(f"header {part!r} is not key=value")
+            # Not quoted: the text is often a credential (see ParamSpec.secret).
+            raise ValueError(f"header {i + 1} is not key=value")
         out[k.strip().lower()] = v.strip()
     return out
 
@@ -291,7 +293,8 @@ class OtelLogsSinkType(SinkTypeBase):
             self.param("protocol", "OTLP transport", "grpc", possible=("grpc", "http")),
             self.param("compression", "Request compression", "none",
                        possible=("none", "gzip")),
-            self.param("headers", "Extra request headers/metadata: k=v,k2=v2", advanced=True),
+            self.param("headers", "Extra request headers/metadata: k=v,k2=v2 (often a "
+                       "credential: never shown)", advanced=True, secret=True),
             self.param("timeout", "Deadline of one export request", "10s", "duration"),
             self.param("body", "Field whose value is the log body (default: the data source's "
                        "logs.body annotation, else the gadget's name)"),
@@ -305,11 +308,18 @@ class OtelLogsSinkType(SinkTypeBase):
         try:
             _parse_headers(str(own.get("headers") or ""))
         except ValueError as e:
-            return self.prefix + "headers", str(e)
+            return self.key("headers"), str(e)
         body = str(own.get("body") or "")
         if body and not has_field(schemas, body):
-            return self.prefix + "body", f"no data source has a field {body!r}"
+            return self.key("body"), f"no data source has a field {body!r}"
         return None
+
+    def endpoints(self, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+        own = self.own(values)
+        endpoint = str(own.get("endpoint") or "")
+        protocol = str(own.get("protocol") or "grpc")
+        return (Endpoint(self.key("endpoint"), f"{protocol} {endpoint}", (endpoint,),
+                         4318 if protocol == "http" else 4317),)
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> OtelLogsSink:
         problem = self.check(values, context.schemas)

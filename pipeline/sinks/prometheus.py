@@ -486,6 +486,7 @@ class PrometheusSink:
 class PrometheusSinkType(SinkTypeBase):
     description = "gadget metrics on the daemon's Prometheus endpoint"
     default_retry_timeout = "0"
+    section = "metrics"
 
     def __init__(self) -> None:
         self.store = GadgetMetricsStore()
@@ -493,9 +494,10 @@ class PrometheusSinkType(SinkTypeBase):
     def own_params(self) -> tuple[ParamSpec, ...]:
         return (
             self.param("counters", "Counters: name[:field,field...] separated by ';', e.g. "
-                       "exec_by_comm:proc.comm"),
+                       "exec_by_comm:proc.comm", list_separator=";"),
             self.param("histograms", "Histograms: name:field:buckets[:labels] separated by "
-                       "';'; buckets 1,2,5 or exp(start,factor,count) or lin(start,width,count)"),
+                       "';'; buckets 1,2,5 or exp(start,factor,count) or lin(start,width,count)",
+                       list_separator=";"),
             self.param("max-series", "Label sets one metric may hold; more are counted in an "
                        "__overflow__ series", "1000", "uint32"),
             self.param("retain", "How long a finished run's series stay exposed", "60s",
@@ -510,9 +512,9 @@ class PrometheusSinkType(SinkTypeBase):
                  schemas: tuple[DataSourceSchema, ...], instance_id: str = "",
                  instance_name: str = "") -> RunMetrics:
         own = self.own(values)
-        counters = parse_counters(str(own.get("counters") or ""), self.prefix + "counters")
+        counters = parse_counters(str(own.get("counters") or ""), self.key("counters"))
         histograms = parse_histograms(str(own.get("histograms") or ""),
-                                      self.prefix + "histograms")
+                                      self.key("histograms"))
         if not counters and not histograms:
             counters = [CounterSpec("records")]
         return self.store.build(gadget, instance, schemas, counters, histograms,
@@ -520,11 +522,21 @@ class PrometheusSinkType(SinkTypeBase):
 
     def check(self, values: Mapping[str, Any],
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:
+        own = self.own(values)
+        for setting, parse in (("counters", parse_counters), ("histograms", parse_histograms)):
+            try:
+                parse(str(own.get(setting) or ""), self.key(setting))
+            except MetricSpecError as e:
+                return self.key(setting), str(e)
         try:
             self._metrics(values, "", "", schemas)  # built, never added: no series appear
         except MetricSpecError as e:
-            which = "histograms" if "histogram" in str(e) else "counters"
-            return self.prefix + which, str(e)
+            # Name the setting that declares the metric the problem is about.
+            m = re.search(r"(?:metric|histogram) '([^']+)'", str(e))
+            histograms = parse_histograms(str(own.get("histograms") or ""))
+            which = "histograms" if m and any(h.name == m[1] for h in histograms) \
+                else "counters"
+            return self.key(which), str(e)
         return None
 
     def build(self, values: Mapping[str, Any], context: SinkContext) -> PrometheusSink:

@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from types import ModuleType
 from typing import Any, Protocol
 
 from prometheus_client.registry import Collector
@@ -35,7 +36,7 @@ __all__ = ["AttachedSinks", "SinkManager", "discover_sink_types"]
 
 _logger = logging.getLogger(__name__)
 
-_NOT_SINK_MODULES = frozenset({"base", "registry", "encode"})
+_NOT_SINK_MODULES = frozenset({"base", "registry", "encode", "endpoints"})
 
 DEFAULT_CLOSE_DEADLINE = 5.0
 
@@ -60,13 +61,13 @@ class _Run(Protocol):
     def unsubscribe(self, edge: Any) -> None: ...
 
 
-def discover_sink_types() -> dict[str, type]:
-    """Sink-type classes of every module in ``pipeline/sinks``, by name."""
+def discover_sink_types(package: ModuleType = sinks_pkg) -> dict[str, type]:
+    """Sink-type classes of every module in a package (``pipeline/sinks``), by name."""
     found: dict[str, type] = {}
-    for mod in pkgutil.iter_modules(sinks_pkg.__path__):
+    for mod in pkgutil.iter_modules(package.__path__):
         if mod.name in _NOT_SINK_MODULES or mod.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{sinks_pkg.__name__}.{mod.name}")
+        module = importlib.import_module(f"{package.__name__}.{mod.name}")
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__ and getattr(cls, SINK_MARK, False):
                 name = str(getattr(cls, "name", mod.name))
@@ -120,20 +121,22 @@ class SinkManager:
 
     Args:
         ledger: the daemon's loss ledger.
-        defaults: daemon-wide settings per sink type, keyed by type name then by param key
-            without prefix, e.g. ``{"kafka": {"brokers": "10.0.0.1:9092"}}``.
+        defaults: daemon-wide settings per sink type, keyed by type name then by setting
+            name, e.g. ``{"kafka": {"brokers": "10.0.0.1:9092"}}``.
         node: this daemon's node name (Kafka headers, OTLP host.name).
         close_deadline: how long a run's sinks may take to drain when it ends.
+        types: the sink-type classes by name; default: those of ``pipeline/sinks``.
     """
 
     def __init__(self, ledger: Ledger, defaults: Mapping[str, Mapping[str, Any]] | None = None,
-                 node: str | None = None, close_deadline: float = DEFAULT_CLOSE_DEADLINE) -> None:
+                 node: str | None = None, close_deadline: float = DEFAULT_CLOSE_DEADLINE,
+                 types: Mapping[str, type] | None = None) -> None:
         self._ledger = ledger
         self._defaults = {k: dict(v) for k, v in (defaults or {}).items()}
         self.node = node or socket.gethostname()
         self._close_deadline = close_deadline
         self._types: dict[str, SinkType] = {}
-        for name, cls in discover_sink_types().items():
+        for name, cls in (discover_sink_types() if types is None else types).items():
             self._types[name] = cls()
         unknown = set(self._defaults) - set(self._types)
         if unknown:
@@ -147,14 +150,14 @@ class SinkManager:
         out: list[ParamSpec] = []
         for name, t in sorted(self._types.items()):
             defaults = self._defaults.get(name, {})
-            known = {p.key for p in t.params()}
-            bad = set(defaults) - known
+            settings = t.settings()
+            bad = set(defaults) - set(settings)
             if bad:
                 raise ValueError(f"sink {name!r}: unknown settings {sorted(bad)}; known: "
-                                 f"{', '.join(sorted(known))}")
-            for p in t.params():
-                if p.key in defaults:
-                    p = replace(p, default=_default_text(defaults[p.key]))
+                                 f"{', '.join(sorted(settings))}")
+            for setting, p in settings.items():
+                if setting in defaults:
+                    p = replace(p, default=_default_text(defaults[setting]))
                     p.parse(p.default)  # a bad daemon default fails at start, not per run
                 out.append(p)
         return out

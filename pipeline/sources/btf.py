@@ -348,7 +348,8 @@ class KernelBTF:
         return bits, current, bitfield
 
 
-# (macro, struct, member path, byte size the C code reads, required)
+# (macro, struct, member path, byte size the C code reads (None: a pointer; 0: an embedded struct
+# whose offset only is used), required)
 _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_TASK_PID", "task_struct", "pid", 4, True),
     ("GADGET_OFF_TASK_TGID", "task_struct", "tgid", 4, True),
@@ -376,6 +377,15 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_FILE_INODE", "file", "f_inode", None, False),
     ("GADGET_OFF_FILE_DENTRY", "file", "f_path.dentry", None, False),
     ("GADGET_OFF_DENTRY_NAME", "dentry", "d_name.name", None, False),
+    # Optional, for bpf/gadget_path.h (a file's absolute path: dentries up to the mount root,
+    # then the parent mount's mount point; struct mount is private to fs/, but in BTF).
+    ("GADGET_OFF_FILE_MNT", "file", "f_path.mnt", None, False),
+    ("GADGET_OFF_DENTRY_NAME_LEN", "dentry", "d_name.len", 4, False),
+    ("GADGET_OFF_DENTRY_PARENT", "dentry", "d_parent", None, False),
+    ("GADGET_OFF_VFSMOUNT_MNT_ROOT", "vfsmount", "mnt_root", None, False),
+    ("GADGET_OFF_MOUNT_MNT", "mount", "mnt", 0, False),
+    ("GADGET_OFF_MOUNT_PARENT", "mount", "mnt_parent", None, False),
+    ("GADGET_OFF_MOUNT_MOUNTPOINT", "mount", "mnt_mountpoint", None, False),
     ("GADGET_OFF_INODE_INO", "inode", "i_ino", 8, False),
     ("GADGET_OFF_INODE_MODE", "inode", "i_mode", 2, False),
     ("GADGET_OFF_INODE_SB", "inode", "i_sb", None, False),
@@ -402,7 +412,57 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_INET_SPORT", "inet_sock", "inet_sport", 2, False),
     ("GADGET_OFF_INET_FLAGS", "inet_sock", "inet_flags", 8, False),  # since 6.6
     ("GADGET_OFF_NET_NS_INUM", "net", "ns.inum", 4, False),
+    # Optional, for trace_oomkill: the victim's resident pages (task->mm->rss_stat[]).
+    ("GADGET_OFF_TASK_MM", "task_struct", "mm", None, False),
+    # Optional, for bpf/gadget_user_stack.h: the executable (mm->exe_file's inode, device and
+    # mtime), the address-space hash (mm, start_code, start_stack) and the pid in the first
+    # two pid namespaces (task->thread_pid->numbers[]).
+    ("GADGET_OFF_MM_EXE_FILE", "mm_struct", "exe_file", None, False),
+    ("GADGET_OFF_MM_START_CODE", "mm_struct", "start_code", 8, False),
+    ("GADGET_OFF_MM_START_STACK", "mm_struct", "start_stack", 8, False),
+    ("GADGET_OFF_INODE_MTIME_SEC", "inode", "i_mtime_sec", 8, False),  # since 6.11
+    ("GADGET_OFF_INODE_MTIME_NSEC", "inode", "i_mtime_nsec", 4, False),
+    ("GADGET_OFF_TASK_THREAD_PID", "task_struct", "thread_pid", None, False),
+    ("GADGET_OFF_PID_LEVEL", "pid", "level", 4, False),
+    ("GADGET_OFF_PID_NUMBERS", "pid", "numbers", 0, False),
+    ("GADGET_OFF_UPID_NR", "upid", "nr", 4, False),
+    ("GADGET_OFF_UPID_NS", "upid", "ns", None, False),
+    ("GADGET_OFF_PID_NS_INUM", "pid_namespace", "ns.inum", 4, False),
 )
+
+# Optional type sizes: (macro, type) -> GADGET_SIZE_<macro>.
+_SIZES: tuple[tuple[str, str], ...] = (
+    ("GADGET_SIZE_UPID", "struct upid"),
+)
+
+NR_MM_COUNTERS = 4  # MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES
+
+
+def _mm_rss(btf: KernelBTF) -> dict[str, int]:
+    """Where ``mm_struct.rss_stat[i]``'s count is: ``GADGET_OFF_MM_RSS_STAT`` (the array),
+    ``GADGET_MM_RSS_STRIDE`` (bytes per counter) and ``GADGET_OFF_MM_RSS_COUNT`` (the count's
+    offset in one). Since 6.2 the counters are ``struct percpu_counter`` (their global ``count``
+    is what get_mm_counter() reads); before, ``atomic_long_t``. Empty when the kernel has
+    neither shape."""
+    try:
+        base = btf.offsetof("mm_struct", "rss_stat")
+        size = btf._member_size("mm_struct", "rss_stat")
+    except BTFError:
+        return {}
+    stride, rem = divmod(size, NR_MM_COUNTERS)
+    if rem:
+        return {}
+    if stride == 8:
+        count = 0  # struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }
+    else:
+        try:
+            if btf.sizeof("struct percpu_counter") != stride:
+                return {}
+            count = btf.offsetof("percpu_counter", "count")
+        except BTFError:
+            return {}
+    return {"GADGET_OFF_MM_RSS_STAT": base, "GADGET_MM_RSS_STRIDE": stride,
+            "GADGET_OFF_MM_RSS_COUNT": count}
 
 # Optional bitfields: (macro suffix, struct, member path) -> GADGET_BIT_<suffix> (bit offset from
 # the struct's start) and GADGET_BITS_<suffix> (width); gadget_net.h reads the enclosing byte.
@@ -440,12 +500,18 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
             if required:
                 raise
             continue
-        actual = btf._member_size(struct_name, path)
         want = 8 if size is None else size  # None = a pointer, read as a u64
+        actual = btf._member_size(struct_name, path) if want else 0  # 0: an embedded struct
         if actual != want:
             raise BTFError(f"{struct_name}.{path} is {actual} bytes in the running kernel; "
                            f"gadget_types.h reads {want}")
         offsets[macro] = offset
+    offsets.update(_mm_rss(btf))
+    for macro, type_name in _SIZES:
+        try:
+            offsets[macro] = btf.sizeof(type_name)
+        except BTFError:
+            continue
     for suffix, struct_name, path in _BITFIELDS:
         bit = _bitfield(btf, struct_name, path)
         if bit is not None:

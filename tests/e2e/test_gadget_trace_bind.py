@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.e2e.gadget_fields import assert_upstream_fields
 from tests.e2e.gadget_run import Record, collect
 
 pytestmark = pytest.mark.bpf
@@ -66,6 +67,39 @@ def test_ipv4_and_ipv6_binds_carry_address_port_protocol_and_options(
         assert r["error_raw"] == 0 and r["bound_dev_if"] == 0
         assert r["proc.pid"] == os.getpid() and r["proc.tid"] in tids
 
+    # The readable fields upstream derives: the address as text with its protocol, the
+    # endpoint, the option names (a bit set joined by "|"), no error.
+    assert (tcp4["addr.addr"], tcp4["addr.proto"], tcp4["opts"]) == \
+        (b"127.0.0.1", b"TCP", b"REUSEADDRESS")
+    assert tcp4["addr.endpoint"] == f"127.0.0.1:{a}".encode()
+    assert (udp6["addr.addr"], udp6["addr.proto"], udp6["opts"]) == (b"::1", b"UDP", b"REUSEPORT")
+    assert udp6["addr.endpoint"] == f"::1:{b}".encode()
+    assert (free["addr.addr"], free["opts"]) == (b"192.0.2.77", b"FREEBIND")
+    assert all(r["error"] == b"" for r in (tcp4, udp6, free))
+
+
+def test_several_options_are_joined_in_enum_order(daemon: DaemonProcess) -> None:
+    ports: list[int] = []
+
+    def trigger() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+
+    _, records = collect(daemon, "trace_bind", {"operator.oci.ebpf.pid": str(os.getpid())},
+                         trigger, lambda rs: any(by_port(rs, p, 4) for p in list(ports)))
+    r = next(by_port(records, p, 4)[0] for p in ports if by_port(records, p, 4))
+    assert r["opts_raw"] == OPT_FREEBIND | OPT_REUSEADDRESS | OPT_REUSEPORT
+    assert r["opts"] == b"FREEBIND|REUSEADDRESS|REUSEPORT"
+
+
+def test_announces_upstreams_fields(daemon: DaemonProcess) -> None:
+    assert_upstream_fields(daemon, "trace_bind",
+                           ["addr", "error_raw", "opts_raw", "opts", "bound_dev_if"])
+
 
 def test_failed_bind_reported_with_ignore_errors_false(daemon: DaemonProcess) -> None:
     holder = socket.socket()
@@ -89,3 +123,5 @@ def test_failed_bind_reported_with_ignore_errors_false(daemon: DaemonProcess) ->
     assert failed[0]["error_raw"] == errno.EADDRINUSE == 98
     assert bytes(failed[0]["addr.addr_raw.v6"][:4]) == bytes([127, 0, 0, 1])
     assert failed[0]["addr.proto_raw"] == socket.IPPROTO_TCP
+    assert failed[0]["error"] == b"EADDRINUSE"
+    assert failed[0]["addr.endpoint"] == f"127.0.0.1:{taken}".encode()

@@ -3,6 +3,7 @@ port 80, both refused for want of a capability."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.e2e.gadget_fields import assert_upstream_fields
 from tests.e2e.gadget_helpers import Collected, collect
 
 pytestmark = pytest.mark.bpf
@@ -52,7 +55,7 @@ def root_file() -> Iterator[Path]:
         shutil.rmtree(d)
 
 
-def _by_cap(got: Collected, cap: int) -> list[dict[str, object]]:
+def _by_cap(got: Collected, cap: int) -> list[dict[str, Any]]:
     return [r for r in got.records if r["cap_raw"] == cap]
 
 
@@ -92,8 +95,17 @@ def test_refused_chown_and_bind_are_reported_with_cap_verdict_and_syscall(
     assert r["capable"] is False
     assert r["audit"] == 1
     assert r["syscall"] in (b"SYS_CHOWN", b"SYS_FCHOWNAT")
-    assert b"cap_capable" in r["kstack"]  # type: ignore[operator]
-    assert abs(r["timestamp_raw"] / 1e9 - time.time()) < 60  # type: ignore[operator]
+    # Upstream's kernel stack text: each frame's symbol followed by "; ", innermost first.
+    frames = r["kstack"].split(b"; ")
+    assert frames[0] == b"cap_capable" and frames[-1] == b"", r["kstack"]
+    assert any(b"chown" in f for f in frames), r["kstack"]
+    # nobody holds no capability: an empty set; names and user from the uid.
+    assert r["cap_effective_raw"] == 0 and r["cap_effective"] == b""
+    assert r["proc.creds.user"] == b"nobody"
+    # Collected only on request: upstream's zeros and empty strings.
+    assert r["ustack.stack_id"] == r["ustack.inode"] == 0
+    assert r["ustack.addresses"] == r["ustack.symbols"] == r["ustack.buildid"] == b""
+    assert abs(r["timestamp_raw"] / 1e9 - time.time()) < 60
     b = bind[0]
     assert b["proc.pid"] in pids
     assert b["cap"] == b"CAP_NET_BIND_SERVICE"
@@ -104,6 +116,62 @@ def test_refused_chown_and_bind_are_reported_with_cap_verdict_and_syscall(
     assert setuid[0]["capable"] is True
     assert setuid[0]["insetid"] == 1
     assert setuid[0]["proc.creds.uid"] == 0
+    assert setuid[0]["cap"] == b"CAP_SETUID" and setuid[0]["syscall"] == b"SYS_SETUID"
+    # root's effective set: every FLAG_<cap> name of a set bit, in capability order.
+    eff = setuid[0]["cap_effective_raw"]
+    names = setuid[0]["cap_effective"].split(b"|")
+    assert eff & (1 << 7) and b"FLAG_CAP_SETUID" in names
+    assert len(names) == bin(eff).count("1")
+    assert names[0] == b"FLAG_CAP_CHOWN" and names.index(b"FLAG_CAP_KILL") < \
+        names.index(b"FLAG_CAP_SETUID")
+
+
+def test_user_stacks_are_collected_on_request(daemon: DaemonProcess) -> None:
+    # This process checks CAP_SETUID (setuid() as root, allowed) and stays alive, so its
+    # mappings are there to name the frames when the record is read.
+    stop = threading.Event()
+
+    def trigger() -> None:
+        while not stop.is_set():
+            os.setuid(0)
+            stop.wait(0.05)
+
+    with daemon.client() as c:
+        stream = c.run("trace_capabilities", {"operator.oci.ebpf.pid": str(os.getpid()),
+                                              "operator.oci.ebpf.collect-ustack": "true"})
+        t = threading.Thread(target=trigger, daemon=True)
+        t.start()
+        try:
+            got = collect(stream, lambda g: bool(_by_cap(g, 7)), timeout=15)
+        finally:
+            stop.set()
+            t.join()
+    rows = _by_cap(got, 7)
+    assert rows, f"no CAP_SETUID record: {got.records[:2]}"
+    r = rows[0]
+    exe = os.stat("/proc/self/exe")
+    # pid_level0 is the thread's id (task->thread_pid), as upstream's.
+    assert r["ustack.tgid_level0"] == os.getpid() and r["ustack.pid_level0"] == r["proc.tid"]
+    assert r["ustack.pidns_level0"] == os.stat("/proc/self/ns/pid").st_ino
+    assert r["ustack.inode"] == exe.st_ino
+    assert os.makedev(r["ustack.major"], r["ustack.minor"]) == exe.st_dev
+    assert r["ustack.mtime_sec"] == int(exe.st_mtime)
+    assert r["ustack.base_addr_hash"] != 0 and r["ustack.stack_id"] < 0x80000000
+    addresses = r["ustack.addresses"].split(b"; ")
+    assert addresses[-1] == b"" and len(addresses) > 1
+    assert all(a.startswith(b"0x") and len(a) == 18 for a in addresses[:-1]), addresses
+    symbols = r["ustack.symbols"].split(b"; ")
+    assert len(symbols) == len(addresses)
+    # glibc's setuid() reaches the kernel from setuid itself or, with other threads (this
+    # process has some), from its set*id broadcast.
+    assert any(b"setuid" in s or b"setxid" in s for s in symbols), symbols
+    assert r["ustack.buildid"] == b""
+
+
+def test_announces_upstreams_fields(daemon: DaemonProcess) -> None:
+    assert_upstream_fields(daemon, "trace_capabilities", [
+        "current_userns", "target_userns", "cap_effective_raw", "cap_effective", "cap_raw",
+        "cap", "audit", "insetid", "syscall_raw", "syscall", "kstack_raw", "kstack", "capable"])
 
 
 def test_unique_reports_each_capability_once(daemon: DaemonProcess, root_file: Path) -> None:

@@ -6,10 +6,12 @@ import os
 import threading
 import time
 import uuid
+from datetime import datetime
 
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.e2e.gadget_fields import assert_upstream_fields
 from tests.e2e.gadget_helpers import collect, memory_cgroup, memory_hog, mntns_of
 
 pytestmark = pytest.mark.bpf
@@ -54,3 +56,13 @@ def test_oom_kill_reports_the_killed_child_and_its_trigger(daemon: DaemonProcess
     # half the limit was the child's own memory, and far less than 64 MiB in all.
     assert (LIMIT // 2) // 4096 < r["pages"] < (64 << 20) // 4096
     assert abs(r["timestamp_raw"] / 1e9 - time.time()) < 60
+    # The readable fields upstream derives: the timestamp as text, the trigger's user names.
+    stamp = datetime.fromisoformat(r["timestamp"].decode())
+    assert stamp.timestamp() == pytest.approx(r["timestamp_raw"] / 1e9, abs=1e-5)
+    assert r["fprocess.creds.user"] == b"root" and r["fprocess.creds.group"] == b"root"
+
+
+def test_announces_upstreams_fields(daemon: DaemonProcess) -> None:
+    # Upstream's gadget.yaml settings do not apply to its data source (README), so the
+    # fields whose annotations come from their types are the gadget-specific ones here.
+    assert_upstream_fields(daemon, "trace_oomkill", ["tmntns_id", "tpid", "tcomm", "pages"])

@@ -10,10 +10,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import pytest
 
 from tests.daemon import DaemonProcess
+from tests.e2e.gadget_fields import assert_upstream_fields
 from tests.e2e.gadget_run import Record, collect
 
 pytestmark = pytest.mark.bpf
@@ -101,6 +103,28 @@ def test_connect_accept_close_carry_endpoints_fds_and_pid(
         assert close["type_raw"] == 2 and close["proc.pid"] == os.getpid()
         assert addr_bytes(close, "dst", version) == loopback
 
+    # The readable fields upstream derives: addresses as text with their protocol, the
+    # endpoint as columns show it, the type's name, no error, the timestamp and user names.
+    text = host.encode()
+    for r, (src, dst) in ((connect, (c.client_port, c.server_port)),
+                          (accept, (c.server_port, c.client_port))):
+        assert r["src.addr"] == r["dst.addr"] == text
+        assert r["src.proto"] == r["dst.proto"] == b"TCP"
+        # As upstream prints it: address, colon, port (no brackets around IPv6 addresses).
+        assert r["src.endpoint"] == f"{host}:{src}".encode()
+        assert r["dst.endpoint"] == f"{host}:{dst}".encode()
+        assert r["error"] == b""
+        assert r["proc.creds.user"] == b"root" and r["proc.creds.group"] == b"root"
+        # RFC 3339 with nanoseconds (datetime keeps microseconds of them).
+        stamp = datetime.fromisoformat(r["timestamp"].decode())
+        assert stamp.timestamp() == pytest.approx(r["timestamp_raw"] / 1e9, abs=1e-5)
+    assert connect["type"] == b"connect" and accept["type"] == b"accept"
+
+
+def test_announces_upstreams_fields(daemon: DaemonProcess) -> None:
+    assert_upstream_fields(daemon, "trace_tcp", ["src", "dst", "type_raw", "type", "error_raw",
+                                                 "fd", "accept_fd", "netns_id"])
+
 
 def test_refused_connect_reports_econnrefused(daemon: DaemonProcess) -> None:
     # A port nobody listens on: bound and closed again, so the kernel answers with a reset.
@@ -121,6 +145,8 @@ def test_refused_connect_reports_econnrefused(daemon: DaemonProcess) -> None:
     assert records, "no failed connect reported"
     r = records[0]
     assert r["type"] == b"connect" and r["error_raw"] == errno.ECONNREFUSED == 111
+    assert r["error"] == b"ECONNREFUSED"
+    assert r["dst.endpoint"] == f"127.0.0.1:{dead_port}".encode()
     assert r["dst.port"] == dead_port and r["src.port"] in ports
     assert r["proc.pid"] == os.getpid()
     assert all(x["error_raw"] != 0 for x in records), "failure-only let a success through"

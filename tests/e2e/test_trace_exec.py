@@ -159,9 +159,9 @@ def test_vanished_client_frees_the_bpf_programs(daemon: DaemonProcess, tmp_path:
      grpc.StatusCode.INVALID_ARGUMENT, "no field 'nofield'"),
     ("trace_exec", {}, 2, grpc.StatusCode.INVALID_ARGUMENT, "expected version to be 1, got 2"),
     ("trace_exec", {"operator.kafka.enable": "true", "operator.kafka.encoding": "xml"}, 1,
-     grpc.StatusCode.INVALID_ARGUMENT, "operator.kafka.encoding"),
+     grpc.StatusCode.INVALID_ARGUMENT, "operator.kafka.kafka-encoding"),
     ("trace_exec", {"operator.kafka.enbale": "true"}, 1, grpc.StatusCode.INVALID_ARGUMENT,
-     "did you mean 'operator.kafka.enable'"),
+     "did you mean 'operator.kafka.kafka-enable'"),
 ])
 def test_malformed_requests_get_a_clear_status_and_the_daemon_keeps_serving(
         daemon: DaemonProcess, image: str, params: dict[str, str], version: int,

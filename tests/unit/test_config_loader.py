@@ -125,7 +125,9 @@ BAD: list[tuple[str, str, str, str, str]] = [
      "instances[0].sinks.kafka.key",
      "no data source has a field 'proc.com'; did you mean 'proc.comm'?"),
     ("otlp header", I + "    sinks:\n      otel-logs:\n        headers: authorization\n", "6:18",
-     "instances[0].sinks.otel-logs.headers", "header 'authorization' is not key=value"),
+     "instances[0].sinks.otel-logs.headers",
+     # Not quoted: headers are a secret (a malformed one is often a pasted token).
+     "operator.otel-logs.otel-logs-headers: header 1 is not key=value"),
     ("metric name", I + "    metrics:\n      counters: [by_comm:proc.comm, 9bad]\n", "5:17",
      "instances[0].metrics.counters", "metric name '9bad' must match"),
     ("histogram field", I + "    metrics:\n      histograms: size:args_sise:1,2,4\n", "5:19",
@@ -245,7 +247,7 @@ def test_reachable_endpoint() -> None:
         loaded = ConfigLoader(reachability=Reachability.ERROR).load_text(
             I + f"    sinks:\n      kafka: {{brokers: [127.0.0.1:1, 127.0.0.1:{port}]}}\n")
     params = loaded.instances[0].request.gadgetInstance.gadgetConfig.paramValues
-    assert params["operator.kafka.brokers"] == f"127.0.0.1:1,127.0.0.1:{port}"
+    assert params["operator.kafka.kafka-brokers"] == f"127.0.0.1:1,127.0.0.1:{port}"
 
 
 # -- good files --------------------------------------------------------------------------------
@@ -307,11 +309,12 @@ def test_sections_expand_to_params(loader: ConfigLoader) -> None:
     assert loaded.sink_defaults == {"kafka": {"brokers": "10.0.0.1:9092,10.0.0.2:9092"}}
     assert _params(loaded) == {
         "operator.filter.filter": "proc.comm==bash",
-        "operator.fields.fields": "proc.comm,proc.pid",
-        "operator.kafka.enable": "true", "operator.kafka.topic": "t.{node}",
-        "operator.kafka.key": "proc.comm", "operator.jsonl.enable": "false",
-        "operator.prometheus.enable": "true", "operator.prometheus.counters": "a:proc.comm;b",
-        "operator.prometheus.max-series": "10"}
+        "operator.fields.fields-select": "proc.comm,proc.pid",
+        "operator.kafka.kafka-enable": "true", "operator.kafka.kafka-topic": "t.{node}",
+        "operator.kafka.kafka-key": "proc.comm", "operator.jsonl.jsonl-enable": "false",
+        "operator.prometheus.prometheus-enable": "true",
+        "operator.prometheus.prometheus-counters": "a:proc.comm;b",
+        "operator.prometheus.prometheus-max-series": "10"}
     req = loaded.instances[0].request
     assert req.gadgetInstance.gadgetConfig.timeout == 90 * 10**9
     assert req.eventBufferLength == 4096

@@ -94,3 +94,18 @@ def test_schema_describes_both_document_kinds() -> None:
             "filter", "fields", "sinks", "metrics"} == set(inst["properties"])
     manifest = schema["$defs"]["InstanceSpecManifest"]
     assert set(manifest["required"]) == {"apiVersion", "kind", "image", "name"}
+
+
+def test_render_redacts_secret_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("instances:\n  - name: a\n    gadget: trace_exec\n    sinks:\n"
+                 "      otel-logs: {headers: 'authorization=Bearer t0ps3cret'}\n")
+    assert main(["config", "render", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "t0ps3cret" not in out
+    values = json.loads(out)[0]["gadgetInstance"]["gadgetConfig"]["paramValues"]
+    assert values["operator.otel-logs.otel-logs-headers"] == "<redacted>"
+    # The digest tag is of the real request, so apply still sees changes of the secret.
+    req = ConfigLoader().load([f]).requests()[0]
+    assert json.loads(out)[0]["gadgetInstance"]["tags"][-1] == (
+        DIGEST_TAG + digest(req))

@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.params import ParamError, ParamSpec, parse_duration, resolve
+from pipeline.params import (
+    REDACTED,
+    ParamError,
+    ParamSpec,
+    parse_duration,
+    redact,
+    resolve,
+    secret_keys,
+)
 
 SPECS = [ParamSpec("pid", "operator.oci.ebpf.", type_hint="uint32"),
          ParamSpec("failed", "operator.oci.ebpf.", default="false", type_hint="bool"),
@@ -47,3 +55,44 @@ def test_durations() -> None:
     assert parse_duration("1m30s") == 90.0
     assert parse_duration("0") == 0.0
     assert parse_duration("2ms") == pytest.approx(0.002)
+
+
+# -- old keys and secrets ---------------------------------------------------------------------
+
+SECRET = ParamSpec("token", "operator.s.", default="daemon-token", secret=True,
+                   old_keys=("operator.s.old-token",))
+LEVEL = ParamSpec("level", "operator.s.", default="1", type_hint="uint8",
+                  possible_values=("1", "2"), secret=True)
+
+
+def test_a_secret_default_is_announced_redacted_and_an_echo_means_the_default() -> None:
+    assert SECRET.to_proto().defaultValue == REDACTED
+    assert ParamSpec("t", "p.", secret=True).to_proto().defaultValue == ""
+    assert resolve([SECRET], {"operator.s.token": REDACTED}, ("operator.s.",)) == {
+        "operator.s.token": "daemon-token"}
+    assert resolve([SECRET], {"operator.s.token": "mine"}, ("operator.s.",)) == {
+        "operator.s.token": "mine"}
+
+
+def test_a_bad_secret_value_is_not_quoted() -> None:
+    with pytest.raises(ParamError) as e:
+        resolve([LEVEL], {"operator.s.level": "hunter2"}, ("operator.s.",))
+    assert "hunter2" not in str(e.value)
+    assert e.value.key == "operator.s.level"
+
+
+def test_redact_hides_secrets_under_every_name_and_keeps_empty_ones() -> None:
+    values = {"operator.s.token": "a", "operator.s.old-token": "b", "operator.x.y": "c",
+              "operator.s.level": ""}
+    assert redact(values, [SECRET, LEVEL]) == {
+        "operator.s.token": REDACTED, "operator.s.old-token": REDACTED, "operator.x.y": "c",
+        "operator.s.level": ""}
+    assert redact(values, secret_keys([SECRET])) == redact(values, [SECRET])
+
+
+def test_old_keys_resolve_to_the_param() -> None:
+    assert resolve([SECRET], {"operator.s.old-token": "x"}, ("operator.s.",)) == {
+        "operator.s.token": "x"}
+    with pytest.raises(ParamError, match="given twice"):
+        resolve([SECRET], {"operator.s.old-token": "x", "operator.s.token": "y"},
+                ("operator.s.",))

@@ -61,8 +61,8 @@ def test_sink_types_are_discovered_from_the_package() -> None:
 def test_daemon_defaults_become_param_defaults_and_are_checked() -> None:
     m = SinkManager(Ledger(), {"kafka": {"brokers": "10.0.0.1:9092", "enable": True}})
     by_key = {p.full_key: p for p in m.params()}
-    assert by_key["operator.kafka.brokers"].default == "10.0.0.1:9092"
-    assert by_key["operator.kafka.enable"].default == "true"
+    assert by_key["operator.kafka.kafka-brokers"].default == "10.0.0.1:9092"
+    assert by_key["operator.kafka.kafka-enable"].default == "true"
     assert set(m.prefixes()) >= {"operator.kafka.", "operator.otel-logs.",
                                  "operator.prometheus.", "operator.jsonl."}
     with pytest.raises(ValueError, match="unknown settings"):
@@ -85,9 +85,10 @@ async def test_manager_attaches_each_enabled_sink_on_its_own_edge(spec: GadgetSp
     attached = await m.attach(run)
     assert sorted(e.name for e in run.fanout.edges) == ["sink:jsonl", "sink:prometheus"]
     assert m.attached() == [attached]
-    schema = run.schemas[0]
-    await run.fanout.publish(records(schema, range(0, 3)))
-    await run.fanout.publish(records(schema, range(3, 5)))
+    # As the run's source would emit them, through the run's derived-fields step.
+    schema = spec.datasources[0]
+    await run.fanout.publish(run.derive.process(records(schema, range(0, 3))))
+    await run.fanout.publish(run.derive.process(records(schema, range(3, 5))))
     await run.stop()
     await attached.close()
     assert pids_in(default_path) == [0, 1, 2, 3, 4]
@@ -99,7 +100,7 @@ async def test_manager_attaches_each_enabled_sink_on_its_own_edge(spec: GadgetSp
     run2 = GadgetRun(spec, {"operator.jsonl.enable": "true", "operator.jsonl.path": str(own)},
                      ledger, "i2", m.params(), m.prefixes())
     a2 = await m.attach(run2)
-    await run2.fanout.publish(records(run2.schemas[0], range(7, 8)))
+    await run2.fanout.publish(run2.derive.process(records(spec.datasources[0], range(7, 8))))
     await run2.stop()
     await a2.close()
     assert pids_in(own) == [7]
@@ -239,9 +240,9 @@ def test_check_reports_settings_problems_without_building(spec: GadgetSpec) -> N
                            "operator.prometheus.histograms": "h:proc.comm:1,2"},
                     Ledger(), "i", m.params(), m.prefixes())
     problems = dict(m.check(run.values, run.schemas))
-    assert "no data source has a field 'nope'" in problems["operator.kafka.key"]
-    assert "key=value" in problems["operator.otel-logs.headers"]
-    assert "not numeric" in problems["operator.prometheus.histograms"]
+    assert "no data source has a field 'nope'" in problems["operator.kafka.kafka-key"]
+    assert "key=value" in problems["operator.otel-logs.otel-logs-headers"]
+    assert "not numeric" in problems["operator.prometheus.prometheus-histograms"]
     ok = GadgetRun(spec, {"operator.kafka.enable": "true", "operator.kafka.key": "proc.comm",
                           "operator.prometheus.counters": "c:proc.comm"},
                    Ledger(), "i", m.params(), m.prefixes())

@@ -3,10 +3,9 @@
 The BPF program aggregates in the hash map ``stats`` (key ``file_id``, value ``file_stat``);
 every ``map-fetch-interval`` this source takes and deletes every entry with one
 ``BPF_MAP_LOOKUP_AND_DELETE_BATCH`` walk into numpy buffers (no per-entry syscalls), so each
-report holds the counts of its interval. Rows are sorted and cut to ``max-entries``; the key
+report holds the counts of its interval. Rows are sorted and cut to ``max-rows``; the key
 bytes become payload 0 and the value bytes payload 1 of each record, as upstream's map
-iterators send them. ``file`` holds the dentry name from the kernel; it is replaced by the
-absolute path from ``/proc/<pid>/fd/<fd>`` when that fd still names the same inode.
+iterators send them. ``file`` is the absolute path, built in the kernel (``bpf/gadget_path.h``).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +58,6 @@ def parse_sort(spec: str, fields: Mapping[str, Field]) -> list[tuple[Field, bool
     return out
 
 
-def dev_to_user(kdev: int) -> int:
-    """A kernel-internal dev_t (major << 20 | minor) as stat() reports it."""
-    return os.makedev(kdev >> 20, kdev & 0xFFFFF)
-
-
 class TopFileSource(TracerSource):
     """Interval reports of the ``stats`` map. Reuses the tracer's cflags and its loader."""
 
@@ -74,11 +67,10 @@ class TopFileSource(TracerSource):
         self._fields = {f.full_name: f for f in self._ds.fields}
         self._period = float(values.get(EBPF_PREFIX + "map-fetch-interval") or 1.0)
         self._count = int(values.get(EBPF_PREFIX + "map-fetch-count") or 0)
-        self._max = int(values.get(EBPF_PREFIX + "max-entries") or 0)
+        self._max = int(values.get(EBPF_PREFIX + "max-rows") or 0)
         self._sort = parse_sort(str(values.get(EBPF_PREFIX + "sort-by") or ""), self._fields)
         self._key_size = self._ds.record_size
         self._value_size = 0
-        self._paths: dict[tuple[int, int, int], bytes] = {}
         self._done = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -181,44 +173,8 @@ class TopFileSource(TracerSource):
             keys, values = keys[order], values[order]
         if self._max:
             keys, values = keys[: self._max], values[: self._max]
-        self._resolve_paths(keys, values)
         return Batch(self._ds, np.ascontiguousarray(keys),
                      ([v.tobytes() for v in values],))
-
-    def _resolve_paths(self, keys: npt.NDArray[np.uint8], values: npt.NDArray[np.uint8]) -> None:
-        """Absolute paths for the rows' files, through the fd they were first seen by."""
-        f = self._fields
-        ino = self._column(keys, values, f["inode"])
-        dev = self._column(keys, values, f["dev"])
-        pid = self._column(keys, values, f["proc.pid"])
-        fdn = self._column(keys, values, f["fd"])
-        file_f = f["file"]
-        for i in range(len(keys)):
-            key = (int(ino[i]), int(dev[i]), int(pid[i]))
-            path = self._paths.get(key)
-            if path is None:
-                path = self._path_of(key, int(fdn[i]))
-                if path is None:
-                    continue
-                if len(self._paths) > 4 * MAP_ENTRIES:
-                    self._paths.clear()
-                self._paths[key] = path
-            cell = values[i, file_f.offs: file_f.offs + file_f.size]
-            cell[:] = 0
-            b = path[: file_f.size - 1]
-            cell[: len(b)] = np.frombuffer(b, dtype=np.uint8)
-
-    @staticmethod
-    def _path_of(key: tuple[int, int, int], fd: int) -> bytes | None:
-        ino, kdev, pid = key
-        link = f"/proc/{pid}/fd/{fd}"
-        try:
-            st = os.stat(link)
-            if st.st_ino != ino or st.st_dev != dev_to_user(kdev):
-                return None  # the fd now names another file
-            return os.readlink(link).encode()
-        except OSError:
-            return None
 
     async def _tick(self) -> None:
         reports = 0

@@ -2,12 +2,13 @@
 // space drains once per interval (hooks.py). Hooks: tracepoints syscalls/sys_enter_* and
 // sys_exit_* of read, write, pread64, pwrite64, readv, writev; the fd is saved per thread at
 // entry and resolved to its file (task->files->fdt->fd[fd]) when the call returns with a count.
+// A file's absolute path is built in the kernel (gadget_path.h) when its entry is created.
 #include "gadget.h"
+#include "gadget_path.h"
 
 #if !defined(GADGET_OFF_TASK_FILES) || !defined(GADGET_OFF_FILES_FDT) || \
     !defined(GADGET_OFF_FDTABLE_FD) || !defined(GADGET_OFF_FDTABLE_MAX_FDS) || \
-    !defined(GADGET_OFF_FILE_INODE) || !defined(GADGET_OFF_FILE_DENTRY) || \
-    !defined(GADGET_OFF_DENTRY_NAME) || !defined(GADGET_OFF_INODE_INO) || \
+    !defined(GADGET_OFF_FILE_INODE) || !defined(GADGET_OFF_INODE_INO) || \
     !defined(GADGET_OFF_INODE_MODE) || !defined(GADGET_OFF_INODE_SB) || !defined(GADGET_OFF_SB_DEV)
 #error "top_file needs the file/inode offsets from pipeline.sources.btf"
 #endif
@@ -19,30 +20,30 @@
 #define GADGET_MAX_ENTRIES 10240
 #endif
 
-#define FILE_LEN 512
 #define S_IFMT 0170000
 #define S_IFREG 0100000
 #define S_IFSOCK 0140000
 
 enum op { OP_READ, OP_WRITE };
-enum type { T_REGULAR, T_SOCKET, T_OTHER };
+// Upstream's enum type (R, S, O); user space names t_raw with these.
+enum type { R, S, O };
 
-// Upstream's key and value layouts (payload 0 and payload 1 of each record).
+// Upstream's key and value layouts (payload 0 and payload 1 of each record). __pid_tgid is a
+// private member (the "__" prefix keeps it out of the fields), as upstream's.
 struct file_id {
     __u64 inode;
     __u32 dev;
-    __u64 pid_tgid;
+    __u64 __pid_tgid;
 };
 
 struct file_stat {
     struct gadget_process proc;
     __u64 reads;
-    __u64 rbytes_raw;
+    gadget_bytes rbytes_raw;
     __u64 writes;
-    __u64 wbytes_raw;
-    char file[FILE_LEN];
+    gadget_bytes wbytes_raw;
+    char file[GADGET_PATH_MAX];
     __u32 t_raw;
-    __s32 fd;
 };
 
 struct pending {
@@ -53,6 +54,7 @@ struct pending {
 BPF_HASH(stats, struct file_id, struct file_stat, GADGET_MAX_ENTRIES);
 BPF_HASH(inflight, __u32, struct pending, 10240);
 BPF_PERCPU_ARRAY(scratch, struct file_stat, 1);
+BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
 
 static __always_inline int enter(__s64 fd, __u32 op)
 {
@@ -94,7 +96,7 @@ static __always_inline int leave(long ret)
     struct file_id key = {};
     key.inode = gadget_read_u64(inode, GADGET_OFF_INODE_INO);
     key.dev = gadget_read_u32(gadget_read_u64(inode, GADGET_OFF_INODE_SB), GADGET_OFF_SB_DEV);
-    key.pid_tgid = bpf_get_current_pid_tgid();
+    key.__pid_tgid = bpf_get_current_pid_tgid();
     struct file_stat *v = stats.lookup(&key);
     if (!v) {
         __u32 zero = 0;
@@ -103,13 +105,8 @@ static __always_inline int leave(long ret)
             return 0;
         __builtin_memset(init, 0, sizeof(*init));
         gadget_process_populate(&init->proc);
-        __u64 dentry = gadget_read_u64(file, GADGET_OFF_FILE_DENTRY);
-        __u64 name = gadget_read_u64(dentry, GADGET_OFF_DENTRY_NAME);
-        if (name)
-            bpf_probe_read_kernel_str(init->file, sizeof(init->file), (void *)name);
-        init->t_raw = (mode & S_IFMT) == S_IFREG ? T_REGULAR :
-                      (mode & S_IFMT) == S_IFSOCK ? T_SOCKET : T_OTHER;
-        init->fd = fd;
+        gadget_file_path(file, path_scratch.lookup(&zero), init->file);
+        init->t_raw = (mode & S_IFMT) == S_IFREG ? R : (mode & S_IFMT) == S_IFSOCK ? S : O;
         stats.insert(&key, init);  // a full map drops new files until the next drain
         v = stats.lookup(&key);
         if (!v)

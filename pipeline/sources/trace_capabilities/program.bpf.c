@@ -1,9 +1,11 @@
 // trace_capabilities: one record per capability check, from tracepoint capability:cap_capable
 // (it fires when cap_capable() returns, with the verdict). Tracepoints only.
 //
-// The `cap`, `syscall` and `kstack` strings are filled in user space (hooks.py) from cap_raw,
-// syscall_raw and kstack_raw; the program leaves them as they are.
+// The readable `cap`, `cap_effective`, `syscall` and `kstack` fields are derived in user space
+// from cap_raw, cap_effective_raw, syscall_raw and kstack_raw (gadget.yaml, hooks.py); the
+// private __kstack (the stack's addresses) is filled in user space from the stack map.
 #include "gadget.h"
+#include "gadget_user_stack.h"
 
 #if !defined(GADGET_OFF_TASK_REAL_CRED) || !defined(GADGET_OFF_CRED_USER_NS) || \
     !defined(GADGET_OFF_USER_NS_INUM) || !defined(GADGET_OFF_CRED_CAP_EFFECTIVE) || \
@@ -17,8 +19,15 @@
 #ifndef GADGET_COLLECT_KSTACK
 #define GADGET_COLLECT_KSTACK 1
 #endif
+#ifndef GADGET_COLLECT_USTACK
+#define GADGET_COLLECT_USTACK 0
+#endif
 
 #define PF_KTHREAD 0x00200000
+// Frames of the stacks kept in the record (innermost first), for the derived `kstack` and
+// `ustack.*` (user space copies them from the stack tables, hooks.py).
+#define GADGET_KSTACK_FRAMES 32
+#define GADGET_USTACK_FRAMES 32
 
 struct event {
     gadget_timestamp timestamp_raw;
@@ -30,11 +39,11 @@ struct event {
     bool capable;
     __s32 audit;
     __s32 insetid;
-    __u64 syscall_raw;
-    __u32 kstack_raw;
-    char cap[24];
-    char syscall[32];
-    char kstack[512];
+    gadget_syscall syscall_raw;
+    gadget_kernel_stack kstack_raw;
+    struct gadget_user_stack ustack;
+    __u64 __ustack[GADGET_USTACK_FRAMES];
+    __u64 __kstack[GADGET_KSTACK_FRAMES];
 };
 
 struct unique_key {
@@ -47,6 +56,7 @@ GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 #include "gadget_lost.h"
 GADGET_LAYOUT(capabilities, struct event);
 BPF_STACK_TRACE(kstacks, 8192);
+BPF_STACK_TRACE(ustacks, GADGET_COLLECT_USTACK ? 10000 : 1);
 BPF_HASH(seen, struct unique_key, __u8, 10240);
 
 TRACEPOINT_PROBE(capability, cap_capable)
@@ -99,6 +109,10 @@ TRACEPOINT_PROBE(capability, cap_capable)
         if (id >= 0)
             e->kstack_raw = (__u32)id;
     }
+    __builtin_memset(&e->ustack, 0, sizeof(e->ustack));
+    if (GADGET_COLLECT_USTACK && !(gadget_read_u32(task, GADGET_OFF_TASK_FLAGS) & PF_KTHREAD))
+        gadget_user_stack_fill(&e->ustack,
+                               ustacks.get_stackid(args, BPF_F_USER_STACK | BPF_F_FAST_STACK_CMP));
     gadget_submit(events, e);
     return 0;
 }

@@ -38,6 +38,7 @@
 #define ST_LISTEN 10
 #define ST_NEW_SYN_RECV 12
 
+// upstream's enum event_type; user space names type_raw with it (gadget.yaml enums:).
 #define TYPE_CONNECT 0
 #define TYPE_ACCEPT 1
 #define TYPE_CLOSE 2
@@ -54,7 +55,6 @@ struct event {
     gadget_errno error_raw;
     __s32 fd;
     __s32 accept_fd;
-    char type[8];
 };
 
 // Who a sock belongs to, for records emitted outside that process's context.
@@ -69,18 +69,6 @@ GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 GADGET_LAYOUT(tracetcp, struct event);
 BPF_HASH(tid_fd, u32, s32, 10240);            // fd of a connect/accept in progress, per thread
 BPF_TABLE("lru_hash", u64, struct owner, socks, 16384);
-
-static __always_inline void set_type(struct event *e, __u8 type)
-{
-    e->type_raw = type;
-    __builtin_memset(e->type, 0, sizeof(e->type));
-    if (type == TYPE_CONNECT)
-        __builtin_memcpy(e->type, "connect", 7);
-    else if (type == TYPE_ACCEPT)
-        __builtin_memcpy(e->type, "accept", 6);
-    else
-        __builtin_memcpy(e->type, "close", 5);
-}
 
 // The tracepoint's arguments. bcc declares the tracepoint's own struct only at the probe, so
 // the probe copies what the helpers below need into this one.
@@ -190,7 +178,7 @@ static __always_inline int on_state(struct state_change *args)
     else
         gadget_process_populate(&e->proc);  // an untracked sock: best effort, see README
     e->netns_id = gadget_sock_netns(sk);
-    set_type(e, type);
+    e->type_raw = type;
     e->error_raw = err;
     e->fd = (type == TYPE_CONNECT && o) ? o->fd : -1;
     e->accept_fd = -1;
@@ -277,7 +265,7 @@ static __always_inline int on_accept_exit(long ret)
     e->timestamp_raw = bpf_ktime_get_boot_ns();
     gadget_process_populate(&e->proc);
     e->netns_id = gadget_sock_netns(sk);
-    set_type(e, TYPE_ACCEPT);
+    e->type_raw = TYPE_ACCEPT;
     e->error_raw = 0;
     e->fd = listen_fd;
     e->accept_fd = ret;
