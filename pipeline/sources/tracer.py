@@ -230,13 +230,15 @@ class TracerSource:
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._emit is not None
+        # Waits first: the rings are empty when start() returns (the ready moment), so the
+        # first drain is a timer tick or a wake-up after it, as every later one.
         while not self._stopping:
-            self._wake.clear()  # a wake-up while emitting drains again at once
-            for batch in self._drain_once():
-                await self._emit(batch)
             handle = loop.call_later(self._interval, self._wake.set)
             await self._wake.wait()
             handle.cancel()
+            self._wake.clear()  # a wake-up while emitting drains again at once
+            for batch in self._drain_once():
+                await self._emit(batch)
 
     async def wait(self) -> None:
         if self._task is not None:
