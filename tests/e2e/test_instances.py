@@ -497,10 +497,12 @@ def test_cli_detach_list_attach_and_rm(node: DaemonProcess, tmp_path: Path) -> N
     binary = unique_binary(tmp_path)
     cli = [sys.executable, "-m", "api.cli"]
     remote = ["--remote-address", node.address]
-    out = subprocess.run([*cli, "run", "trace_exec", "--detach", "--name", "clitest",
-                          "--tag", "a,b", "-F", f"proc.comm=={binary.name[:15]}", *remote],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([*cli, "run", "trace_exec", "--detach", "--name", "clitest",
+                           "--tag", "a,b", "-F", f"proc.comm=={binary.name[:15]}", *remote],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    out = done.stdout
     assert out.startswith('installed as "') and "clitest" in out
+    assert done.stderr.strip() == "tracing", done.stderr  # Create answered once it traced
     instance_id = out.split('"')[1]
     with node.client() as c:
         wait_ready(c, "clitest")
