@@ -7,7 +7,8 @@ from typing import Any
 
 from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
-from api.context import SERVER_VERSION, ServiceContext
+from api.context import ServiceContext
+from pipeline.version import VERSION
 
 
 def catalog_json(ctx: ServiceContext) -> bytes:
@@ -37,7 +38,7 @@ class BuiltInGadgetManager(svc.BuiltInGadgetManagerBase):
         await stream.recv_message()
         await stream.send_message(pb.InfoResponse(
             version="1.0", catalog=catalog_json(self._ctx),
-            experimental=_experimental(), serverVersion=SERVER_VERSION))
+            experimental=_experimental(), serverVersion=VERSION))
 
     async def RunBuiltInGadget(self, stream: Any) -> None:
         from api.legacy_run import run_builtin

@@ -5,22 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
-import sys
 from collections.abc import Sequence
-from typing import Any
 
-from api.client import DEFAULT_ADDRESS, GadgetClient, RunStream, TLSFiles
+from api import cli_apply, cli_instances
+from api.cli_output import Printer, consume
+from api.client import DEFAULT_ADDRESS, GadgetClient, TLSFiles
 from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIENT
-from api.decode import DataSourceDecoder, flatten
 from pipeline.operators import fields as fields_op
 from pipeline.params import parse_duration
+from pipeline.severity import Severity
+from pipeline.version import VERSION
 
 BATCH_DEFAULT = 1024
-_SEVERITY = ("", "fatal", "error", "warn", "info", "debug", "trace")
 
 
 def _kv(items: Sequence[str]) -> dict[str, str]:
@@ -58,81 +55,6 @@ def _client(args: argparse.Namespace) -> GadgetClient:
                          f"{type(e).__name__} {e}".rstrip()) from None
 
 
-class Printer:
-    """Prints records as JSON lines or aligned columns (non-hidden fields)."""
-
-    def __init__(self, mode: str, out: Any = sys.stdout) -> None:
-        self.mode = mode
-        self.out = out
-        self._header_for: str | None = None
-
-    def header(self, dec: DataSourceDecoder) -> None:
-        """The column header of ``dec``'s records (columns mode; printed once per switch)."""
-        if self.mode != "json" and self._header_for != dec.name:
-            self.out.write("  ".join(f"{c.upper():<16.16}" for c in dec.fields()) + "\n")
-            self._header_for = dec.name
-            self.out.flush()
-
-    def records(self, dec: DataSourceDecoder, records: list[dict[str, Any]]) -> None:
-        if self.mode == "json":
-            for r in records:
-                self.out.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            cols = dec.fields()
-            self.header(dec)
-            for r in records:
-                flat = flatten(r)
-                self.out.write("  ".join(f"{_cell(flat.get(c)):<16.16}" for c in cols) + "\n")
-        self.out.flush()
-
-
-def _cell(v: Any) -> str:
-    return "" if v is None else str(v).replace("\u00a0", " ")
-
-
-def _consume(stream: RunStream, printer: Printer, verbose: bool,
-             ready_file: str | None = None) -> int:
-    """Prints a stream's records; nothing goes to stdout before the gadget traces (the
-    columns header comes at that moment), and ``ready_file`` is written then."""
-    def on_signal(*_: Any) -> None:
-        stream.stop()
-
-    old = signal.signal(signal.SIGINT, on_signal)
-    try:
-        for ev in stream:
-            if ev.log is not None:
-                if verbose or ev.severity <= 3:
-                    print(f"[{_SEVERITY[min(ev.severity, 6)]}] {ev.log}", file=sys.stderr)
-                if ev.ready:
-                    _on_ready(stream, printer, ev.log, ready_file)
-                continue
-            dec = next(d for d in stream.decoders.values() if d.name == ev.datasource)
-            printer.records(dec, ev.records)
-    except Exception as e:
-        import grpc
-
-        if isinstance(e, grpc.RpcError):
-            print(f"error: {e.details()} ({e.code().name})", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if stream.gaps:
-        print(f"warning: {stream.gaps} records were dropped on the way", file=sys.stderr)
-    return 0
-
-
-def _on_ready(stream: RunStream, printer: Printer, message: str, ready_file: str | None
-              ) -> None:
-    if len(stream.decoders) == 1:
-        printer.header(next(iter(stream.decoders.values())))
-    if ready_file:
-        tmp = f"{ready_file}.tmp"
-        with open(tmp, "w") as f:
-            f.write(message + "\n")
-        os.replace(tmp, ready_file)  # appears whole: a watcher never reads half of it
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     params = _kv(args.param)
     if args.filter:
@@ -140,15 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fields:
         params[fields_op.PARAM] = args.fields
     if args.detach:
-        from api.cli_instances import run_detached
-
-        return run_detached(args, params, _client)
+        return cli_instances.run_detached(args, params, _client)
     if not args.per_record:
         params.setdefault("operator.grpc.batch-max", str(args.batch_max))
     timeout = parse_duration(args.timeout) if args.timeout else 0.0
     with _client(args) as c:
-        stream = c.run(args.gadget, params, timeout, log_level=5 if args.verbose else 4)
-        return _consume(stream, Printer(args.output), args.verbose, args.ready_file)
+        level = Severity.DEBUG if args.verbose else Severity.INFO
+        stream = c.run(args.gadget, params, timeout, log_level=level)
+        return consume(stream, Printer(args.output), args.verbose, args.ready_file)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -177,7 +98,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gadgets(args: argparse.Namespace) -> int:
-    from pipeline.gadget import Catalog
+    from pipeline.sources.catalog import Catalog
 
     for spec in Catalog():
         print(f"{spec.name:<22} {spec.description}")
@@ -208,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gadgetpipe", description=__doc__)
+    p.add_argument("--version", action="version", version=f"gadgetpipe {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -221,7 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
+    s.add_argument("--containerd-socket", help="containerd's socket, whose containers enrich "
+                   "records ('' to watch none; default /run/containerd/containerd.sock)")
+    s.add_argument("--containerd-namespace", help="containerd namespace to watch (default "
+                   "k8s.io, Kubernetes')")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--otel-logs-endpoint", metavar="HOST:PORT",
+                   help="also send the daemon's own log to this OTLP/gRPC endpoint "
+                        "(http(s)://host:port too)")
     s.add_argument("--compile-queue", type=_positive, metavar="N",
                    help="runs of clients that may wait for their turn to compile their BPF "
                    "programs; more are refused (RESOURCE_EXHAUSTED) (default "
@@ -264,20 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(fn=cmd_gadgets)
 
-    for hook in _extensions():
-        hook(sub, _add_remote, _client)
+    cli_instances.register(sub, _add_remote, _client)
+    cli_apply.register(sub, _add_remote, _client)
     return p
-
-
-def _extensions() -> list[Any]:
-    hooks = []
-    for mod_name in ("api.cli_instances", "api.cli_apply"):
-        try:
-            mod = __import__(mod_name, fromlist=["register"])
-        except ImportError:
-            continue
-        hooks.append(mod.register)
-    return hooks
 
 
 def main(argv: Sequence[str] | None = None) -> int:

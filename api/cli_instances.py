@@ -1,10 +1,10 @@
 """``gadgetpipe instances list|get|rm``, ``gadgetpipe attach`` and ``gadgetpipe run --detach``.
 
-Instance references resolve as upstream's CLI does (spec 9.1): the instances are listed, then
-a reference matches a full id, else an exact name, else a unique id prefix; an ambiguous or
-unknown reference is an error. ``attach --from-seq N`` asks the daemon to replay from instance
-seq ``N`` (request metadata ``gadgetpipe-from-seq``); when an attach ends, the command prints
-the ``--from-seq`` that resumes where it stopped.
+Instance references resolve as upstream's CLI does (docs/gadget-service.md §9.1): the instances are
+listed, then a reference matches a full id, else an exact name, else a unique id prefix; an
+ambiguous or unknown reference is an error. ``attach --from-seq N`` asks the daemon to replay from
+instance seq ``N`` (request metadata ``gadgetpipe-from-seq``); when an attach ends, the command
+prints the ``--from-seq`` that resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from api._gen import gadget_service_pb2 as pb
-from api.cli import Printer, _consume
+from api.cli_output import Printer, consume
 from api.client import GadgetClient, RunStream
 from api.instance import FROM_SEQ_METADATA, SEQ_BASE_METADATA
 from pipeline.params import parse_duration
@@ -42,7 +42,7 @@ class ResolveError(SystemExit):
 
 
 def resolve(instances: list[pb.GadgetInstance], ref: str) -> pb.GadgetInstance:
-    """Full id, exact name, then unique id prefix (spec 9.1)."""
+    """Full id, exact name, then unique id prefix (docs/gadget-service.md §9.1)."""
     for gi in instances:
         if gi.id == ref:
             return gi
@@ -153,8 +153,8 @@ class _MetadataStub:
 
 
 class _AttachStream(RunStream):
-    """The server never reads an attach stream after the first message (spec 3.3), so a stop
-    is a cancel, as upstream's client does."""
+    """The server never reads an attach stream after the first message
+    (docs/gadget-service.md §3.3), so a stop is a cancel, as upstream's client does."""
 
     def stop(self) -> None:
         self.cancel()
@@ -175,7 +175,7 @@ def cmd_attach(args: argparse.Namespace, client: ClientFactory) -> int:
         gi = resolve(_list(c), args.ref)
         c.info(gi.id, instance=True)  # waits until it started; fails with its error if it did not
         stream, stub = open_attach(c, gi.id, args.from_seq)
-        rc = _consume(stream, Printer(args.output), args.verbose)
+        rc = consume(stream, Printer(args.output), args.verbose)
         call = stub.call
         if call is not None and call.last_seq:
             resume = call.last_seq + call.seq_base() + 1

@@ -17,13 +17,19 @@ from api.compile_queue import DEFAULT_MAX_WAITING, DEFAULT_MAX_WAITING_PER_CLIEN
 from api.context import ServiceContext
 from api.gadget_manager import GadgetManager
 from api.instance_manager import GadgetInstanceManager, InstanceManager
+from api.metrics_server import MetricsServer
+from api.otel_logs import DaemonLogExport, OtelLogsSettings
+from api.peers import Peer, PeerPool, PeerTLS
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
-from pipeline.gadget import Catalog
+from pipeline.containers.collection import ContainerCollection
+from pipeline.containers.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
+from pipeline.containers.containerd import DEFAULT_SOCKET as CONTAINERD_SOCKET
+from pipeline.containers.watcher import RuntimeWatcher
 from pipeline.heap import single_arena
 from pipeline.ledger import Ledger
-from pipeline.selfmetrics import MetricsServer
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 
 if TYPE_CHECKING:
     from config.loader import LoadedConfig
@@ -46,12 +52,21 @@ class DaemonSettings:
     socket_group: str | None = None
     events_buffer_length: int = 16384
     node: str | None = None
-    nodes: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, str | Peer] = field(default_factory=dict)
     """Peer daemons by node name (``{"node-b": "unix:///run/b.sock", "node-c": "10.0.0.3:8080"}``):
-    multi-node instances and legacy fan-out runs forward to them and merge their streams."""
+    multi-node instances and legacy fan-out runs forward to them and merge their streams. A
+    :class:`api.peers.Peer` carries a node's own TLS settings."""
+    node_tls: PeerTLS | None = None
+    """TLS towards TCP peers without their own (CA, client certificate and key for mutual
+    TLS); a TCP peer without any needs ``insecure``."""
+    containerd_socket: str = CONTAINERD_SOCKET
+    """containerd's socket: its containers enrich every record ("" watches none)."""
+    containerd_namespace: str = CONTAINERD_NAMESPACE
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
+    otel_logs: OtelLogsSettings | None = None
+    """Where the daemon's own log goes as OTLP (api.otel_logs); None: nowhere but stderr."""
     compile_queue: int = DEFAULT_MAX_WAITING
     """Runs of clients that may wait for their turn to compile (api/compile_queue.py)."""
     compile_queue_per_client: int = DEFAULT_MAX_WAITING_PER_CLIENT
@@ -63,7 +78,8 @@ class DaemonSettings:
 
 
 class Daemon:
-    """Start order: catalog and ledger, metrics, instance manager, gRPC server; stop reversed."""
+    """Start order: catalog and ledger, container watcher, sinks, metrics, instance manager,
+    gRPC server; stop reversed."""
 
     def __init__(self, settings: DaemonSettings) -> None:
         self.settings = settings
@@ -79,6 +95,7 @@ class Daemon:
         self.instances: InstanceManager | None = None
         self.sinks: SinkManager | None = None
         self.metrics: MetricsServer | None = None
+        self.watcher: RuntimeWatcher | None = None
         self.reconciler: ConfigReconciler | None = None
         self._stops: list[Callable[[], Any]] = []
         self._stopped = asyncio.Event()
@@ -86,6 +103,20 @@ class Daemon:
     async def start(self) -> None:
         # Before any worker thread compiles: one malloc arena, so what runs free goes back.
         single_arena()
+        # The log export first and stopped last, so it carries the start and the stop.
+        if self.settings.otel_logs is not None:
+            logs = DaemonLogExport(self.settings.otel_logs, self.ctx.node)
+            logs.start()
+            self.on_stop(logs.stop)
+        # Containers before anything that starts runs: runs (restored instances too) enrich
+        # from the collection, which the watcher fills in the background; no runtime is a
+        # warning, not a failure.
+        self.ctx.containers = ContainerCollection()
+        self.on_stop(self.ctx.containers.close)
+        self.watcher = RuntimeWatcher(self.ctx.containers, self.settings.containerd_socket,
+                                      self.settings.containerd_namespace)
+        await self.watcher.start()
+        self.on_stop(self.watcher.stop)
         # Sinks before anything that starts runs; their stop runs after the server's (reverse
         # order), so runs end first and their sinks drain within the deadline.
         self.sinks = SinkManager(self.ledger, self.settings.sinks, node=self.ctx.node)
@@ -98,7 +129,8 @@ class Daemon:
             self.on_stop(self.metrics.stop)
         # Instances after the sinks they feed; their stop (drain, files kept) runs before the
         # sinks' stop and after the server's.
-        self.instances = InstanceManager(self.ctx, self.settings.state_dir, self.settings.nodes)
+        peers = PeerPool(self.settings.nodes, self.settings.node_tls, self.settings.insecure)
+        self.instances = InstanceManager(self.ctx, self.settings.state_dir, peers)
         await self.instances.start()
         self.ctx.instances = self.instances
         self.on_stop(self.instances.stop)

@@ -1,4 +1,5 @@
-"""Client-side decoding of payload events by the field table a server announced (spec 4.3)."""
+"""Client-side decoding of payload events by the field table a server announced
+(docs/gadget-service.md §4.3)."""
 
 from __future__ import annotations
 

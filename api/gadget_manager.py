@@ -26,6 +26,7 @@ from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
+from pipeline.ledger import GRPC_STAGE_PREFIX, grpc_stage
 from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.run import GadgetRun
@@ -124,9 +125,9 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
                            rr: pb.GadgetRunRequest) -> None:
     """Runs ``run`` for this stream alone until stop, timeout, client exit or the source ends.
 
-    Order on the wire (spec 3.1): the GadgetInfo, then (at ``logLevel`` >= 4) the ready log
-    event once the programs are attached (api/ready.py), then records; a run the compile queue
-    refuses fails with RESOURCE_EXHAUSTED before anything is sent.
+    Order on the wire (docs/gadget-service.md §3.1): the GadgetInfo, then (at ``logLevel`` >= 4) the
+    ready log event once the programs are attached (api/ready.py), then records; a run the compile
+    queue refuses fails with RESOURCE_EXHAUSTED before anything is sent.
     """
     session = RunSession(ctx, run, client_key(stream), DIRECT_RUNS)
     writer = FramedWriter(stream)
@@ -137,7 +138,7 @@ async def serve_direct_run(ctx: ServiceContext, stream: Any, run: GadgetRun,
         linger = float(run.values.get(BATCH_LINGER) or 0.02)
         layout = StreamLayout.build(run.schemas, int(run.values.get(BATCH_MAX) or 0), linger,
                                     _duration_text(linger))
-        edge = session.subscribe(f"grpc:{_peer(stream)}", ctx.events_buffer_length,
+        edge = session.subscribe(grpc_stage(_peer(stream)), ctx.events_buffer_length,
                                  Overflow.DROP_NEWEST, CLIENT_DROP_REASONS)
         session.add_log_listener(logs)
         session.log_params(rr.paramValues)
@@ -185,7 +186,7 @@ async def _until_done(ctx: ServiceContext, stream: Any, run: GadgetRun, sink: St
         for t in waiters:
             with contextlib.suppress(BaseException):
                 await t
-        edge_left = [e for e in run.fanout.edges if e.name.startswith("grpc:")]
+        edge_left = [e for e in run.fanout.edges if e.name.startswith(GRPC_STAGE_PREFIX)]
         for e in edge_left:
             e.discard_pending("client_gone")
 

@@ -1,4 +1,5 @@
-"""One gadget instance: a headless run that outlives its clients (spec 3.3, 5.4 and 6).
+"""One gadget instance: a headless run that outlives its clients (docs/gadget-service.md §3.3,
+§5.4 and §6).
 
 An instance is a :class:`~pipeline.run.GadgetRun` started from a ``CreateGadgetInstanceRequest``
 and kept running by the daemon: its sinks (``ctx.sinks``) get every record, and the last
@@ -7,7 +8,8 @@ so a client that attaches later first sees what happened before it came.
 
 An attach stream announces the GadgetInfo (``id`` and ``name`` set), replays the buffer, then
 follows live packets through its own bounded queue. Without the extension below a stream's
-``base`` is chosen so the replay is ``1..N`` and live packets go on from ``N+1`` (spec 3.3).
+``base`` is chosen so the replay is ``1..N`` and live packets go on from ``N+1``
+(docs/gadget-service.md §3.3).
 
 Extension (gadgetpipe only; upstream clients neither send nor need it):
 
@@ -57,7 +59,7 @@ from api.instance_packets import (
     node_field,
     write_replay,
 )
-from api.peers import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, peer_problem
 from api.ready import READY_SEVERITY, is_ready, ready_message
 from api.run_session import REMOVED_INSTANCES, RunSession, new_run
 from api.run_stream import MAX_MESSAGE, StreamLayout, info_event
@@ -70,6 +72,7 @@ from pipeline.ledger import REASON_CLIENT_GONE, REASON_QUEUE_FULL, STAGE_ATTACH
 from pipeline.params import redact
 from pipeline.run import GadgetRun, RunIdentity
 from pipeline.schema import DataSourceType
+from pipeline.severity import Severity
 from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 __all__ = [
@@ -89,7 +92,8 @@ FROM_SEQ_METADATA = "gadgetpipe-from-seq"
 SEQ_BASE_METADATA = "gadgetpipe-seq-base"
 """Attach response initial metadata: instance seq = stream seq + this."""
 DEFAULT_EVENT_BUFFER = 1024
-"""Packets an instance keeps for replay when ``eventBufferLength`` is 0 (spec 6.4)."""
+"""Packets an instance keeps for replay when ``eventBufferLength`` is 0
+(docs/gadget-service.md §6.4)."""
 MAX_EVENT_BUFFER = 65536
 """Largest ``eventBufferLength`` accepted: the buffer lives in the daemon's memory."""
 READY_WAIT = 10.0
@@ -104,7 +108,6 @@ NOT_TRACING_YET = "starting: not tracing yet (compiling and attaching its progra
 """The state message of an instance whose programs are not attached yet."""
 _MESSAGE_MARGIN = 1024
 _LOG_SHIFT = wire.EVENT_LOG_SHIFT
-_WARN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +271,7 @@ class Instance:
         self.ready_seconds = time.monotonic() - self.launched
         self.tracing.set()
         text = self._ready_text()
-        self.log(4, f"{text} ({self.ready_seconds:.2f} s after it was launched)")
+        self.log(Severity.INFO, f"{text} ({self.ready_seconds:.2f} s after it was launched)")
         for a in tuple(self._attachers):
             a.log(READY_SEVERITY, text)
 
@@ -278,10 +281,9 @@ class Instance:
 
     def log(self, severity: int, message: str) -> None:
         """An instance message: to the daemon log, and to attached clients when warn or worse."""
-        _logger.log({1: logging.CRITICAL, 2: logging.ERROR, 3: logging.WARNING}
-                    .get(severity, logging.INFO if severity == 4 else logging.DEBUG),
-                    "instance %s (%s): %s", self.name, self.id[:12], message)
-        if 0 < severity <= _WARN:
+        _logger.log(Severity.of(severity).python_level, "instance %s (%s): %s", self.name,
+                    self.id[:12], message)
+        if Severity.PANIC < severity <= Severity.WARN:
             for a in tuple(self._attachers):
                 a.log(severity, message)
 
@@ -372,12 +374,12 @@ class Instance:
         finally:
             waiter.cancel()
         if not self._stopping:
-            self.log(4, "gadget ended")
+            self.log(Severity.INFO, "gadget ended")
             await run.stop()
 
     def _forward_run_log(self, severity: int, message: str) -> None:
         # GadgetRun.log already wrote the daemon log; clients hear about warnings only.
-        if 0 < severity <= _WARN:
+        if Severity.PANIC < severity <= Severity.WARN:
             for a in tuple(self._attachers):
                 a.log(severity, message)
 
@@ -515,11 +517,11 @@ class Instance:
             if tracing:
                 await writer.write(wire.log_event(READY_SEVERITY, self._ready_text()))
             for note in notes:
-                await writer.write(wire.log_event(_WARN, note))
+                await writer.write(wire.log_event(Severity.WARN, note))
             for m in self._members.values():
                 if m.state == "down":
-                    await writer.write(wire.log_event(
-                        _WARN, f"node {m.node!r} ({m.address}) is unavailable: {m.message}"))
+                    await writer.write(wire.log_event(Severity.WARN, f"node {m.node!r} "
+                                                      f"({m.address}) is unavailable: {m.message}"))
             await write_replay(writer, replay, base)
             # The daemon stopping ends the stream cleanly: what is queued goes out, then OK.
             closer = asyncio.create_task(self._close_on_shutdown(client))
@@ -554,15 +556,15 @@ class Instance:
                 await self._ensure_on_peer(channel)
                 next_seq = await self._stream_from(m, channel, next_seq)
                 m.state, m.message = "ended", ""
-                self.log(4, f"node {m.node!r}: the instance ended there")
+                self.log(Severity.INFO, f"node {m.node!r}: the instance ended there")
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                reason = describe_error(e)
+                reason = self._peers.describe(m.node, e)
                 if m.state != "down" or m.message != reason:
-                    self.log(_WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: {reason}; "
-                             "the other nodes continue")
+                    self.log(Severity.WARN, f"node {m.node!r} ({m.address}) {peer_problem(e)}: "
+                             f"{reason}; the other nodes continue")
                 if m.state == "up":
                     backoff = PEER_RETRY_MIN
                 m.state, m.message = "down", reason
@@ -608,7 +610,7 @@ class Instance:
                     ds_map = {ds.id: local_ids[ds.name] for ds in info.dataSources
                               if ds.name in local_ids}
                     if m.state != "up":
-                        self.log(4 if m.state == "connecting" else _WARN,
+                        self.log(Severity.INFO if m.state == "connecting" else Severity.WARN,
                                  f"node {m.node!r} ({m.address}) is connected")
                     m.state, m.message = "up", ""
                 elif ev.type == wire.EVENT_TYPE_PAYLOAD:
@@ -637,6 +639,6 @@ class Instance:
                 if resp.result != 0 and "not found" not in resp.message:
                     failures.append(f"node {m.node}: {resp.message}")
             except Exception as e:
-                failures.append(f"node {m.node}: {describe_error(e)}")
+                failures.append(f"node {m.node}: {self._peers.describe(m.node, e)}")
         return failures
 

@@ -1,5 +1,6 @@
-"""The daemon's gadget instances: create, list, get, remove, resolve and attach (spec 6), and
-the ``api.GadgetInstanceManager`` servicer over them. One instance is api/instance.py."""
+"""The daemon's gadget instances: create, list, get, remove, resolve and attach
+(docs/gadget-service.md §6), and the ``api.GadgetInstanceManager`` servicer over them. One instance
+is api/instance.py."""
 
 from __future__ import annotations
 
@@ -77,15 +78,17 @@ class InstanceManager:
     Args:
         ctx: the daemon's service context (catalog, ledger, sinks, node name).
         state_dir: where instances are persisted (``<state_dir>/gadgets``).
-        nodes: peer daemons by node name, for multi-node instances and legacy fan-out.
+        nodes: peer daemons by node name, for multi-node instances and legacy fan-out: their
+            addresses, or a :class:`PeerPool` with their TLS settings.
         ready_wait: seconds GetGadgetInfo/attach wait for a starting instance.
     """
 
     def __init__(self, ctx: ServiceContext, state_dir: Path,
-                 nodes: Mapping[str, str] | None = None, ready_wait: float = READY_WAIT) -> None:
+                 nodes: Mapping[str, str] | PeerPool | None = None,
+                 ready_wait: float = READY_WAIT) -> None:
         self._ctx = ctx
         self.store = InstanceStore(state_dir)
-        self.peers = PeerPool(nodes or {})
+        self.peers = nodes if isinstance(nodes, PeerPool) else PeerPool(nodes or {})
         self._ready_wait = ready_wait
         self.ready_wait = ready_wait
         """Seconds CreateGadgetInstance waits for the new instance to trace."""
@@ -209,7 +212,8 @@ class InstanceManager:
         return inst.to_proto()
 
     async def remove(self, instance_id: str) -> pb.StatusResponse:
-        """Stops and forgets an instance; an unknown id is ``result=1`` (spec 6.2)."""
+        """Stops and forgets an instance; an unknown id is ``result=1``
+        (docs/gadget-service.md §6.2)."""
         if not ID_RE.match(instance_id):
             raise GRPCError(Status.INVALID_ARGUMENT, f"invalid gadget instance id: {instance_id}")
         inst = self._instances.get(instance_id)
@@ -271,7 +275,8 @@ class InstanceManager:
             await asyncio.wait_for(inst.started.wait(), self._ready_wait)
 
     async def attach(self, stream: Any, req: pb.GadgetAttachRequest) -> None:
-        """Serves an attach stream (spec 3.3); the caller checked the version."""
+        """Serves an attach stream (docs/gadget-service.md §3.3); the caller checked the
+        version."""
         inst = self._instances.get(req.id)
         if inst is None:
             raise GRPCError(Status.NOT_FOUND, f"gadget {req.id} not found")

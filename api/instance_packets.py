@@ -25,12 +25,14 @@ from api.stream_writer import FramedWriter
 from pipeline import wire
 from pipeline.batch import Batch
 from pipeline.ledger import REASON_QUEUE_FULL, STAGE_ATTACH, Ledger
+from pipeline.severity import Severity
 
 __all__ = ["ATTACH_QUEUE", "ATTACH_STAGE", "Attacher", "Chunk", "PacketRing", "node_field",
            "write_replay"]
 
 ATTACH_QUEUE = 1024
-"""Live packets one attached client may have waiting before new ones are dropped (spec 3.3)."""
+"""Live packets one attached client may have waiting before new ones are dropped
+(docs/gadget-service.md §3.3)."""
 ATTACH_STAGE = STAGE_ATTACH
 """Ledger stage of every attached client of an instance (summed, so sessions that come and go
 add no series), counted in packets."""
@@ -40,7 +42,6 @@ _WRITE_BUDGET = 1 << 20
 """Bytes (roughly) one attach write gathers before it goes out."""
 _SEQ_MASK = 0xFFFFFFFF
 _TAG_NODE = 0x0A  # GadgetData.node and GadgetDataArray.node are both field 1, string
-_WARN = 3
 
 
 @dataclass(slots=True)
@@ -209,8 +210,8 @@ class Attacher:
             return b""
         self._reported = self.dropped
         self._last_report = now
-        return wire.log_event(_WARN, f"this client is too slow: {lost} events were dropped for "
-                              f"it ({self.dropped} in total); the seq gaps show where")
+        return wire.log_event(Severity.WARN, f"this client is too slow: {lost} events were "
+                              f"dropped for it ({self.dropped} in total); the seq gaps show where")
 
     async def run(self, writer: FramedWriter, base: int) -> None:
         """Writes queued packets (stream seq = instance seq - ``base``) until closed and

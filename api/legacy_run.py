@@ -1,4 +1,5 @@
-"""``BuiltInGadgetManager.RunBuiltInGadget``: the pre-v0.42 built-in gadget API (spec 3.7).
+"""``BuiltInGadgetManager.RunBuiltInGadget``: the pre-v0.42 built-in gadget API
+(docs/gadget-service.md §3.7).
 
 A legacy client names a gadget by category and name (``trace``/``exec``); every gadget folder
 whose gadget.yaml carries ``category`` and ``legacyName`` answers to that pair. The
@@ -52,7 +53,7 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_grpc as svc
 from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
-from api.peers import PeerPool, describe_error, peer_problem
+from api.peers import PeerPool, peer_problem
 from api.ready import READY_SEVERITY, is_ready, ready_message
 from api.run_session import CLIENT_DROP_REASONS, DIRECT_RUNS, RunSession, client_key, new_run
 from api.run_stream import LogForwarder, read_control
@@ -63,6 +64,7 @@ from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE
 from pipeline.run import OPERATOR_PARAMS, GadgetRun
 from pipeline.schema import DataSourceSchema, DataSourceType
+from pipeline.severity import Severity
 from pipeline.sinks.encode import JsonEncoder, PerSchema
 
 __all__ = ["legacy_json_encoder", "legacy_params", "run_builtin", "select_nodes"]
@@ -74,8 +76,6 @@ EVENT_TYPE_JOB_ID = 3
 NODE_KEY = "node"
 RUNTIME_KEY_PREFIX = "runtime."
 _SEQ_MASK = 0xFFFFFFFF
-_WARN = 3
-_ERROR = 2
 
 
 
@@ -217,7 +217,7 @@ class _Session:
         job = str(uuid.uuid4())
         await self._write(wire.grpc_frame(wire.gadget_event(EVENT_TYPE_JOB_ID, 0, job.encode())))
         for key in ignored:
-            self.log(_WARN, f"ignoring unknown parameter {key!r}")
+            self.log(Severity.WARN, f"ignoring unknown parameter {key!r}")
         nodes: dict[str, asyncio.Task[NodeResult]] = {}
         self._waiting_ready = {*([self._ctx.node] if run is not None else []), *remote}
         if run is not None:
@@ -296,7 +296,7 @@ class _Session:
                     raise GRPCError(e.status if isinstance(e, GRPCError)
                                     else Status.FAILED_PRECONDITION, message) from None
                 result.error = message
-                self.log(_ERROR, f"node {self._ctx.node}: {message}")
+                self.log(Severity.ERROR, f"node {self._ctx.node}: {message}")
                 await self._node_ready(self._ctx.node, failed=True)
                 return result
             await self._node_ready(self._ctx.node, text=session.ready_text())
@@ -389,8 +389,8 @@ class _Session:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            result.error = describe_error(e)
-            self.log(_WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
+            result.error = self._peers.describe(node, e)
+            self.log(Severity.WARN, f"node {node!r} ({address}) {peer_problem(e)}: {result.error}; "
                      "continuing with the other nodes")
             await self._node_ready(node, failed=True)
             _logger.warning("legacy run: node %s (%s): %s", node, address, result.error)

@@ -17,9 +17,9 @@ A consumer makes the run (:func:`new_run`, which validates the request and sets 
    sinks within the drain deadline, leaves the compile queue if the turn never came, folds the
    ledger rows later by one policy (``ServiceContext.folds``) and has the heap trimmed.
 
-Params are logged to the client at debug level as upstream does (spec 3.1 step 4): those the
-client sent, not the resolved values (daemon-wide sink defaults), secret ones (an OTLP header)
-redacted.
+Params are logged to the client at debug level as upstream does (docs/gadget-service.md §3.1
+step 4), only those the client sent and no sink's: a sink param can carry a credential (an OTLP
+header).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pipeline.graph import Edge, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE
 from pipeline.params import redact
 from pipeline.run import GadgetRun, LogListener, RunError, RunIdentity
+from pipeline.severity import Severity
 from pipeline.sinks.base import (
     DROP_QUEUE_FULL,
     DROP_REJECTED,
@@ -50,7 +51,7 @@ from pipeline.sinks.base import (
     DROP_SINK_ERROR,
     OUTCOME_RETRIED,
 )
-from pipeline.sources.base import SourceError
+from pipeline.source import SourceError
 from pipeline.wire import GRPC_PARAMS, GRPC_PREFIX
 
 __all__ = ["DIRECT_RUNS", "REMOVED_INSTANCES", "RunSession", "client_key", "new_run"]
@@ -81,7 +82,8 @@ def new_run(ctx: ServiceContext, spec: GadgetSpec, params: Mapping[str, str], la
         extra += ctx.sinks.params()
         prefixes += ctx.sinks.prefixes()
     try:
-        run = GadgetRun(spec, params, ctx.ledger, label, extra, prefixes, identity=identity)
+        run = GadgetRun(spec, params, ctx.ledger, label, extra, prefixes, identity=identity,
+                        containers=ctx.containers)
     except RunError as e:
         raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
     if ctx.sinks is not None:
@@ -187,10 +189,12 @@ class RunSession:
         self._listeners.append(fn)
 
     def log_params(self, values: Mapping[str, str]) -> None:
-        """One debug log per param the client sent (not the resolved values: daemon-wide sink
-        defaults stay in the daemon), secret ones redacted (pipeline/params.py)."""
-        for key, value in sorted(redact(dict(values), self.run.param_specs).items()):
-            self.run.log(5, f"param {key}: {value}")
+        """One debug log per param the client sent, sink params left out (credentials) and
+        any other secret param redacted."""
+        sink_prefixes = tuple(self.ctx.sinks.prefixes()) if self.ctx.sinks is not None else ()
+        for key, value in sorted(redact(values, self.run.param_specs).items()):
+            if not (sink_prefixes and key.startswith(sink_prefixes)):
+                self.run.log(Severity.DEBUG, f"param {key}: {value}")
 
     async def start(self) -> None:
         """Attaches the sinks, waits for the compile turn and starts the source; returns when

@@ -189,7 +189,7 @@ class LogForwarder:
 async def read_control(stream: object) -> str:
     """Reads the rest of a run stream; returns why the run should stop.
 
-    Half-close and receive errors mean stop, as upstream treats them (spec 3.2).
+    Half-close and receive errors mean stop, as upstream treats them (docs/gadget-service.md §3.2).
     """
     while True:
         try:

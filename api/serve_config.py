@@ -17,8 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from api.daemon import DaemonSettings
+from api.otel_logs import OtelLogsSettings
+from api.peers import Peer, PeerTLS
 from api.server import TLSConfig
 from config.loader import DEFAULT_CONFIG, ConfigError, ConfigLoader, LoadedConfig, Reachability
+from config.schema import NodeSection, PeerTLSSection
 
 _logger = logging.getLogger(__name__)
 
@@ -54,10 +57,13 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         s.socket_group = d.socket_group
         s.events_buffer_length = d.events_buffer_length
         s.node = d.node
-        s.nodes = dict(d.nodes)
+        s.nodes = {name: peer(n) for name, n in d.nodes.items()}
+        s.node_tls = peer_tls(d.node_tls)
         if d.tls is not None:
             s.tls = TLSConfig(Path(d.tls.cert), Path(d.tls.key),
                               Path(d.tls.client_ca) if d.tls.client_ca else None)
+        if d.otel_logs is not None:
+            s.otel_logs = OtelLogsSettings(d.otel_logs.endpoint, d.otel_logs.level)
     s.sinks = {k: dict(v) for k, v in loaded.sink_defaults.items()}
     if args.listen:
         s.listen = tuple(args.listen)
@@ -69,13 +75,37 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
     s.insecure = s.insecure or args.insecure
     if args.socket_group:
         s.socket_group = args.socket_group
+    if getattr(args, "containerd_socket", None) is not None:
+        s.containerd_socket = args.containerd_socket
+    if getattr(args, "containerd_namespace", None):
+        s.containerd_namespace = args.containerd_namespace
     if getattr(args, "compile_queue", None):
         s.compile_queue = args.compile_queue
     if getattr(args, "compile_queue_per_client", None):
         s.compile_queue_per_client = args.compile_queue_per_client
     s.tls = layer_tls(s.tls, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                       getattr(args, "tls_client_ca", None))
+    endpoint = getattr(args, "otel_logs_endpoint", None)
+    if endpoint:
+        level = s.otel_logs.level if s.otel_logs is not None else "info"
+        try:
+            s.otel_logs = OtelLogsSettings(endpoint, level)
+        except ValueError as e:
+            raise SystemExit(f"gadgetpipe: --otel-logs-endpoint: {e}") from None
     return s
+
+
+def peer_tls(section: PeerTLSSection | None) -> PeerTLS | None:
+    """The config's TLS towards peers as the daemon takes it."""
+    if section is None:
+        return None
+    ca, cert, key = (Path(p) if p else None for p in (section.ca, section.cert, section.key))
+    return PeerTLS(ca, cert, key, section.server_name)
+
+
+def peer(node: NodeSection) -> Peer:
+    """A ``daemon.nodes`` entry as the daemon takes it."""
+    return Peer(node.address, peer_tls(node.tls))
 
 
 def layer_tls(tls: TLSConfig | None, cert: str | None, key: str | None,

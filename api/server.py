@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from grpclib import GRPCError, Status
 from grpclib.const import Handler
@@ -23,7 +22,11 @@ from grpclib.health.service import Health
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server
 
+from config.addresses import ListenAddress, ListenError
+
 _logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_SOCKET", "GrpcServer", "ListenAddress", "ListenError", "TLSConfig"]
 
 DEFAULT_SOCKET = "unix:///var/run/gadgetpipe/gadgetpipe.sock"
 MAX_RECEIVE_MESSAGE = 4 << 20
@@ -33,10 +36,6 @@ MAX_STATUS_MESSAGE = 1024
 (``invalid gadget instance id: <id>``), and a status is a trailer: grpc-go and grpcio refuse
 trailers over 8-16 KiB, so an echoed 300 KiB id would reach the client as a transport error
 instead of the reason."""
-
-
-class ListenError(ValueError):
-    """A listen address or its TLS settings are unusable."""
 
 
 class RequestCodec(ProtoCodec):
@@ -176,32 +175,6 @@ class TLSConfig:
             except (OSError, ssl.SSLError) as e:
                 raise ListenError(f"TLS client CA {self.client_ca}: {e}") from None
         return ctx
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    scheme: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> ListenAddress:
-        u = urlparse(text)
-        if u.scheme == "unix":
-            path = (u.netloc + u.path) if u.netloc else u.path
-            if not path:
-                raise ListenError(f"{text!r}: unix address needs a path, unix:///run/x.sock")
-            return cls("unix", path=path)
-        if u.scheme == "tcp":
-            if not u.hostname or u.port is None:
-                raise ListenError(f"{text!r}: tcp address needs host and port, "
-                                  "tcp://127.0.0.1:8080")
-            return cls("tcp", host=u.hostname, port=u.port)
-        raise ListenError(f"{text!r}: scheme must be unix:// or tcp://")
-
-    def __str__(self) -> str:
-        return f"unix://{self.path}" if self.scheme == "unix" else f"tcp://{self.host}:{self.port}"
 
 
 class GrpcServer:

@@ -1,4 +1,4 @@
-"""The instance store: one ``<id>.gadget`` file per gadget instance (spec 6.3).
+"""The instance store: one ``<id>.gadget`` file per gadget instance (docs/gadget-service.md §6.3).
 
 Layout: ``<state_dir>/gadgets/`` (mode 0700; created with its parents), one file per instance
 named after its 32-hex id, mode 0644, holding the whole ``CreateGadgetInstanceRequest`` as

@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog, GadgetSpec
+from pipeline.gadget import GadgetSpec
 from pipeline.graph import EdgeClosed, Overflow
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 from tests.peers.kafka import KafkaBroker
 from tests.peers.otelcol import OtelCollector
 

@@ -20,12 +20,13 @@ from typing import Any, Protocol
 from config.declare import Declaration, LoadState
 from config.results import KeyPath, format_path, suggest
 from config.yaml_doc import Document
-from pipeline.gadget import Catalog, GadgetError, GadgetSpec, UnknownGadget
+from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.ledger import Ledger
 from pipeline.params import ParamError, ParamSpec
 from pipeline.run import GadgetRun, RunError
 from pipeline.sinks.base import KEY_ENABLE, SinkType, setting_of
 from pipeline.sinks.endpoints import Endpoint
+from pipeline.sources.catalog import Catalog
 
 __all__ = ["InstanceChecker", "Probe", "SinkCatalog", "probe_all"]
 

@@ -59,10 +59,10 @@ from config.results import (
 )
 from config.schema import EXTENSION_PREFIX, ConfigDocument, InstanceSpecManifest
 from config.yaml_doc import Document, parse_documents
-from pipeline.gadget import Catalog
 from pipeline.ledger import Ledger
 from pipeline.params import ParamError, secret_keys
 from pipeline.sinks.base import list_separator, setting_of
+from pipeline.sources.catalog import Catalog
 from pipeline.wire import GRPC_PARAMS, GRPC_PREFIX
 
 __all__ = [

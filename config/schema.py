@@ -39,8 +39,11 @@ from pydantic import (
     Field,
     TypeAdapter,
     WithJsonSchema,
+    model_validator,
 )
 
+from config.addresses import ListenAddress as Address
+from config.addresses import ListenError, otlp_grpc_url, parse_host_port
 from pipeline.params import parse_duration
 
 if TYPE_CHECKING:
@@ -56,6 +59,9 @@ __all__ = [
     "DaemonSection",
     "InstanceSection",
     "InstanceSpecManifest",
+    "NodeSection",
+    "OtelLogsSection",
+    "PeerTLSSection",
     "TLSSection",
     "json_schema",
 ]
@@ -170,11 +176,8 @@ def _group_text(v: Any) -> Any:
 
 
 def _check_listen(text: str) -> str:
-    # Imported here: api.server pulls in grpclib, which the schema generator does not need.
-    from api.server import ListenAddress, ListenError
-
     try:
-        ListenAddress.parse(text)
+        Address.parse(text)
     except ListenError as e:
         raise ValueError(str(e)) from None
     return text
@@ -183,29 +186,29 @@ def _check_listen(text: str) -> str:
 def _check_metrics_listen(v: str | None) -> str | None:
     if v is None or v == "off":
         return None
-    _host, sep, port = v.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        port = parse_host_port(v)[1]
+    except ValueError:
+        port = 0
+    if not port:
         raise ValueError(f"{v!r} is not HOST:PORT (or off)")
     return v
 
 
 def _check_node_address(address: str) -> str:
-    from urllib.parse import urlparse
-
-    u = urlparse(address if "://" in address else f"tcp://{address}")
     try:
-        port = u.port
-    except ValueError:
-        port = None
-    ok = (u.scheme == "unix" and bool(u.netloc + u.path)) or (
-        u.scheme == "tcp" and bool(u.hostname) and port is not None)
-    if not ok:
-        raise ValueError(f"address {address!r} is not unix:///path, host:port or "
-                         "tcp://host:port")
+        Address.parse_peer(address)
+    except ListenError as e:
+        raise ValueError(str(e)) from None
     return address
 
 
-def _check_node_names(v: dict[str, str]) -> dict[str, str]:
+def _check_otlp_endpoint(endpoint: str) -> str:
+    otlp_grpc_url(endpoint)
+    return endpoint
+
+
+def _check_node_names(v: dict[str, Any]) -> dict[str, Any]:
     if "" in v:
         raise ValueError("empty node name")
     return v
@@ -258,6 +261,53 @@ class TLSSection(_Model):
     """PEM file with the CA that signs client certificates; set: clients must present one."""
 
 
+class OtelLogsSection(_Model):
+    """The daemon's own log, also sent to an OpenTelemetry Collector (OTLP/gRPC)."""
+
+    endpoint: Annotated[str, AfterValidator(_check_otlp_endpoint)]
+    """``host:port`` or ``http://host:port`` (plaintext), ``https://host:port`` (TLS)."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level sent (records ``serve --log-level`` drops are not sent either)."""
+
+
+class PeerTLSSection(_Model):
+    """TLS towards peer daemons on TCP: the CA their server certificates chain to and, for
+    peers that require client certificates (``tls.clientCA``), this daemon's own."""
+
+    ca: str | None = None
+    """PEM file with the CA of the peers' server certificates; none: the system's CAs."""
+    cert: str | None = None
+    """PEM file with this daemon's client certificate (chain), for mutual TLS."""
+    key: str | None = None
+    """PEM file with the client certificate's private key (with ``cert``)."""
+    server_name: str | None = Field(None, alias="serverName")
+    """The name the peers' certificates must carry; none: the host of the node's address."""
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> PeerTLSSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
+class NodeSection(_Model):
+    """A peer daemon with its own TLS settings."""
+
+    address: NodeAddress
+    """``host:port``, ``tcp://host:port`` or ``unix:///path``."""
+    tls: PeerTLSSection | None = None
+    """TLS towards this peer (TCP only); none: the daemon's ``nodeTLS``."""
+
+
+def _node_address(v: Any) -> Any:
+    """A bare address is the node's ``address`` (the short form of a node)."""
+    return {"address": v} if isinstance(v, str) else v
+
+
+Node = Annotated[NodeSection, BeforeValidator(_node_address,
+                                              json_schema_input_type=str | NodeSection)]
+
+
 class DaemonSection(_Model):
     """How the daemon runs. Read by ``serve --config`` only; CLI flags given to ``serve``
     override it; a change takes effect at the next start (SIGHUP reloads instances only)."""
@@ -267,7 +317,7 @@ class DaemonSection(_Model):
     tls: TLSSection | None = None
     """Server TLS files; none: plaintext."""
     insecure: bool = False
-    """Allow tcp:// listen addresses without TLS."""
+    """Allow TCP without TLS: tcp:// listen addresses, and TCP peers in ``nodes``."""
     socket_group: Annotated[str | None, BeforeValidator(
         _group_text, json_schema_input_type=str | int | None)] = Field(None, alias="socketGroup")
     """Group (name or gid) owning the unix sockets (mode 0660); none: root only."""
@@ -281,9 +331,14 @@ class DaemonSection(_Model):
     """Records a direct run's stream may queue before dropping (not instances)."""
     node: str | None = None
     """This daemon's node name; default: the host name."""
-    nodes: Annotated[dict[str, NodeAddress], AfterValidator(_check_node_names)] = Field(
+    nodes: Annotated[dict[str, Node], AfterValidator(_check_node_names)] = Field(
         default_factory=dict)
-    """Peer daemons by node name (``node-b: 10.0.0.2:8080``), for multi-node instances."""
+    """Peer daemons by node name (``node-b: 10.0.0.2:8080``, or ``{address, tls}``), for
+    multi-node instances."""
+    node_tls: PeerTLSSection | None = Field(None, alias="nodeTLS")
+    """TLS towards TCP peers without their own; a TCP peer without any needs ``insecure``."""
+    otel_logs: OtelLogsSection | None = Field(None, alias="otelLogs")
+    """Send the daemon's own log to an OpenTelemetry Collector too; none: stderr only."""
     sinks: dict[str, SinkSettings] = Field(default_factory=dict)
     """Daemon-wide sink defaults by sink type, keys as the sink's setting names
     (``brokers``, ``endpoint``); see ``$defs/sink-<type>``."""

@@ -1,15 +1,17 @@
-"""Gadget specs and the catalog: one folder per gadget under ``pipeline/sources/<name>/``.
+"""Gadget specs: one folder per gadget under ``pipeline/sources/<name>/``.
 
 A folder holds ``gadget.yaml`` (data sources, struct layouts, params, annotations), the BPF C
 in ``program.bpf.c``, a ``README.md``, and optionally ``hooks.py`` when the gadget needs a
 source other than the ring-buffer tracer. Nothing outside the folder lists gadgets.
+
+This module reads a folder into a :class:`GadgetSpec`; the catalog that finds the folders and
+gives each spec its source lives with the sources (:mod:`pipeline.sources.catalog`), so the
+engine knows no source.
 """
 
 from __future__ import annotations
 
-import importlib
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,14 +30,13 @@ from pipeline.derive import (
 from pipeline.layout import StructRegistry
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
+from pipeline.source import Source
 
 SOURCES_DIR = Path(__file__).resolve().parent / "sources"
 BPF_INCLUDE_DIR = SOURCES_DIR / "bpf"
 IMAGE_REPOSITORY = "ghcr.io/inspektor-gadget/gadget/"
 EBPF_PREFIX = "operator.oci.ebpf."
 RUNTIME_PREFIX = "operator.bcc."
-_IMAGE = re.compile(
-    r"^(?:(?:[\w.-]+(?::\d+)?/)*)?(?P<name>[a-z0-9_-]+)(?::[\w.-]+)?(?:@sha256:[a-f0-9]+)?$")
 
 
 class GadgetError(ValueError):
@@ -84,7 +85,9 @@ RUNTIME_PARAMS: tuple[ParamSpec, ...] = (
 
 
 class SourceFactory(Protocol):
-    def __call__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> Any: ...
+    """Makes the source of one run from the gadget and the run's resolved params."""
+
+    def __call__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> Source: ...
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class GadgetSpec:
     structs: StructRegistry = field(default_factory=StructRegistry, compare=False)
     struct_names: Mapping[str, str] = field(default_factory=dict)
     derive: DeriveSpec = field(default_factory=DeriveSpec, compare=False)
+    make_source: SourceFactory | None = field(default=None, compare=False)
+    """What makes this gadget's source; the catalog sets it."""
 
     @property
     def program(self) -> Path:
@@ -119,12 +124,10 @@ class GadgetSpec:
         raise GadgetError(f"gadget {self.name!r} has no data source {name!r}")
 
     def source_factory(self) -> SourceFactory:
-        """``hooks.make_source`` when the folder has one, else the ring-buffer tracer."""
-        if (self.folder / "hooks.py").exists():
-            mod = importlib.import_module(f"pipeline.sources.{self.folder.name}.hooks")
-            return mod.make_source  # type: ignore[no-any-return]
-        from pipeline.sources.tracer import TracerSource
-        return TracerSource
+        """What makes this gadget's source (raises GadgetError for a spec no catalog made)."""
+        if self.make_source is None:
+            raise GadgetError(f"gadget {self.name!r} has no source: load it through a Catalog")
+        return self.make_source
 
 
 def _common_structs() -> StructRegistry:
@@ -205,15 +208,20 @@ def _enums(path: Path, raw: Mapping[str, Any], structs: StructRegistry) -> dict[
     return out
 
 
-def _declared(path: Path, folder: Path, ds_name: str, raw: Mapping[str, Any],
+HooksLoader = Callable[[], Any]
+"""Imports a gadget folder's ``hooks.py`` and returns the module (the catalog's, since the
+folders are the sources'; :mod:`pipeline.sources.catalog`), None when the folder has none."""
+
+
+def _declared(path: Path, ds_name: str, raw: Mapping[str, Any], load_hooks: HooksLoader | None,
               ) -> list[DeclaredField]:
     """A data source's ``derived:`` entries, bound to the functions of the gadget's hooks.py."""
     if not raw:
         return []
-    if not (folder / "hooks.py").exists():
+    hooks = load_hooks() if load_hooks is not None else None
+    if hooks is None:
         raise GadgetError(f"{path}: data source {ds_name!r} declares derived fields but the "
                           "gadget has no hooks.py")
-    hooks = importlib.import_module(f"pipeline.sources.{folder.name}.hooks")
     out = []
     for name, conf in raw.items():
         conf = conf or {}
@@ -244,8 +252,14 @@ def _key_value_fields(structs: StructRegistry, key: str, value: str) -> tuple[li
     return [*key_fields, *value_fields], key_size
 
 
-def load_spec(folder: Path) -> GadgetSpec:
-    """Reads one gadget folder; raises GadgetError naming the file and the problem."""
+def load_spec(folder: Path, load_hooks: HooksLoader | None = None) -> GadgetSpec:
+    """Reads one gadget folder; raises GadgetError naming the file and the problem.
+
+    Args:
+        folder: the gadget's folder.
+        load_hooks: gives the folder's ``hooks.py`` module, whose functions compute the
+            data sources' ``derived:`` fields.
+    """
     path = folder / "gadget.yaml"
     text = path.read_bytes()
     try:
@@ -273,7 +287,7 @@ def load_spec(folder: Path) -> GadgetSpec:
             fields, size = structs.fields(struct)
         configs[ds_name] = _field_config(ds.get("fields") or {})
         fields = _apply_annotations(fields, configs[ds_name])
-        declared[ds_name] = _declared(path, folder, ds_name, ds.get("derived") or {})
+        declared[ds_name] = _declared(path, ds_name, ds.get("derived") or {}, load_hooks)
         ann = {k: str(v) for k, v in (ds.get("annotations") or {}).items()}
         ds_type = DataSourceType.ARRAY if ds.get("type") == "array" else DataSourceType.SINGLE
         datasources.append(DataSourceSchema(
@@ -297,36 +311,3 @@ def load_spec(folder: Path) -> GadgetSpec:
         structs=structs, struct_names=struct_names,
         derive=spec_derive,
     )
-
-
-class Catalog:
-    """The gadgets found under a sources folder, loaded once."""
-
-    def __init__(self, root: Path = SOURCES_DIR) -> None:
-        self._specs: dict[str, GadgetSpec] = {}
-        for gy in sorted(root.glob("*/gadget.yaml")):
-            spec = load_spec(gy.parent)
-            self._specs[spec.name] = spec
-
-    def __iter__(self) -> Iterator[GadgetSpec]:
-        return iter(self._specs.values())
-
-    def names(self) -> list[str]:
-        return sorted(self._specs)
-
-    def resolve(self, image: str) -> GadgetSpec:
-        """A gadget by short name or upstream image reference (any registry path and tag)."""
-        m = _IMAGE.match(image.strip())
-        name = m["name"] if m else image
-        spec = self._specs.get(name)
-        if spec is None:
-            raise UnknownGadget(image, self.names())
-        return spec
-
-    def legacy(self, category: str, name: str) -> GadgetSpec:
-        for spec in self._specs.values():
-            if spec.category == category and spec.legacy_name == name:
-                return spec
-        known = sorted(f"{s.category}/{s.legacy_name}" for s in self._specs.values()
-                       if s.category)
-        raise GadgetError(f"gadget not found: {category}/{name} (known: {', '.join(known)})")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from pipeline.batch import Batch
-from pipeline.ledger import Ledger
+from pipeline.ledger import REASON_CLOSED, REASON_QUEUE_FULL, Ledger
 
 
 class Overflow(StrEnum):
@@ -105,7 +105,7 @@ class Edge:
             return
         if self._closed:
             self.offered += n
-            self._drop(n, "closed")
+            self._drop(n, REASON_CLOSED)
             return
         if self._fits(n):
             self._append(batch)
@@ -114,13 +114,13 @@ class Edge:
             while self._items and not self._fits(n):
                 _, old = self._items.popleft()
                 self._depth -= len(old)
-                self._ledger.dropped(self._instance, self.name, len(old), "queue_full")
+                self._ledger.dropped(self._instance, self.name, len(old), REASON_QUEUE_FULL)
                 if self._on_drop is not None:
                     self._on_drop(len(old))
             self._append(batch)
             return
         self.offered += n
-        self._drop(n, "queue_full")
+        self._drop(n, REASON_QUEUE_FULL)
 
     async def get(self) -> tuple[int, Batch]:
         """The next batch and the position of its first record; raises EdgeClosed when drained

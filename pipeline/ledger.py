@@ -36,6 +36,27 @@ REASON_CLOSED = "closed"
 """Offered to an edge after it closed (the run was stopping)."""
 REASON_CLIENT_GONE = "client_gone"
 """Queued for a client that went away."""
+REASON_SEND_FAILED = "send_failed"
+"""A sink gave up retrying them."""
+REASON_REJECTED = "rejected"
+"""A sink's peer refused them (OTLP partial success, a non-retryable error)."""
+REASON_SINK_ERROR = "sink_error"
+"""A sink itself failed on them (a bug or an encoding error), not its peer."""
+REASON_SHUTDOWN = "shutdown"
+"""Still queued or in flight when their run or the daemon stopped."""
+
+GRPC_STAGE_PREFIX = "grpc:"
+SINK_STAGE_PREFIX = "sink:"
+
+
+def grpc_stage(peer: str) -> str:
+    """The stage of one gRPC client's edge of a run (``grpc:<peer>``)."""
+    return GRPC_STAGE_PREFIX + peer
+
+
+def sink_stage(name: str) -> str:
+    """The stage of one sink's edge of a run (``sink:<type>``)."""
+    return SINK_STAGE_PREFIX + name
 
 
 class LedgerKey(NamedTuple):

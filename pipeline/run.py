@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pipeline.batch import Batch
+from pipeline.containers import selector as container_selector
+from pipeline.containers.collection import ContainerCollection
 from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.graph import Edge, Fanout, Overflow
 from pipeline.ledger import (
@@ -53,7 +55,8 @@ from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamError, ParamSpec, resolve
 from pipeline.schema import DataSourceSchema
-from pipeline.sources.base import SheddingSource, Source
+from pipeline.severity import Severity
+from pipeline.source import SheddingSource, Source
 
 _logger = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
     *enrich_op.PARAMS,
 )
 OWNED_PREFIXES: tuple[str, ...] = (EBPF_PREFIX, RUNTIME_PREFIX, "operator.filter.",
-                                   fields_op.PREFIX, enrich_op.PREFIX)
+                                   fields_op.PREFIX, enrich_op.PREFIX,
+                                   container_selector.PREFIX)
 
 LogListener = Callable[[int, str], None]
 
@@ -124,13 +128,11 @@ class RunIdentity:
         return cls(gadget, label, label, label)
 
 
-def build_operators(values: Mapping[str, Any],
-                    schemas: list[DataSourceSchema]) -> list[Operator]:
-    ops: list[Operator] = []
-    if enrich_op.wanted(values):
-        # First, as upstream enriches before filtering: later operators see the new fields.
-        ops.append(enrich_op.Enrich(values, schemas))
-        schemas = [ops[-1].output_schema(s) for s in schemas]
+def build_operators(values: Mapping[str, Any], schemas: list[DataSourceSchema],
+                    enrich: enrich_op.Enrich | None = None) -> list[Operator]:
+    # Enrichment first, as upstream enriches before filtering: later operators see its fields.
+    ops: list[Operator] = [enrich or enrich_op.Enrich(values, schemas)]
+    schemas = [ops[-1].output_schema(s) for s in schemas]
     if values.get(filter_op.PARAM):
         ops.append(filter_op.Filter(values[filter_op.PARAM], schemas))
     if values.get(fields_op.PARAM):
@@ -202,12 +204,14 @@ class GadgetRun:
         extra_prefixes: the prefixes of ``extra_params``, checked strictly.
         identity: who the run is (instance id and name); by default a run named by its
             label.
+        containers: the daemon's container collection (records' ``k8s``/``runtime`` fields
+            and container selection); None: no container is known.
     """
 
     def __init__(self, spec: GadgetSpec, param_values: Mapping[str, str], ledger: Ledger,
                  instance: str, extra_params: Iterable[ParamSpec] = (),
-                 extra_prefixes: Iterable[str] = (), identity: RunIdentity | None = None
-                 ) -> None:
+                 extra_prefixes: Iterable[str] = (), identity: RunIdentity | None = None,
+                 containers: ContainerCollection | None = None) -> None:
         self.spec = spec
         self.instance = instance
         self.identity = identity or RunIdentity.of_run(spec.name, instance)
@@ -222,7 +226,9 @@ class GadgetRun:
             # (computed only when read: pipeline/derive).
             self.derive = derive_op.Derive(spec.datasources, spec.derive)
             derived = [self.derive.output_schema(s) for s in spec.datasources]
-            self._operators = [self.derive, *build_operators(self.values, derived)]
+            self._enrich = enrich_op.Enrich(self.values, derived, containers)
+            self._operators = [self.derive,
+                               *build_operators(self.values, derived, self._enrich)]
         except (ParamError, OperatorError) as e:
             raise RunError(str(e)) from e
         self._shedder = ShedController.from_values(self.values)
@@ -260,7 +266,7 @@ class GadgetRun:
             self._log_listeners.remove(fn)
 
     def log(self, severity: int, message: str) -> None:
-        _logger.log(_PY_LEVEL.get(severity, logging.INFO), "[%s] %s", self.instance, message)
+        _logger.log(Severity.of(severity).python_level, "[%s] %s", self.instance, message)
         for fn in tuple(self._log_listeners):
             fn(severity, message)
 
@@ -302,6 +308,7 @@ class GadgetRun:
             with contextlib.suppress(Exception):
                 await self._source.stop()
             raise
+        self._enrich.attach(self._source, self.log)
         self.started.set()
         if self._shedder is not None:
             if hasattr(self._source, "set_sample_rate") and \
@@ -310,8 +317,8 @@ class GadgetRun:
                                                       name=f"shed:{self.instance}")
             else:
                 self._shedder = None
-                self.log(3, f"{SHED}: gadget {self.spec.name} cannot sample in the kernel; "
-                         "running without load shedding")
+                self.log(Severity.WARN, f"{SHED}: gadget {self.spec.name} cannot sample in the "
+                         "kernel; running without load shedding")
 
     async def _emit(self, batch: Batch) -> None:
         n = len(batch)
@@ -351,15 +358,15 @@ class GadgetRun:
             return
         cast(SheddingSource, self._source).set_sample_rate(rate)
         if before == 1:
-            self.log(3, f"shedding load: queue {edge} is {fill:.0%} full; the kernel keeps 1 "
-                     f"record in {rate} (the others are counted as shed)")
+            self.log(Severity.WARN, f"shedding load: queue {edge} is {fill:.0%} full; the kernel "
+                     f"keeps 1 record in {rate} (the others are counted as shed)")
         elif rate == 1:
             self._sync_kernel_losses()
-            self.log(4, f"load shedding ended: the queues drained ({self._kernel_shed} records "
-                     "shed so far)")
+            self.log(Severity.INFO, "load shedding ended: the queues drained "
+                     f"({self._kernel_shed} records shed so far)")
         else:
-            self.log(5, f"load shedding: the kernel keeps 1 record in {rate} (queue {edge} "
-                     f"{fill:.0%} full)")
+            self.log(Severity.DEBUG, f"load shedding: the kernel keeps 1 record in {rate} "
+                     f"(queue {edge} {fill:.0%} full)")
 
     def _sync_kernel_losses(self) -> None:
         if self._source is None:
@@ -370,7 +377,8 @@ class GadgetRun:
             self._kernel_lost = lost
             self._ledger.produced(self.instance, STAGE_KERNEL, delta)
             self._ledger.dropped(self.instance, STAGE_KERNEL, delta, REASON_RINGBUF_FULL)
-            self.log(3, f"kernel ring buffer full: {delta} records lost ({lost} in total)")
+            self.log(Severity.WARN,
+                     f"kernel ring buffer full: {delta} records lost ({lost} in total)")
         if self.values.get(SHED) and hasattr(self._source, "shed"):
             shed = cast(SheddingSource, self._source).shed()
             if shed > self._kernel_shed:
@@ -417,9 +425,7 @@ class GadgetRun:
                 await self._source.stop()
                 self._sync_kernel_losses()
         finally:
+            self._enrich.close()
             self.fanout.close()
             self.finished.set()
 
-
-_PY_LEVEL = {1: logging.CRITICAL, 2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO,
-             5: logging.DEBUG, 6: logging.DEBUG}

@@ -56,7 +56,7 @@ NUMPY_DTYPE: Mapping[Kind, str] = MappingProxyType({
 
 
 class FieldFlag(IntFlag):
-    """``Field.flags`` bits (spec 4.3)."""
+    """``Field.flags`` bits (docs/gadget-service.md §4.3)."""
 
     NONE = 0
     EMPTY = 1

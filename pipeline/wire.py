@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, Coded, Fixed, LazyColumn, object_column
+from pipeline.batch import Batch, Coded, CodedColumn, Fixed, LazyColumn, object_column
 from pipeline.params import ParamSpec
 
 GRPC_PREFIX = "operator.grpc."
@@ -310,18 +310,51 @@ def _ragged_rows(mat: npt.NDArray[np.uint8], used: npt.NDArray[np.int64],
     return out
 
 
+def _coded_block(table: list[bytes], codes: npt.NDArray[np.intp]) -> Block:
+    """Entries that take one of a few values: each distinct value's bytes once, then gathered
+    per record."""
+    lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
+    mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
+    for i, e in enumerate(table):  # per distinct value
+        mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
+    return mat[codes], lens[codes]
+
+
+def _entry_blocks(cols: Sequence[Sequence[bytes]], n: int) -> list[Block | None]:
+    """Each payload column as entries in a block (see :func:`_entry_block`); consecutive
+    coded columns sharing one codes array (what an operator adds together, such as
+    a container's k8s.* and runtime.* fields) become one block of their entries together, so
+    a record's shape does not vary with each of them."""
+    out: list[Block | None] = []
+    i = 0
+    while i < len(cols):
+        c = cols[i]
+        j = i + 1
+        if isinstance(c, CodedColumn):
+            while j < len(cols):
+                nxt = cols[j]
+                if not (isinstance(nxt, CodedColumn) and nxt.codes is c.codes and
+                        len(nxt.values) == len(c.values)):
+                    break
+                j += 1
+        if j - i > 1:
+            run = [x for x in cols[i:j] if isinstance(x, CodedColumn)]
+            table = [b"".join(length_delimited(_TAG_PAYLOAD, x.values[k]) for x in run)
+                     for k in range(len(c.values) if isinstance(c, CodedColumn) else 0)]
+            out.append(_coded_block(table, run[0].codes))
+        else:
+            out.append(_entry_block(c, n))
+        i = j
+    return out
+
+
 def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
     """A payload column as ``DataElement.payload`` entries (tag, length, bytes) in one block,
-    when its derivation produced a coded or fixed-width column (each distinct value encoded
-    once); None for a plain list."""
-    form = col.form() if isinstance(col, LazyColumn) else None
+    when it is coded or fixed-width (each distinct value encoded once); None for a plain
+    list."""
+    form = col.form() if isinstance(col, (LazyColumn, CodedColumn)) else None
     if isinstance(form, Coded):
-        table = [length_delimited(_TAG_PAYLOAD, v) for v in form.table]
-        lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
-        mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
-        for i, e in enumerate(table):  # per distinct value
-            mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
-        return mat[form.codes], lens[form.codes]
+        return _coded_block([length_delimited(_TAG_PAYLOAD, v) for v in form.table], form.codes)
     if isinstance(form, Fixed):
         prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
         out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)
@@ -353,7 +386,7 @@ class _Parts:
         self.rows = batch.rows
         size = batch.schema.record_size
         self.de_len = np.full(n, len(_element_prefix(size)) + size, dtype=np.int64)
-        blocks = [_entry_block(c, n) for c in batch.extra]
+        blocks = _entry_blocks(batch.extra, n)
         self.blocks: list[Block] | None = None
         self.pieces: list[npt.NDArray[np.object_]] = []
         if all(b is not None for b in blocks):

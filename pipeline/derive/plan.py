@@ -247,7 +247,7 @@ def _declared(b: _Builder, declared: Iterable[DeclaredField]) -> None:
 
 def _checked(d: DeclaredField) -> Derivation:
     """The gadget's derivation, with numeric entries checked to be exactly the kind's width
-    (spec 4.3: a client reads a wrong-sized entry as an error)."""
+    (docs/gadget-service.md §4.3: a client reads a wrong-sized entry as an error)."""
     width = KIND_WIDTH.get(d.kind)
     if width is None:
         return d.derive

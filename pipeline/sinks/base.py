@@ -1,4 +1,5 @@
-"""The sink contract, the runner that feeds one sink from one run, and the sink-type base.
+"""The runner that feeds one sink from one run, and the sink-type base; the sink contract
+itself (:class:`Sink`, :class:`SinkError`) is the engine's, in :mod:`pipeline.sink`.
 
 A sink only encodes and sends (the "where"); :class:`SinkRunner` owns the "when": its bounded
 edge, coalescing of queued batches, retries with backoff, and the ledger. A sink never sees a
@@ -23,9 +24,17 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed, Overflow
-from pipeline.ledger import Ledger
+from pipeline.ledger import (
+    REASON_QUEUE_FULL,
+    REASON_REJECTED,
+    REASON_SEND_FAILED,
+    REASON_SHUTDOWN,
+    REASON_SINK_ERROR,
+    Ledger,
+)
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema
+from pipeline.sink import Sink, SinkError
 from pipeline.sinks.endpoints import Endpoint, tcp_probe
 
 __all__ = [
@@ -52,11 +61,11 @@ _logger = logging.getLogger(__name__)
 OUTCOME_RETRIED = "retried"
 """Ledger outcome for records whose send failed once and was tried again (not a final fate)."""
 
-DROP_QUEUE_FULL = "queue_full"
-DROP_SEND_FAILED = "send_failed"
-DROP_REJECTED = "rejected"
-DROP_SINK_ERROR = "sink_error"
-DROP_SHUTDOWN = "shutdown"
+DROP_QUEUE_FULL = REASON_QUEUE_FULL
+DROP_SEND_FAILED = REASON_SEND_FAILED
+DROP_REJECTED = REASON_REJECTED
+DROP_SINK_ERROR = REASON_SINK_ERROR
+DROP_SHUTDOWN = REASON_SHUTDOWN
 
 SINK_MARK = "__gadgetpipe_sink__"
 """Class attribute :func:`register_sink` sets; the registry collects classes carrying it."""
@@ -68,47 +77,11 @@ DEFAULT_MAX_BATCH = 4096
 """Records one ``write`` may carry after coalescing queued batches."""
 
 
-class SinkError(RuntimeError):
-    """A send failed. ``retryable`` says whether trying again can help; ``retry_after`` is
-    the peer's own wish for a delay in seconds (OTLP RetryInfo, HTTP Retry-After)."""
-
-    def __init__(self, message: str, retryable: bool = True,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-
 class SinkState(StrEnum):
     NEW = "new"
     RUNNING = "running"
     RETRYING = "retrying"  # the last attempt failed; backing off
     STOPPED = "stopped"
-
-
-class Sink(Protocol):
-    """Encodes batches for one protocol and sends them.
-
-    Lifecycle: :meth:`start` once, :meth:`write` any number of times (never concurrently),
-    :meth:`flush`, :meth:`stop`. ``write`` returns only when the batch is delivered (or raises
-    SinkError): "accepted" is the runner's edge, "delivered" is this await. After a retryable
-    SinkError the runner calls ``write`` again with the *same* batch object, so a sink whose
-    peer may still deliver an earlier attempt (Kafka's idempotent producer) can recognise the
-    retry and wait instead of sending twice.
-    """
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def write(self, batch: Batch) -> int:
-        """Delivers ``batch``; returns how many of its records the peer refused after taking
-        the request (OTLP partial success), normally 0."""
-        ...
-
-    async def flush(self, timeout: float) -> bool: ...
-
-    async def stop(self, timeout: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

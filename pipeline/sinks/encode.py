@@ -1,9 +1,9 @@
 """Per-batch encoders the sinks share: a JSON object per record, and OTLP ``LogRecord``s.
 
-Both are compiled once per data source and work on whole batches: every field is read as one
-numpy column (or one list of strings), turned into one list of encoded fragments, and the
-records are assembled by joining the fragments column-wise. There is no dict per record and no
-protobuf object per record (perf-facts §4: per-event objects cost 3-20x more here).
+Both are compiled once per data source and work on whole batches: every field is read as one numpy
+column (or one list of strings), turned into one list of encoded fragments, and the records are
+assembled by joining the fragments column-wise. There is no dict per record and no protobuf object
+per record (per-event objects cost 3-20x more, measured on the 2-core test machine).
 
 JSON follows upstream's shape: fields nested under their parents (``{"proc":{"comm":…}}``),
 named as the data source names them, without the fields annotated ``json.skip``. OTLP records
@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.accessors import column, raw_slices, values
+from pipeline.annotations import JSON_SKIP
 from pipeline.batch import Batch
 from pipeline.schema import NUMPY_DTYPE, DataSourceSchema, Field, Kind
 from pipeline.wire import length_delimited as _ld
@@ -45,8 +46,6 @@ ANNOTATION_LOGS_NAME = "logs.name"
 """Field annotation: the attribute key of this field in OTLP logs (upstream's name)."""
 ANNOTATION_LOGS_BODY = "logs.body"
 """Data source annotation: the field whose value is the log body."""
-JSON_SKIP = "json.skip"
-"""Field annotation: ``"true"`` keeps the field out of JSON, as upstream's JSON formatter."""
 TIMESTAMP_FIELD = "timestamp_raw"
 TIMESTAMP_TAG = "type:gadget_timestamp"
 
@@ -182,6 +181,11 @@ class _Template:
     fields: tuple[Field, ...]
 
 
+def json_skipped(f: Field) -> bool:
+    """Whether a field is left out of JSON (annotation ``json.skip``, as upstream)."""
+    return str(f.annotations.get(JSON_SKIP, "")).lower() == "true"
+
+
 def _json_template(schema: DataSourceSchema, constants: Mapping[str, str]) -> _Template:
     leaves = {f.index for f in leaf_fields(schema)}
     children: dict[int | None, list[Field]] = {}
@@ -189,7 +193,7 @@ def _json_template(schema: DataSourceSchema, constants: Mapping[str, str]) -> _T
         children.setdefault(f.parent, []).append(f)
 
     def has_leaf(f: Field) -> bool:
-        if f.annotations.get(JSON_SKIP) == "true":
+        if json_skipped(f):
             return False  # upstream's JSON formatter leaves these out, children included
         return f.index in leaves or any(has_leaf(c) for c in children.get(f.index, ()))
 
@@ -516,13 +520,17 @@ class OtlpLogEncoder:
         self._int_prefixes = {f.index: _int_prefixes(key) for f, key in self._attrs
                               if not f.is_array and f.base_kind in _INT_KINDS}
 
-    def _numeric_blocks(self, batch: Batch, observed_ns: int) -> list[Block]:
-        n = len(batch)
+    def _head_blocks(self, batch: Batch) -> list[Block]:
+        """Time (field 1), then severity and, for a constant body, the body (fields 2, 3, 5)."""
         blocks: list[Block] = []
         if self._time is not None:
-            t = column(batch, self._time)
-            blocks.append(_fixed64_block(_LR_TIME, t))
-        blocks.append(_fixed_block(n, self._const_head))
+            blocks.append(_fixed64_block(_LR_TIME, column(batch, self._time)))
+        blocks.append(_fixed_block(len(batch), self._const_head))
+        return blocks
+
+    def _numeric_blocks(self, batch: Batch) -> list[Block]:
+        """The fixed-size attributes (ints, doubles, bools), in schema order."""
+        blocks: list[Block] = []
         for f, key in self._attrs:
             if f.is_array:
                 continue
@@ -533,15 +541,15 @@ class OtlpLogEncoder:
                 blocks.append(_double_block(key, column(batch, f)))
             elif kind is Kind.BOOL:
                 blocks.append(_bool_block(key, column(batch, f)))
-        blocks.append(_fixed_block(n, bytes([_LR_OBSERVED]) + observed_ns.to_bytes(8, "little")))
         return blocks
 
+    def _body_column(self, batch: Batch, f: Field) -> list[bytes]:
+        return [_ld(_LR_BODY, _ld(_AV_STRING, v) if isinstance(v, bytes) else any_value(v))
+                for v in self._body_values(batch, f)]
+
     def _other_columns(self, batch: Batch) -> list[list[bytes]]:
+        """The other attributes (strings, arrays, raw bytes), in schema order."""
         cols: list[list[bytes]] = []
-        if self._body_field is not None:
-            cols.append([_ld(_LR_BODY, _ld(_AV_STRING, v) if isinstance(v, bytes)
-                             else any_value(v))
-                         for v in self._body_values(batch, self._body_field)])
         for f, key in self._attrs:
             if f.index in self._strings:
                 cols.append(self._strings[f.index].encode(cstring_bytes(batch, f)))
@@ -567,13 +575,27 @@ class OtlpLogEncoder:
         return p + rec
 
     def encode(self, batch: Batch, observed_ns: int) -> list[bytes]:
-        """Each record as a framed ``LogRecord``; ``observed_ns`` is when the batch was read."""
+        """Each record as a framed ``LogRecord``; ``observed_ns`` is when the batch was read.
+
+        A record's fields come in field-number order, as protobuf serializers write them (so the
+        bytes are the SDK exporter's for the same record, tests/unit/test_otlp_sdk.py): time,
+        severity number and text, body, the attributes (the fixed-size ones first, then the
+        others, each group in schema order), observed time.
+        """
         n = len(batch)
         if n == 0:
             return []
-        numeric = _join_blocks(self._numeric_blocks(batch, observed_ns), n)
+        observed = bytes([_LR_OBSERVED]) + observed_ns.to_bytes(8, "little")
         others = self._other_columns(batch)
+        if self._body_field is None:
+            numeric = self._head_blocks(batch) + self._numeric_blocks(batch)
+            if not others:  # the observed time joins the numeric blocks: one numpy pass
+                numeric.append(_fixed_block(n, observed))
+                return list(map(self._framed, _join_blocks(numeric, n)))
+            columns = [_join_blocks(numeric, n), *others]
+        else:
+            columns = [_join_blocks(self._head_blocks(batch), n),
+                       self._body_column(batch, self._body_field),
+                       _join_blocks(self._numeric_blocks(batch), n), *others]
         framed: Callable[[bytes], bytes] = self._framed
-        if not others:
-            return list(map(framed, numeric))
-        return list(map(framed, map(b"".join, zip(numeric, *others, strict=True))))
+        return list(map(framed, map(b"".join, zip(*columns, repeat(observed)))))

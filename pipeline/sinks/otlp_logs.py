@@ -1,8 +1,11 @@
 """The ``otel-logs`` sink: one OTLP log record per event, over gRPC or HTTP/protobuf.
 
 Each batch becomes one ``ExportLogsServiceRequest`` (split only where a request would pass
-``max-request-bytes``), built as bytes by :class:`pipeline.sinks.encode.OtlpLogEncoder` — the
-SDK's ``Logger.emit`` costs ~49 µs per event here (perf-facts §4) and is not used on this path.
+``max-request-bytes``), built as bytes by :class:`pipeline.sinks.encode.OtlpLogEncoder`: the
+bytes the OpenTelemetry SDK's exporter writes for the same records
+(tests/unit/test_otlp_sdk.py), at a fraction of the cost of the SDK's per-record
+``Logger.emit`` path (~49 µs per event on the 2-core test machine), which therefore serves
+only the daemon's own logs (api/otel_logs.py).
 
 The transport follows the OTLP retry rules: retryable gRPC codes (CANCELLED,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS) and
@@ -42,20 +45,19 @@ from pipeline.sinks.base import (
     has_field,
     register_sink,
 )
+from pipeline.sinks.container_resource import container_requests
 from pipeline.sinks.encode import (
     OtlpLogEncoder,
     PerSchema,
-    logs_requests,
-    otlp_resource,
     otlp_scope,
 )
 from pipeline.sinks.endpoints import Endpoint
+from pipeline.version import VERSION
 
 __all__ = ["OtelLogsSink", "OtelLogsSinkType", "resource_attributes"]
 
 _logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 EXPORT_METHOD = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 HTTP_PATH = "/v1/logs"
 RETRYABLE_GRPC = frozenset({
@@ -226,7 +228,8 @@ class OtelLogsSink:
 
     Args:
         transport: gRPC or HTTP.
-        resource: the encoded ``Resource`` of every request.
+        resource: the attributes of every request's ``Resource``; each container's records
+            add that container's (k8s.*, container.*: pipeline/sinks/container_resource.py).
         gadget: the gadget's name (scope name and default body).
         body_field: a field whose value becomes the body (default: the gadget's name).
         max_request: bytes one request may hold.
@@ -234,10 +237,10 @@ class OtelLogsSink:
 
     name = "otel-logs"
 
-    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: bytes,
+    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: dict[str, Any],
                  gadget: str, body_field: str, max_request: int) -> None:
         self._transport = transport
-        self._resource = resource
+        self._resource_attrs = resource
         self._gadget = gadget
         self._body_field = body_field
         self._max_request = max_request
@@ -259,7 +262,8 @@ class OtelLogsSink:
         else:
             encoder, scope = self._encoders.get(batch.schema)
             records = encoder.encode(batch, time.time_ns())
-            requests = logs_requests(self._resource, scope, records, self._max_request)
+            requests = container_requests(self._resource_attrs, scope, batch, records,
+                                          self._max_request)
             done, refused = 0, 0
         while done < len(requests):
             self._pending = (batch, requests, done, refused)
@@ -334,8 +338,8 @@ class OtelLogsSinkType(SinkTypeBase):
         transport: _GrpcTransport | _HttpTransport = (
             _HttpTransport(endpoint, headers, timeout, gz) if own.get("protocol") == "http"
             else _GrpcTransport(endpoint, headers, timeout, gz))
-        resource = otlp_resource({**resource_attributes(context),
-                                  "host.name": context.node or socket.gethostname()})
+        resource = {**resource_attributes(context),
+                    "host.name": context.node or socket.gethostname()}
         return OtelLogsSink(transport, resource, context.gadget, body,
                             int(own.get("max-request-bytes") or DEFAULT_MAX_REQUEST))
 

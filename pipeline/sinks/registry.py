@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from prometheus_client.registry import Collector
 
 import pipeline.sinks as sinks_pkg
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, sink_stage
 from pipeline.params import ParamSpec
 from pipeline.run import RunError, RunIdentity
 from pipeline.sinks.base import SINK_MARK, SinkContext, SinkError, SinkRunner, SinkType
@@ -229,7 +229,7 @@ class SinkManager:
                 except SinkError as e:
                     raise RunError(f"sink {name}: {e}") from e
                 capacity, overflow = t.edge_settings(values)
-                edge = run.subscribe(f"sink:{name}", capacity, overflow)
+                edge = run.subscribe(sink_stage(name), capacity, overflow)
                 runner = SinkRunner(sink, edge, self._ledger, run.instance,
                                     t.retry_policy(values), _max_batch(t, values),
                                     _linger(t, values))

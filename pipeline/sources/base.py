@@ -1,20 +1,18 @@
-"""The contract between a run and its source."""
+"""What sources share: the engine's source contract (re-exported from :mod:`pipeline.source`)
+and loading BPF programs off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-from pipeline.batch import Batch
+from pipeline.gadget import SourceFactory
+from pipeline.source import Emit, Log, SheddingSource, Source, SourceError
 
-Emit = Callable[[Batch], Awaitable[None]]
-"""Hands a batch downstream; awaiting it is the back-pressure."""
-
-Log = Callable[[int, str], None]
-"""Reports a message with a logrus severity (2 error, 3 warn, 4 info, 5 debug)."""
-
+__all__ = ["Emit", "Log", "SheddingSource", "Source", "SourceError", "SourceFactory",
+           "load_in_thread"]
 
 T = TypeVar("T")
 
@@ -41,43 +39,3 @@ async def load_in_thread(load: Callable[[], T], free: Callable[[T], None]) -> T:
         with contextlib.suppress(BaseException):
             await asyncio.shield(loading)
         raise
-
-
-class SourceError(RuntimeError):
-    """A source cannot start: the message names the cause and, where one exists, the fix."""
-
-
-class Source(Protocol):
-    """Produces batches from the kernel (or elsewhere) until stopped or finished."""
-
-    async def start(self, emit: Emit, log: Log) -> None:
-        """Loads and attaches; returns once events can flow. Raises SourceError."""
-        ...
-
-    async def wait(self) -> None:
-        """Returns when the source ends by itself (never, for tracers)."""
-        ...
-
-    async def stop(self) -> None:
-        """Detaches, hands on what is still buffered, and frees everything. Idempotent."""
-        ...
-
-    def lost(self) -> int:
-        """Records the kernel side could not buffer, so far."""
-        ...
-
-    def extra_info(self) -> Mapping[str, tuple[str, bytes]]:
-        """Inspection addenda: key -> (content type, content)."""
-        ...
-
-
-class SheddingSource(Protocol):
-    """A source that can sample in the kernel (load shedding, ``operator.bcc.shed``)."""
-
-    def set_sample_rate(self, rate: int) -> bool:
-        """Keeps 1 record in ``rate`` (1: all); False when this source cannot."""
-        ...
-
-    def shed(self) -> int:
-        """Records sampled out in the kernel, so far."""
-        ...

@@ -1,7 +1,7 @@
 """Batch reader of a BPF ring buffer (``BPF_MAP_TYPE_RINGBUF``) through its memory map.
 
 A per-record callback (bcc's ``open_ring_buffer``) costs a Python call per record; this reader
-moves a whole run of records per call (perf-facts §1: ~2.4 µs vs ~0.05 µs per record). It pairs
+moves a whole run of records per call (measured: ~2.4 µs vs ~0.05 µs per record). It pairs
 with ``bpf/gadget_ringbuf.h``, whose submits wake user space only past a fill level, so the
 caller drains on a timer and on a forced wake-up, best watched through :class:`RingWakeups`.
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.batch import Batch
+from pipeline.containers.selector import ContainerSelector
 from pipeline.gadget import BPF_INCLUDE_DIR, RUNTIME_PREFIX, GadgetSpec
 from pipeline.heap import trim_heap
 from pipeline.schema import DataSourceSchema, FieldFlag
@@ -113,6 +114,8 @@ class TracerSource:
                  f"-DGADGET_WAKEUP_BYTES={ring * PAGE * fill // 100}", *gadget_cflags()]
         if self._values.get(RUNTIME_PREFIX + "shed"):
             flags.append("-DGADGET_SHED=1")  # gadget_sample.h: sampling in gadget_reserve
+        if ContainerSelector.from_values(self._values).active:
+            flags.append("-DGADGET_FILTER_CONTAINERS=1")  # gadget_filter.h: gadget_mntns_filter
         for p in self._spec.params:
             macro = p.extra.get("cflag")
             value = self._values.get(p.full_key)
@@ -253,6 +256,15 @@ class TracerSource:
                        for i in range(len(self._readers)))
         except KeyError:
             return 0
+
+    def table(self, name: str) -> Any | None:
+        """The loaded program's BPF map ``name`` (None before the load, or without one)."""
+        if self._bpf is None:
+            return None
+        try:
+            return self._bpf[name]
+        except KeyError:
+            return None
 
     def set_sample_rate(self, rate: int) -> bool:
         """Keeps 1 record in ``rate`` (1: all) in every ring, from the next reserve on.

@@ -23,7 +23,7 @@ READY_TIMEOUT = 120.0
 """Seconds a run may take to compile and attach (a busy machine compiles slowly)."""
 
 Record = dict[str, Any]
-"""One record: full field name -> decoded value (spec 4.3)."""
+"""One record: full field name -> decoded value (docs/gadget-service.md §4.3)."""
 
 
 @contextmanager

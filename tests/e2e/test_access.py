@@ -15,7 +15,6 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,11 +30,11 @@ from api.serve_config import settings_from_args
 from bench.peers import goclient_path
 from tests.daemon import DaemonProcess
 from tests.e2e.helpers import keep_running, unique_binary
+from tests.e2e.pki import SERVER_NAME, Certs, make_certs
 from tests.peers.ports import free_port
 
 pytestmark = pytest.mark.bpf
 
-SERVER_NAME = "gadgetpipe.test"
 CONNECT_TIMEOUT = 10.0
 REFUSED_WITHIN = 2.0
 """Seconds a refused client is given: a handshake that can succeed does in milliseconds."""
@@ -53,49 +52,9 @@ NOBODY = 65534
 # -- certificates ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path  # a CA that signed nothing here
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def _make_leaf(d: Path, name: str, ca: str, ext: str) -> None:
-    (d / f"{name}.ext").write_text(ext)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
-             cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    """A CA, a server certificate for gadgetpipe.test and 127.0.0.1, a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_ca(d, "other-ca")
-    _make_leaf(d, "server", "ca", f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\n"
-               "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n")
-    _make_leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n"
-               "keyUsage=critical,digitalSignature\n")
-    return Certs(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
-                 d / "client.key", d / "other-ca.pem")
+    return make_certs(tmp_path_factory.mktemp("pki"))
 
 
 def tcp_daemon(*args: str) -> tuple[DaemonProcess, str]:

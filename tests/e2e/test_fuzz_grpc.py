@@ -509,8 +509,9 @@ def test_run_gadget_conversations(fuzz: Fuzz) -> None:
     @fuzz_settings(80)
     @given(msgs=conversation(first, control(fuzz.live_id)))
     def one(msgs: list[bytes]) -> None:
-        # An attach that reached its instance streams until the client leaves (spec 3.3):
-        # its GadgetInfo event is the answer. Runs end by the half-close, so read them out.
+        # An attach that reached its instance streams until the client leaves
+        # (docs/gadget-service.md §3.3): its GadgetInfo event is the answer. Runs end by the
+        # half-close, so read them out.
         ans = fuzz.raw.stream(RUN_GADGET, msgs, enough=lambda r: attached(r) and _is_attach(r))
         fuzz.check(ans, RUN_GADGET)
         fuzz.alive()

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import DaemonProcess
-from tests.e2e.test_access import SERVER_NAME, Certs, _make_ca, _make_leaf, tcp_daemon
+from tests.e2e.pki import SERVER_NAME, Certs, make_certs
+from tests.e2e.test_access import tcp_daemon
 from tests.peers.upstream import UPSTREAM_GADGETS, Gadgetctl, GadgetctlProcess, TLSClient
 from tests.peers.upstream_workloads import Workload, leaves, running
 
@@ -163,17 +164,8 @@ def test_a_sink_param_given_as_gadgetctl_flags(daemon: DaemonProcess, gadgetctl:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    """A CA, a server certificate for gadgetpipe.test and 127.0.0.1, a client certificate
-    (made as tests/e2e/test_access.py makes its own)."""
-    d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_ca(d, "other-ca")
-    _make_leaf(d, "server", "ca", f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\n"
-               "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n")
-    _make_leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n"
-               "keyUsage=critical,digitalSignature\n")
-    return Certs(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
-                 d / "client.key", d / "other-ca.pem")
+    """A CA, a server certificate for gadgetpipe.test and 127.0.0.1, a client certificate."""
+    return make_certs(tmp_path_factory.mktemp("pki"))
 
 
 def test_mutual_tls_over_tcp(certs: Certs) -> None:

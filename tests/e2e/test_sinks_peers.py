@@ -22,12 +22,13 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
 from api._gen import gadget_service_pb2 as pb
+from api.selfmetrics import SelfMetricsCollector
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog, GadgetSpec
+from pipeline.gadget import GadgetSpec
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun
-from pipeline.selfmetrics import SelfMetricsCollector
 from pipeline.sinks.registry import AttachedSinks, SinkManager
+from pipeline.sources.catalog import Catalog
 from tests.peers.kafka import KafkaBroker
 from tests.peers.otelcol import KafkaReceiverConfig, LogRecord, OtelCollector
 

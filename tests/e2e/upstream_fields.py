@@ -25,7 +25,7 @@ FLAG_NAMES = {1: "Empty", 2: "Container", 4: "Hidden", 8: "HasParent", 16: "Stat
 COMPARED_FLAGS = 1 | 4 | 8 | 32
 """Empty, Hidden, HasParent, Unreferenced change what a client prints. Container and
 StaticMember say only where the bytes live (a static struct block or a payload of its own),
-which is our layout's business: spec 4.3."""
+which is our layout's business: docs/gadget-service.md §4.3."""
 OUTPUT_ANNOTATION_PREFIXES = ("columns.", "json.")
 """Field annotations that change gadgetctl's output (`-o columns`, `-o json`)."""
 OUTPUT_DS_ANNOTATION_PREFIXES = ("cli.",)

@@ -22,13 +22,14 @@ from pipeline.batch import Batch, Coded, Fixed, LazyColumn
 from pipeline.derive import DeclaredField, DeriveEnv, DeriveSpec, EnumSpec, build_plan, net
 from pipeline.derive import formatters as fmt
 from pipeline.derive.users import IdNames, UserNames, parse_id_file
-from pipeline.gadget import Catalog, GadgetSpec
+from pipeline.gadget import GadgetSpec
 from pipeline.layout import StructRegistry
 from pipeline.operators.derive import Derive
 from pipeline.operators.fields import FieldSelect
 from pipeline.operators.filter import Filter
 from pipeline.schema import DataSourceSchema, DataSourceType, FieldFlag, Kind
 from pipeline.sinks.encode import JsonEncoder
+from pipeline.sources.catalog import Catalog
 from tests.specdecode import field_value, split_frames
 
 CATALOG = Catalog()
@@ -50,7 +51,8 @@ def rows_for(ds: DataSourceSchema, n: int, **cols: list[int]) -> Batch:
 
 
 def wire_values(batch: Batch) -> list[dict[str, Any]]:
-    """Every field of every record as a client decodes it from per-record events (spec 4.3)."""
+    """Every field of every record as a client decodes it from per-record events
+    (docs/gadget-service.md §4.3)."""
     info = batch.schema.to_proto()
     out = []
     for frame in split_frames(wire.per_record_events(batch, 1, 0)):

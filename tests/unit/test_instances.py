@@ -23,10 +23,10 @@ from api.legacy_run import legacy_json_encoder, legacy_params, select_nodes
 from api.peers import PeerPool
 from api.store import InstanceStore
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog
 from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 from pipeline.sinks.encode import JsonEncoder as SinkJsonEncoder
+from pipeline.sources.catalog import Catalog
 from tests.specdecode import split_frames
 
 # -- packets ----------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ async def test_create_fills_id_name_time_and_persists_then_duplicates_are_refuse
         await manager.create(create_request(id=gi.id, params=BAD_AT_START))
     with pytest.raises(GRPCError, match=f'gadget with name "{gi.name}" already exists'):
         await manager.create(create_request(name=gi.name, params=BAD_AT_START))
-    # The start fails after the reply: the state says why (spec 6.1).
+    # The start fails after the reply: the state says why (docs/gadget-service.md §6.1).
     inst = manager.resolve(gi.id)
     assert inst is not None
     await asyncio.wait_for(inst.started.wait(), 30)

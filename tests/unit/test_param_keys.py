@@ -17,10 +17,11 @@ from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import gadget_info, sorted_datasources
 from api.run_session import new_run
-from pipeline.gadget import Catalog, GadgetSpec
+from pipeline.gadget import GadgetSpec
 from pipeline.ledger import Ledger
 from pipeline.params import resolve
 from pipeline.sinks.registry import SinkManager
+from pipeline.sources.catalog import Catalog
 
 # The flags gadgetctl defines itself for `run`/`attach`, from upstream Inspektor Gadget's
 # source (the tree the set-up builds gadgetctl from):

@@ -9,11 +9,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.gadget import Catalog
+from api.selfmetrics import SelfMetricsCollector
 from pipeline.graph import Edge, Overflow
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun, RunError, ShedController, queue_fill
-from pipeline.selfmetrics import SelfMetricsCollector
+from pipeline.sources.catalog import Catalog
 
 
 def test_rate_doubles_above_high_halves_below_low_within_bounds() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.batch import Batch
-from pipeline.gadget import Catalog, GadgetSpec
+from pipeline.gadget import GadgetSpec
 from pipeline.graph import Edge, Overflow
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun, RunError
@@ -22,6 +22,7 @@ from pipeline.schema import DataSourceSchema
 from pipeline.sinks.base import RetryPolicy, SinkRunner, SinkState, coalesce
 from pipeline.sinks.jsonl import JsonlSink, RotatingFile
 from pipeline.sinks.registry import SinkManager, discover_sink_types
+from pipeline.sources.catalog import Catalog
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ def test_directory_is_private_and_files_are_protobuf_json(store: InstanceStore) 
     assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     doc = json.loads(path.read_text())
-    # lowerCamelCase proto names, int64 as a string, zero values omitted (spec 6.3).
+    # lowerCamelCase proto names, int64 as a string, zero values omitted
+    # (docs/gadget-service.md §6.3).
     assert doc == {"gadgetInstance": {
         "id": ID_A, "name": "brave_bartik", "tags": [""], "timeCreated": "1764000000",
         "gadgetConfig": {"imageName": "trace_exec:latest",

@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.batch import Batch
 from pipeline.gadget import GadgetSpec
 from pipeline.schema import FieldFlag
+from pipeline.severity import Severity
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.tracer import (
     COMPILE_LOCK,
@@ -125,13 +126,13 @@ class SnapshotSource(TracerSource):
         try:
             data = await asyncio.to_thread(self._read_all)
         except (OSError, SourceError) as e:
-            self._log(2, f"snapshot failed: {e}")
+            self._log(Severity.ERROR, f"snapshot failed: {e}")
             self._done.set()
             return
         size = self._ds.record_size
         if len(data) % size:
-            self._log(2, f"snapshot: {len(data)} bytes is not a whole number of {size}-byte "
-                      "records; the BPF struct and gadget.yaml disagree")
+            self._log(Severity.ERROR, f"snapshot: {len(data)} bytes is not a whole number of "
+                      f"{size}-byte records; the BPF struct and gadget.yaml disagree")
             self._done.set()
             return
         rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, size).copy()

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from pipeline.batch import Batch
 from pipeline.gadget import EBPF_PREFIX, GadgetSpec
 from pipeline.schema import NUMPY_DTYPE, Field, Kind
+from pipeline.severity import Severity
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.tracer import (
     COMPILE_LOCK,
@@ -186,7 +187,7 @@ class TopFileSource(TracerSource):
             try:
                 keys, values = await asyncio.to_thread(self._drain)
             except OSError as e:
-                self._log(2, f"draining the counters failed: {e}")
+                self._log(Severity.ERROR, f"draining the counters failed: {e}")
                 break
             batch = self._report(keys, values)
             if self._emit is not None and len(batch):

@@ -1,0 +1,84 @@
+"""Scenario f: 1, 4 and 16 upstream-style clients attached to one gadget instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+from typing import Any
+
+from bench.common import COMM_PARAM, IMAGE, Generator, MemPeak, cpu_seconds, log, median
+from bench.daemon import Daemon
+from bench.session import Bench
+
+
+def run_fanout(bench: Bench) -> None:
+    from api._gen import gadget_service_pb2 as pb
+    from api.client import GadgetClient
+
+    d = bench.need_daemon()
+    p = bench.profile
+    for n in p.fanout:
+        runs = []
+        for i in range(max(1, p.repeats // 2)):
+            log(f"fan-out {n} clients, repeat {i + 1}")
+            with GadgetClient(d.address) as c:
+                resp = c.instances.CreateGadgetInstance(pb.CreateGadgetInstanceRequest(
+                    gadgetInstance=pb.GadgetInstance(
+                        name=f"bench-{n}-{i}-{os.urandom(2).hex()}",
+                        gadgetConfig=pb.GadgetRunRequest(
+                            imageName=IMAGE, version=1,
+                            paramValues={COMM_PARAM: bench.comm}))))
+                iid = resp.gadgetInstance.id
+            try:
+                runs.append(fanout_run(bench, d, iid, n, p.fanout_count))
+            finally:
+                with GadgetClient(d.address) as c:
+                    c.instances.RemoveGadgetInstance(pb.GadgetInstanceId(id=iid))
+        bench.row(f"f: {n} Go client{'s' if n > 1 else ''}, one instance", runs,
+                  note=f"worst client {median([r['worst'] for r in runs]):.0f}")
+
+
+def fanout_run(bench: Bench, d: Daemon, iid: str, n: int, count: int) -> dict[str, Any]:
+    gen = Generator(bench.gen_binary, count)
+    m0 = d.metrics()
+    clients = [subprocess.Popen([str(bench.goclient), "-addr", d.address, "-attach", iid,
+                                 "-quiet", "-stop-after", str(count)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(n)]
+    try:
+        time.sleep(1.5 + 0.05 * n)  # attach streams are not visible from outside
+        cpu0 = cpu_seconds(d.pid)
+        mem = MemPeak(d.pid)
+        gen.go()
+        g = gen.result()
+        summaries = []
+        deadline = time.monotonic() + max(10.0, count / 50_000)
+        for cl in clients:
+            try:
+                out, _ = cl.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                cl.send_signal(signal.SIGINT)
+                out, _ = cl.communicate(timeout=30)
+            summaries.append(json.loads(out.strip().splitlines()[-1]))
+        cpu = cpu_seconds(d.pid) - cpu0
+        peak = mem.stop()
+    finally:
+        for cl in clients:
+            if cl.poll() is None:
+                cl.kill()
+                cl.wait()
+        gen.kill()
+    m1 = d.metrics()
+    received = [int(s["records"]) for s in summaries]
+    gaps = [int(s["last_seq"]) - int(s["first_seq"]) + 1 - int(s["records"])
+            if s["records"] else 0 for s in summaries]
+    rates = [float(s["records_per_s"]) for s in summaries]
+    return {"generated": count, "received": statistics.mean(received),
+            "worst": min(received), "kernel_lost": m1["kernel_lost"] - m0["kernel_lost"],
+            "ledger_dropped": m1["grpc_dropped"] - m0["grpc_dropped"],
+            "seq_gaps": sum(gaps), "events_per_s": min(rates), "gen_rate": g["rate"],
+            "cpu_s_per_m": cpu / count * 1e6, **peak}
