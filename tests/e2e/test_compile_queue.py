@@ -112,10 +112,14 @@ def test_memory_goes_back_after_concurrent_runs_close(daemon: tuple[DaemonProces
         peak = rss_anon_mib(pid)
         for s in streams:
             end(s)
-    # The daemon trims its heap once the burst of run ends is over (api/run_session.py).
+    # The daemon trims its heap once the burst of run ends is over (api/run_session.py), with
+    # one malloc arena (pipeline/heap.py) and no module kept alive (tracer.free_bpf): most of
+    # what the runs took goes back; what stays is the heap's fragmentation.
+    took = peak - baseline
+    assert took > 20, "the runs took no memory: the test proves nothing"
     deadline = time.monotonic() + 20
     after = rss_anon_mib(pid)
-    while after > baseline + 20:
+    while after - baseline > took / 2:
         assert time.monotonic() < deadline, (baseline, peak, after)
         time.sleep(0.2)  # polling the daemon's RssAnon
         after = rss_anon_mib(pid)
