@@ -26,6 +26,7 @@ from pipeline.containers.collection import ContainerCollection
 from pipeline.containers.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
 from pipeline.containers.containerd import DEFAULT_SOCKET as CONTAINERD_SOCKET
 from pipeline.containers.watcher import RuntimeWatcher
+from pipeline.heap import single_arena
 from pipeline.ledger import Ledger
 from pipeline.sinks.registry import SinkManager
 from pipeline.sources.catalog import Catalog
@@ -100,6 +101,8 @@ class Daemon:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        # Before any worker thread compiles: one malloc arena, so what runs free goes back.
+        single_arena()
         # The log export first and stopped last, so it carries the start and the stop.
         if self.settings.otel_logs is not None:
             logs = DaemonLogExport(self.settings.otel_logs, self.ctx.node)

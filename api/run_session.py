@@ -162,18 +162,18 @@ class RunSession:
         """The ready log event's text (api/ready.py)."""
         return ready_message(self.run.attach_seconds)
 
-    def reserve(self) -> None:
-        """Takes the run's place in the compile queue (idempotent).
+    def reserve(self) -> Ticket:
+        """Takes the run's place in the compile queue (idempotent); returns it.
 
         Raises:
             GRPCError: RESOURCE_EXHAUSTED when the queue is at a bound; the message names it.
         """
-        if self._ticket is not None:
-            return
-        try:
-            self._ticket = self.ctx.compile_queue.reserve(self._client, self.label)
-        except CompileQueueFull as e:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        if self._ticket is None:
+            try:
+                self._ticket = self.ctx.compile_queue.reserve(self._client, self.label)
+            except CompileQueueFull as e:
+                raise GRPCError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        return self._ticket
 
     def subscribe(self, name: str, capacity: int, overflow: Overflow,
                   reasons: Iterable[str] = ()) -> Edge:
@@ -204,8 +204,7 @@ class RunSession:
             GRPCError: FAILED_PRECONDITION (a sink or the source cannot start, with the
                 reason) or RESOURCE_EXHAUSTED (see :meth:`reserve`).
         """
-        self.reserve()
-        assert self._ticket is not None
+        ticket = self.reserve()
         if self.ctx.sinks is not None:
             try:
                 self._sinks = await self.ctx.sinks.attach(self.run)
@@ -214,7 +213,7 @@ class RunSession:
             for runner in self._sinks.runners:
                 self.ctx.ledger.declare_drops(self.label, runner.stage, SINK_DROP_REASONS)
                 self.ctx.ledger.declare(self.label, runner.stage, OUTCOME_RETRIED)
-        async with self._ticket.turn():
+        async with ticket.turn():
             try:
                 await self.run.start()
             except SourceError as e:

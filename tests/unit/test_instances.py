@@ -16,6 +16,7 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_pb2 as pb
 from api.cli_instances import ResolveError, resolve
 from api.context import ServiceContext
+from api.instance import NOT_TRACING_YET, Instance
 from api.instance_manager import NAME_RE, InstanceManager, random_name
 from api.instance_packets import Attacher, Chunk, PacketRing, node_field
 from api.legacy_run import legacy_json_encoder, legacy_params, select_nodes
@@ -341,3 +342,13 @@ def test_cli_resolves_id_then_name_then_unique_prefix() -> None:
         resolve(insts, "a")
     with pytest.raises(ResolveError, match="no gadget instance"):
         resolve(insts, "zz")
+
+
+def test_an_instance_is_starting_and_not_tracing_until_its_programs_are_attached(
+        tmp_path: Path) -> None:
+    ctx = ServiceContext(Catalog(), Ledger())
+    inst = Instance(ctx, create_request(name="later"), PeerPool({}))
+    state = inst.to_proto().state
+    assert (state.status, state.message) == (pb.StatusInvalid, NOT_TRACING_YET)
+    summary = inst.summary()
+    assert (summary.status, summary.tracing, summary.ready_seconds) == ("Starting", False, None)

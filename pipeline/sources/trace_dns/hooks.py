@@ -50,6 +50,7 @@ from pipeline.sources.tracer import (
     PAGE,
     boot_to_wall_offset_ns,
     check_environment,
+    free_bpf,
     import_bcc,
 )
 
@@ -384,7 +385,7 @@ class DnsSource:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        bpf.cleanup()
+        free_bpf(bpf)
 
     def _load(self) -> BPF:
         bcc = import_bcc()
@@ -419,7 +420,7 @@ class DnsSource:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-            bpf.cleanup()
+            free_bpf(bpf)
             raise
         return bpf
 
@@ -568,7 +569,7 @@ class DnsSource:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
-            bpf.cleanup()
+            free_bpf(bpf)
 
     def extra_info(self) -> Mapping[str, tuple[str, bytes]]:
         return {
