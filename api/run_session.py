@@ -18,8 +18,8 @@ A consumer makes the run (:func:`new_run`, which validates the request and sets 
    ledger rows later by one policy (``ServiceContext.folds``) and has the heap trimmed.
 
 Params are logged to the client at debug level as upstream does (docs/gadget-service.md §3.1
-step 4), only those the client sent and no sink's: a sink param can carry a credential (an OTLP
-header).
+step 4), only those the client sent, and a param marked secret (a sink's credential, such as an
+OTLP header) reads ``<redacted>`` (pipeline/params.py).
 """
 
 from __future__ import annotations
@@ -189,12 +189,9 @@ class RunSession:
         self._listeners.append(fn)
 
     def log_params(self, values: Mapping[str, str]) -> None:
-        """One debug log per param the client sent, sink params left out (credentials) and
-        any other secret param redacted."""
-        sink_prefixes = tuple(self.ctx.sinks.prefixes()) if self.ctx.sinks is not None else ()
+        """One debug log per param the client sent, secret ones redacted."""
         for key, value in sorted(redact(values, self.run.param_specs).items()):
-            if not (sink_prefixes and key.startswith(sink_prefixes)):
-                self.run.log(Severity.DEBUG, f"param {key}: {value}")
+            self.run.log(Severity.DEBUG, f"param {key}: {value}")
 
     async def start(self) -> None:
         """Attaches the sinks, waits for the compile turn and starts the source; returns when

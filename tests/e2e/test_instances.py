@@ -623,10 +623,11 @@ def test_legacy_trace_exec_sends_job_id_json_records_and_a_result(node: DaemonPr
     assert events[-1].type == 1
 
 
-def test_legacy_run_logs_the_clients_params_but_no_sink_setting(node: DaemonProcess,
-                                                                  tmp_path: Path) -> None:
-    """Sink settings can carry credentials (an OTLP header): never logged to the client or the
-    daemon log; the other params are logged at debug level as the client sent them."""
+def test_legacy_run_logs_the_clients_params_with_secrets_redacted(node: DaemonProcess,
+                                                                    tmp_path: Path) -> None:
+    """Sink settings can carry credentials (an OTLP header): a secret one reads <redacted>,
+    never its value, to the client and in the daemon log; the params are logged at debug level
+    as the client sent them."""
     binary = unique_binary(tmp_path)
     comm = binary.name[:15]
     secret = f"s3cr3t-{uuid.uuid4().hex[:8]}"
@@ -641,7 +642,8 @@ def test_legacy_run_logs_the_clients_params_but_no_sink_setting(node: DaemonProc
         run.stop()
     logs = run.logs()
     assert f"param operator.filter.filter: proc.comm=={comm}" in logs
-    assert not [m for m in logs if secret in m or "otel-logs" in m], logs
+    assert "param operator.otel-logs.headers: <redacted>" in logs, logs
+    assert not [m for m in logs if secret in m], logs
     # Only what the client sent: not the resolved defaults (daemon-wide sink settings).
     assert not [m for m in logs if m.startswith("param operator.kafka.")], logs
     assert secret not in node.log()
