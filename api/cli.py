@@ -109,9 +109,6 @@ def cmd_gadgets(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.heap import limit_arenas
-
-    limit_arenas()  # before the daemon starts any thread (pipeline/heap.py)
     from api.daemon import Daemon
     from api.server import ListenError
 
@@ -146,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     s.add_argument("--insecure", action="store_true", help="allow TCP without TLS")
     s.add_argument("--socket-group", help="group owning the unix socket (mode 0660)")
+    s.add_argument("--containerd-socket", help="containerd's socket, whose containers enrich "
+                   "records ('' to watch none; default /run/containerd/containerd.sock)")
+    s.add_argument("--containerd-namespace", help="containerd namespace to watch (default "
+                   "k8s.io, Kubernetes')")
     s.add_argument("--log-level", default="info")
     s.add_argument("--otel-logs-endpoint", metavar="HOST:PORT",
                    help="also send the daemon's own log to this OTLP/gRPC endpoint "

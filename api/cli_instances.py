@@ -30,6 +30,13 @@ AddRemote = Callable[[argparse.ArgumentParser], None]
 _STATUS = {pb.StatusRunning: "Running", pb.StatusError: "Error"}
 
 
+def _status(state: pb.GadgetInstanceState) -> str:
+    """Running, Error, or Starting (not tracing yet, api/instance.py); Unknown otherwise."""
+    if state.status == pb.StatusInvalid and state.message.startswith("starting"):
+        return "Starting"
+    return _STATUS.get(state.status, "Unknown")
+
+
 class ResolveError(SystemExit):
     """A reference matches no instance, or several."""
 
@@ -67,7 +74,7 @@ def cmd_list(args: argparse.Namespace, client: ClientFactory) -> int:
     for gi in instances:
         tags = ",".join(t for t in gi.tags if t)
         print(f"{gi.id[:12]:<12}  {gi.name:<24}  {tags:<16}  {gi.gadgetConfig.imageName:<28}  "
-              f"{_STATUS.get(gi.state.status, 'Unknown'):<8}  {gi.state.message}")
+              f"{_status(gi.state):<8}  {gi.state.message}")
     return 0
 
 

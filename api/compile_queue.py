@@ -26,9 +26,9 @@ from dataclasses import dataclass
 __all__ = ["DEFAULT_MAX_WAITING", "DEFAULT_MAX_WAITING_PER_CLIENT", "CompileQueue",
            "CompileQueueFull", "Ticket"]
 
-DEFAULT_MAX_WAITING = 64
+DEFAULT_MAX_WAITING = 128
 """Runs of clients that may wait for their compile at once (a compile takes ~0.3-2 s)."""
-DEFAULT_MAX_WAITING_PER_CLIENT = 16
+DEFAULT_MAX_WAITING_PER_CLIENT = 32
 """Of those, runs one client (one process on the unix socket, one host over TCP) may have."""
 
 OUTCOME_COMPILED = "compiled"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.compile_queue import CompileQueue
+from pipeline.containers.collection import ContainerCollection
 from pipeline.heap import HeapTrimmer
 from pipeline.ledger import Ledger, LedgerFolds
 from pipeline.sources.catalog import Catalog
@@ -28,6 +29,8 @@ class ServiceContext:
         events_buffer_length: records a direct run's stream may queue before dropping.
         drain_deadline: seconds a stopping stream may take to send what is queued.
         instances: the instance manager, once the daemon has one.
+        containers: the containers the runtime reports (every run's records are enriched from
+            it and container selection reads it); empty when no runtime is watched.
         shutting_down: set when the daemon begins to stop: every stream ends as a stop request
             would end it (runs drain into their clients, which get status OK; attach streams
             send what is queued), before the server closes what is left.
@@ -43,6 +46,8 @@ class ServiceContext:
     drain_deadline: float = 5.0
     instances: Any = None
     sinks: Any = None
+    containers: ContainerCollection = field(
+        default_factory=lambda: ContainerCollection(host_netns=0))
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     compile_queue: CompileQueue = field(default_factory=CompileQueue)
     heap: HeapTrimmer = field(default_factory=HeapTrimmer)

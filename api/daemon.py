@@ -22,6 +22,11 @@ from api.otel_logs import DaemonLogExport, OtelLogsSettings
 from api.peers import Peer, PeerPool, PeerTLS
 from api.reconcile import ConfigReconciler
 from api.server import DEFAULT_SOCKET, GrpcServer, ListenAddress, TLSConfig
+from pipeline.containers.collection import ContainerCollection
+from pipeline.containers.containerd import DEFAULT_NAMESPACE as CONTAINERD_NAMESPACE
+from pipeline.containers.containerd import DEFAULT_SOCKET as CONTAINERD_SOCKET
+from pipeline.containers.watcher import RuntimeWatcher
+from pipeline.heap import single_arena
 from pipeline.ledger import Ledger
 from pipeline.sinks.registry import SinkManager
 from pipeline.sources.catalog import Catalog
@@ -54,6 +59,9 @@ class DaemonSettings:
     node_tls: PeerTLS | None = None
     """TLS towards TCP peers without their own (CA, client certificate and key for mutual
     TLS); a TCP peer without any needs ``insecure``."""
+    containerd_socket: str = CONTAINERD_SOCKET
+    """containerd's socket: its containers enrich every record ("" watches none)."""
+    containerd_namespace: str = CONTAINERD_NAMESPACE
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Daemon-wide sink settings by sink type, keys without prefix (``{"kafka": {"brokers":
     "10.0.0.1:9092"}}``); they become the defaults of the runs' ``operator.<sink>.*`` params."""
@@ -70,7 +78,8 @@ class DaemonSettings:
 
 
 class Daemon:
-    """Start order: catalog and ledger, metrics, instance manager, gRPC server; stop reversed."""
+    """Start order: catalog and ledger, container watcher, sinks, metrics, instance manager,
+    gRPC server; stop reversed."""
 
     def __init__(self, settings: DaemonSettings) -> None:
         self.settings = settings
@@ -86,16 +95,28 @@ class Daemon:
         self.instances: InstanceManager | None = None
         self.sinks: SinkManager | None = None
         self.metrics: MetricsServer | None = None
+        self.watcher: RuntimeWatcher | None = None
         self.reconciler: ConfigReconciler | None = None
         self._stops: list[Callable[[], Any]] = []
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        # Before any worker thread compiles: one malloc arena, so what runs free goes back.
+        single_arena()
         # The log export first and stopped last, so it carries the start and the stop.
         if self.settings.otel_logs is not None:
             logs = DaemonLogExport(self.settings.otel_logs, self.ctx.node)
             logs.start()
             self.on_stop(logs.stop)
+        # Containers before anything that starts runs: runs (restored instances too) enrich
+        # from the collection, which the watcher fills in the background; no runtime is a
+        # warning, not a failure.
+        self.ctx.containers = ContainerCollection()
+        self.on_stop(self.ctx.containers.close)
+        self.watcher = RuntimeWatcher(self.ctx.containers, self.settings.containerd_socket,
+                                      self.settings.containerd_namespace)
+        await self.watcher.start()
+        self.on_stop(self.watcher.stop)
         # Sinks before anything that starts runs; their stop runs after the server's (reverse
         # order), so runs end first and their sinks drain within the deadline.
         self.sinks = SinkManager(self.ledger, self.settings.sinks, node=self.ctx.node)

@@ -33,7 +33,7 @@ naming it, and the other nodes continue.
 JSON is the sinks' encoder's (pipeline/sinks/encode.py, the same JSON a Kafka or JSON-lines
 sink writes for the record), built per batch column by column, with ``node`` added. The local
 run is a :class:`api.run_session.RunSession` like any other; its params are logged at debug
-level as the client sent them (no sink param: they can carry credentials), and once every node
+level as the client sent them (secret ones redacted, pipeline/params.py), and once every node
 traces an info log event says so (api/ready.py), before the local node's first record.
 """
 
@@ -76,7 +76,6 @@ EVENT_TYPE_JOB_ID = 3
 NODE_KEY = "node"
 RUNTIME_KEY_PREFIX = "runtime."
 _SEQ_MASK = 0xFFFFFFFF
-_ERROR = 2
 
 
 
@@ -183,6 +182,7 @@ class _Session:
         self.log = LogForwarder(self._writer, self._lock, rr.logLevel)
         """Log events to the client (the one bounded forwarder every stream uses)."""
         self._waiting_ready: set[str] = set()
+        self._ready_text = ""  # set once a node traces
 
     async def _write(self, data: bytes) -> None:
         async with self._lock:
@@ -207,8 +207,10 @@ class _Session:
         if node not in self._waiting_ready:
             return
         self._waiting_ready.discard(node)
-        if not self._waiting_ready and not failed and self._rr.logLevel >= READY_SEVERITY:
-            await self._write(wire.log_event(READY_SEVERITY, text or ready_message()))
+        if not failed:
+            self._ready_text = text or self._ready_text or ready_message()
+        if not self._waiting_ready and self._ready_text and self._rr.logLevel >= READY_SEVERITY:
+            await self._write(wire.log_event(READY_SEVERITY, self._ready_text))
 
     async def serve(self, run: GadgetRun | None, values: Mapping[str, str], remote: list[str],
                     ignored: list[str]) -> None:
@@ -294,7 +296,7 @@ class _Session:
                     raise GRPCError(e.status if isinstance(e, GRPCError)
                                     else Status.FAILED_PRECONDITION, message) from None
                 result.error = message
-                self.log(_ERROR, f"node {self._ctx.node}: {message}")
+                self.log(Severity.ERROR, f"node {self._ctx.node}: {message}")
                 await self._node_ready(self._ctx.node, failed=True)
                 return result
             await self._node_ready(self._ctx.node, text=session.ready_text())

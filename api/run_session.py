@@ -18,8 +18,8 @@ A consumer makes the run (:func:`new_run`, which validates the request and sets 
    ledger rows later by one policy (``ServiceContext.folds``) and has the heap trimmed.
 
 Params are logged to the client at debug level as upstream does (docs/gadget-service.md §3.1
-step 4), only those the client sent and no sink's: a sink param can carry a credential (an OTLP
-header).
+step 4), only those the client sent, and a param marked secret (a sink's credential, such as an
+OTLP header) reads ``<redacted>`` (pipeline/params.py).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def new_run(ctx: ServiceContext, spec: GadgetSpec, params: Mapping[str, str], la
         extra += ctx.sinks.params()
         prefixes += ctx.sinks.prefixes()
     try:
-        run = GadgetRun(spec, params, ctx.ledger, label, extra, prefixes, identity=identity)
+        run = GadgetRun(spec, params, ctx.ledger, label, extra, prefixes, identity=identity,
+                        containers=ctx.containers)
     except RunError as e:
         raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
     if ctx.sinks is not None:
@@ -161,18 +162,18 @@ class RunSession:
         """The ready log event's text (api/ready.py)."""
         return ready_message(self.run.attach_seconds)
 
-    def reserve(self) -> None:
-        """Takes the run's place in the compile queue (idempotent).
+    def reserve(self) -> Ticket:
+        """Takes the run's place in the compile queue (idempotent); returns it.
 
         Raises:
             GRPCError: RESOURCE_EXHAUSTED when the queue is at a bound; the message names it.
         """
-        if self._ticket is not None:
-            return
-        try:
-            self._ticket = self.ctx.compile_queue.reserve(self._client, self.label)
-        except CompileQueueFull as e:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        if self._ticket is None:
+            try:
+                self._ticket = self.ctx.compile_queue.reserve(self._client, self.label)
+            except CompileQueueFull as e:
+                raise GRPCError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        return self._ticket
 
     def subscribe(self, name: str, capacity: int, overflow: Overflow,
                   reasons: Iterable[str] = ()) -> Edge:
@@ -188,12 +189,9 @@ class RunSession:
         self._listeners.append(fn)
 
     def log_params(self, values: Mapping[str, str]) -> None:
-        """One debug log per param the client sent, sink params left out (credentials) and
-        any other secret param redacted."""
-        sink_prefixes = tuple(self.ctx.sinks.prefixes()) if self.ctx.sinks is not None else ()
+        """One debug log per param the client sent, secret ones redacted."""
         for key, value in sorted(redact(values, self.run.param_specs).items()):
-            if not (sink_prefixes and key.startswith(sink_prefixes)):
-                self.run.log(Severity.DEBUG, f"param {key}: {value}")
+            self.run.log(Severity.DEBUG, f"param {key}: {value}")
 
     async def start(self) -> None:
         """Attaches the sinks, waits for the compile turn and starts the source; returns when
@@ -203,8 +201,7 @@ class RunSession:
             GRPCError: FAILED_PRECONDITION (a sink or the source cannot start, with the
                 reason) or RESOURCE_EXHAUSTED (see :meth:`reserve`).
         """
-        self.reserve()
-        assert self._ticket is not None
+        ticket = self.reserve()
         if self.ctx.sinks is not None:
             try:
                 self._sinks = await self.ctx.sinks.attach(self.run)
@@ -213,7 +210,7 @@ class RunSession:
             for runner in self._sinks.runners:
                 self.ctx.ledger.declare_drops(self.label, runner.stage, SINK_DROP_REASONS)
                 self.ctx.ledger.declare(self.label, runner.stage, OUTCOME_RETRIED)
-        async with self._ticket.turn():
+        async with ticket.turn():
             try:
                 await self.run.start()
             except SourceError as e:

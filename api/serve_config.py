@@ -75,6 +75,10 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
     s.insecure = s.insecure or args.insecure
     if args.socket_group:
         s.socket_group = args.socket_group
+    if getattr(args, "containerd_socket", None) is not None:
+        s.containerd_socket = args.containerd_socket
+    if getattr(args, "containerd_namespace", None):
+        s.containerd_namespace = args.containerd_namespace
     if getattr(args, "compile_queue", None):
         s.compile_queue = args.compile_queue
     if getattr(args, "compile_queue_per_client", None):

@@ -114,8 +114,8 @@ def measure(gadget: str = "trace_open", count: int = 200_000, text: str | None =
     """Loads ``gadget`` (or ``text``, a variant of its program) as the daemon would and
     measures its programs while the load generator makes ``count`` events."""
     from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX
-    from pipeline.sources.catalog import Catalog
     from pipeline.params import resolve
+    from pipeline.sources.catalog import Catalog
     from pipeline.sources.ringbuf import RingReader
     from pipeline.sources.tracer import COMPILE_LOCK, TracerSource, import_bcc
 

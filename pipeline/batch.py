@@ -5,7 +5,9 @@ Payload 0 of every record is a row of :attr:`Batch.rows`; payloads 1..P-1 are co
 payload (pipeline/derive) that is computed from the batch's raw columns the first time anyone
 reads it, once for every consumer of the batch, and never when nobody does. The methods here
 that reshape a batch (:meth:`Batch.select`, :meth:`Batch.slice`, :meth:`Batch.concat`) keep such
-columns lazy.
+columns lazy. A column may also be a :class:`CodedColumn`: values an operator adds that repeat
+across records (the container a record's process runs in), as distinct values and codes; the
+reshaping methods keep it coded, and the wire encoder frames each distinct value once.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ class Batch:
         idx = np.flatnonzero(mask)
         groups: dict[int, DerivedGroup] = {}
         out: list[Sequence[bytes]] = []
+        codes_taken: dict[int, npt.NDArray[np.intp]] = {}  # shared codes stay shared
         for col in self.extra:
             if isinstance(col, LazyColumn):
                 out.append(col.taken(idx, rows, groups))
+            elif isinstance(col, CodedColumn):
+                taken = codes_taken.setdefault(id(col.codes), col.codes[idx])
+                out.append(CodedColumn(col.values, taken))
             elif isinstance(col, FormColumn):
                 out.append(col.taken(idx))
             else:
@@ -64,9 +70,13 @@ class Batch:
             return Batch(self.schema, rows)
         groups: dict[int, DerivedGroup] = {}
         out: list[Sequence[bytes]] = []
+        codes: dict[int, npt.NDArray[np.intp]] = {}
         for col in self.extra:
             if isinstance(col, LazyColumn):
                 out.append(col.sliced(start, stop, rows, groups))
+            elif isinstance(col, CodedColumn):  # columns sharing codes keep sharing them
+                view = codes.setdefault(id(col.codes), col.codes[start:stop])
+                out.append(CodedColumn(col.values, view))
             else:
                 out.append(col[start:stop])
         return Batch(self.schema, rows, tuple(out))
@@ -86,6 +96,8 @@ class Batch:
             if all(isinstance(c, LazyColumn) for c in cols):
                 out.append(LazyColumn.joined([c for c in cols if isinstance(c, LazyColumn)],
                                              rows, groups))
+            elif all(isinstance(c, CodedColumn) for c in cols):
+                out.append(CodedColumn.joined([c for c in cols if isinstance(c, CodedColumn)]))
             elif all(isinstance(c, FormColumn) for c in cols):
                 out.append(FormColumn.joined([c for c in cols if isinstance(c, FormColumn)]))
             else:
@@ -161,6 +173,65 @@ class Fixed:
         out: list[bytes] = np.ascontiguousarray(self.matrix).view(f"V{width}").reshape(
             -1).tolist()
         return out
+
+
+class CodedColumn(Sequence[bytes]):
+    """A payload column as its distinct values and one code (an index into them) per record,
+    readable as a sequence: what an operator adds when few values repeat over many records
+    (the enrich operator: one value per container), so that nothing downstream holds one
+    object per record unless it iterates. :meth:`form` is the :class:`Coded` view encoders
+    use (pipeline/wire.py frames each distinct value once).
+
+    Args:
+        values: the distinct values.
+        codes: for each record, the index of its value.
+    """
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self, values: Sequence[bytes], codes: npt.NDArray[np.integer[Any]]) -> None:
+        self.values = list(values)
+        self.codes: npt.NDArray[np.intp] = np.asarray(codes, dtype=np.intp)
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> CodedColumn: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | CodedColumn:
+        if isinstance(i, slice):
+            return CodedColumn(self.values, self.codes[i])
+        return self.values[int(self.codes[i])]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.tolist())
+
+    def form(self) -> Coded:
+        return Coded(self.values, self.codes)
+
+    def take(self, idx: npt.NDArray[np.intp]) -> CodedColumn:
+        return CodedColumn(self.values, self.codes[idx])
+
+    def tolist(self) -> list[bytes]:
+        return Coded(self.values, self.codes).values()
+
+    @staticmethod
+    def joined(parts: Sequence[CodedColumn]) -> CodedColumn:
+        """``parts`` one after the other (their value tables appended)."""
+        values: list[bytes] = []
+        codes = []
+        for p in parts:
+            codes.append(p.codes + len(values))
+            values += p.values
+        return CodedColumn(values, np.concatenate(codes) if codes else np.zeros(0, np.intp))
+
+    @classmethod
+    def constant(cls, value: bytes, n: int) -> CodedColumn:
+        return cls([value], np.zeros(n, dtype=np.intp))
 
 
 Derived = list[bytes] | Coded | Fixed

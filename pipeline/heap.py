@@ -3,6 +3,13 @@
 glibc keeps freed memory in its arenas for reuse; after a burst (clang/LLVM compiling ~25-30 MB
 per gadget, or many runs' queues and buffers freed together) that memory stays resident until
 ``malloc_trim`` returns it (measured: trace_open RssAnon 63 -> 37 MB after a compile, ~2 ms).
+
+Trimming is not enough when threads allocate: glibc gives each thread that contends for the
+main arena an arena of its own, and the BPF compiles run in worker threads, so a run's
+compiled module lives in a thread arena that trimming returns badly (measured, 30 concurrent
+trace_exec runs closed: RssAnon 57 MB before, 132 MB with them, still 90 MB after, vs 62 MB
+with a single arena; peak 100 MB). :func:`single_arena` makes every thread share one arena:
+compiles are serialized anyway, and the event loop is the only other thread that allocates.
 """
 
 from __future__ import annotations
@@ -11,16 +18,10 @@ import asyncio
 import contextlib
 import ctypes
 
-__all__ = ["MAX_ARENAS", "HeapTrimmer", "limit_arenas", "trim_heap"]
+__all__ = ["HeapTrimmer", "single_arena", "trim_heap"]
 
-MAX_ARENAS = 2
-"""malloc arenas a daemon uses. glibc gives threads arenas of their own (up to 8 per core);
-the daemon's threads (BPF compiles, sinks' encoders and writers, to_thread calls) then leave
-freed memory scattered over them, where it stays resident. Measured with nine idle instances
-(five trace_exec, four trace_open): RssAnon 88-98 MB with the default, 79-93 MB with two; runs
-vary by ~10 MB either way (when the compiles' heaps are trimmed), so the gain is within the
-noise of a few runs, not beyond it."""
-_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+_M_ARENA_MAX = -8
+"""glibc's mallopt parameter for the number of malloc arenas (malloc.h)."""
 
 TRIM_DELAY = 0.5
 """Seconds a requested trim waits, so a burst of runs ending is trimmed once, after it."""
@@ -32,11 +33,11 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def limit_arenas(count: int = MAX_ARENAS) -> bool:
-    """Caps glibc's malloc arenas (call before threads start); False where libc has no
-    mallopt."""
+def single_arena() -> bool:
+    """Has every thread allocate from one arena (see the module docstring); call it before
+    threads start. False where libc has no mallopt (not glibc)."""
     try:
-        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, count))
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))
     except (OSError, AttributeError):
         return False
 

@@ -81,6 +81,8 @@ class ParamSpec:
     """Full keys this param had before (accepted as the same param, never announced)."""
     secret: bool = False
     """A credential: never logged, announced or shown in clear (see the module doc)."""
+    value_hint: str = ""
+    """What the value names, for clients' completion (upstream's ``k8s:pod``, ...)."""
 
     @property
     def full_key(self) -> str:
@@ -93,6 +95,7 @@ class ParamSpec:
             defaultValue=default, typeHint=self.type_hint, alias=self.alias,
             title=self.title, possibleValues=list(self.possible_values),
             isMandatory=self.mandatory, tags=list(self.tags), alternativeKey=self.alternative_key,
+            valueHint=self.value_hint,
         )
 
     def parse(self, raw: str) -> Any:

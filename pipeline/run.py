@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from pipeline.batch import Batch
+from pipeline.containers import selector as container_selector
+from pipeline.containers.collection import ContainerCollection
 from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.graph import Edge, Fanout, Overflow
 from pipeline.ledger import (
@@ -94,7 +96,8 @@ OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
     *enrich_op.PARAMS,
 )
 OWNED_PREFIXES: tuple[str, ...] = (EBPF_PREFIX, RUNTIME_PREFIX, "operator.filter.",
-                                   fields_op.PREFIX, enrich_op.PREFIX)
+                                   fields_op.PREFIX, enrich_op.PREFIX,
+                                   container_selector.PREFIX)
 
 LogListener = Callable[[int, str], None]
 
@@ -125,13 +128,11 @@ class RunIdentity:
         return cls(gadget, label, label, label)
 
 
-def build_operators(values: Mapping[str, Any],
-                    schemas: list[DataSourceSchema]) -> list[Operator]:
-    ops: list[Operator] = []
-    if enrich_op.wanted(values):
-        # First, as upstream enriches before filtering: later operators see the new fields.
-        ops.append(enrich_op.Enrich(values, schemas))
-        schemas = [ops[-1].output_schema(s) for s in schemas]
+def build_operators(values: Mapping[str, Any], schemas: list[DataSourceSchema],
+                    enrich: enrich_op.Enrich | None = None) -> list[Operator]:
+    # Enrichment first, as upstream enriches before filtering: later operators see its fields.
+    ops: list[Operator] = [enrich or enrich_op.Enrich(values, schemas)]
+    schemas = [ops[-1].output_schema(s) for s in schemas]
     if values.get(filter_op.PARAM):
         ops.append(filter_op.Filter(values[filter_op.PARAM], schemas))
     if values.get(fields_op.PARAM):
@@ -203,12 +204,14 @@ class GadgetRun:
         extra_prefixes: the prefixes of ``extra_params``, checked strictly.
         identity: who the run is (instance id and name); by default a run named by its
             label.
+        containers: the daemon's container collection (records' ``k8s``/``runtime`` fields
+            and container selection); None: no container is known.
     """
 
     def __init__(self, spec: GadgetSpec, param_values: Mapping[str, str], ledger: Ledger,
                  instance: str, extra_params: Iterable[ParamSpec] = (),
-                 extra_prefixes: Iterable[str] = (), identity: RunIdentity | None = None
-                 ) -> None:
+                 extra_prefixes: Iterable[str] = (), identity: RunIdentity | None = None,
+                 containers: ContainerCollection | None = None) -> None:
         self.spec = spec
         self.instance = instance
         self.identity = identity or RunIdentity.of_run(spec.name, instance)
@@ -223,7 +226,9 @@ class GadgetRun:
             # (computed only when read: pipeline/derive).
             self.derive = derive_op.Derive(spec.datasources, spec.derive)
             derived = [self.derive.output_schema(s) for s in spec.datasources]
-            self._operators = [self.derive, *build_operators(self.values, derived)]
+            self._enrich = enrich_op.Enrich(self.values, derived, containers)
+            self._operators = [self.derive,
+                               *build_operators(self.values, derived, self._enrich)]
         except (ParamError, OperatorError) as e:
             raise RunError(str(e)) from e
         self._shedder = ShedController.from_values(self.values)
@@ -303,6 +308,7 @@ class GadgetRun:
             with contextlib.suppress(Exception):
                 await self._source.stop()
             raise
+        self._enrich.attach(self._source, self.log)
         self.started.set()
         if self._shedder is not None:
             if hasattr(self._source, "set_sample_rate") and \
@@ -419,6 +425,7 @@ class GadgetRun:
                 await self._source.stop()
                 self._sync_kernel_losses()
         finally:
+            self._enrich.close()
             self.fanout.close()
             self.finished.set()
 

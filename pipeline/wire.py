@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn, object_column
+from pipeline.batch import Batch, Coded, CodedColumn, Fixed, FormColumn, LazyColumn, object_column
 from pipeline.params import ParamSpec
 
 GRPC_PREFIX = "operator.grpc."
@@ -191,7 +191,7 @@ def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int
     n = len(batch)
     size = batch.schema.record_size
     element = _element_prefix(size)
-    entries = [blk for col in batch.extra for blk in _entry_blocks(col, n)]
+    entries = [blk for col in batch.extra for blk in _payload_entry_blocks(col, n)]
     de_len = np.full(n, len(element) + size, dtype=np.int64)
     for m, used in entries:
         de_len += m.shape[1] if used is None else used
@@ -233,7 +233,7 @@ def _payload0_blocks(rows: npt.NDArray[np.uint8], cuts: Sequence[Cut]) -> list[B
     return blocks
 
 
-def _entry_blocks(col: Sequence[bytes], n: int) -> list[Block]:
+def _payload_entry_blocks(col: Sequence[bytes], n: int) -> list[Block]:
     """A payload column as ``DataElement.payload`` entries (tag, length, bytes), as blocks:
     coded and fixed-width columns through :func:`_entry_block`, a plain list as a tag, a
     varint block and a NUL-padded block of the values."""
@@ -399,11 +399,12 @@ class _Head:
         """The head of an element of ``de_len`` bytes, up to a varying part."""
         return self.element
 
-    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
-        """The heads of records ``sel``, all of the same shape, their elements ``de_len``
-        bytes long."""
+    def block(self, sel: npt.NDArray[np.intp] | slice, count: int, first: int,
+              de_len: int) -> npt.NDArray[np.uint8]:
+        """The heads of the ``count`` records ``sel`` (``first`` is one of them), all of the
+        same shape, their elements ``de_len`` bytes long."""
         p = np.frombuffer(self.prefix(de_len), dtype=np.uint8)
-        return np.broadcast_to(p, (len(sel), len(p)))
+        return np.broadcast_to(p, (count, len(p)))
 
     def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
                                                              npt.NDArray[np.int64]]:
@@ -441,13 +442,14 @@ class _EventHead(_Head):
         gd_len = 1 + _varint_len(np.asarray(de_len)) + de_len
         return gd_len, 1 + seq_len + 1 + _varint_len(np.asarray(gd_len)) + gd_len + self.tail_len
 
-    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
-        seq_len = int(self.seq_len[sel[0]])
+    def block(self, sel: npt.NDArray[np.intp] | slice, count: int, first: int,
+              de_len: int) -> npt.NDArray[np.uint8]:
+        seq_len = int(self.seq_len[first])
         gd_len, ev_len = (int(x) for x in self._lengths(de_len, seq_len))
         pre = b"\x00" + ev_len.to_bytes(4, "big") + bytes([_TAG_EVENT_SEQ])
         post = bytes([_TAG_EVENT_PAYLOAD]) + varint(gd_len) + bytes([_TAG_DATA]) + \
             varint(de_len) + self.element
-        out = np.empty((len(sel), len(pre) + seq_len + len(post)), dtype=np.uint8)
+        out = np.empty((count, len(pre) + seq_len + len(post)), dtype=np.uint8)
         out[:, : len(pre)] = np.frombuffer(pre, dtype=np.uint8)
         out[:, len(pre): len(pre) + seq_len] = _varint_block(self.seqs[sel])[0][:, :seq_len]
         out[:, len(pre) + seq_len:] = np.frombuffer(post, dtype=np.uint8)
@@ -537,24 +539,63 @@ def _ragged_rows(mat: npt.NDArray[np.uint8], used: npt.NDArray[np.int64],
     return out
 
 
+def _coded_block(table: list[bytes], codes: npt.NDArray[np.intp]) -> Block:
+    """Entries that take one of a few values: each distinct value's bytes once, then gathered
+    per record."""
+    lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
+    mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
+    for i, e in enumerate(table):  # per distinct value
+        mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
+    return mat[codes], lens[codes]
+
+
+def _entry_blocks(cols: Sequence[Sequence[bytes]], n: int) -> list[Block | None]:
+    """Each payload column as entries in a block (see :func:`_entry_block`); consecutive
+    coded columns sharing one codes array (what an operator adds together, such as
+    a container's k8s.* and runtime.* fields) become one block of their entries together, so
+    a record's shape does not vary with each of them."""
+    out: list[Block | None] = []
+    i = 0
+    while i < len(cols):
+        c = cols[i]
+        j = i + 1
+        if isinstance(c, CodedColumn):
+            while j < len(cols):
+                nxt = cols[j]
+                if not (isinstance(nxt, CodedColumn) and nxt.codes is c.codes and
+                        len(nxt.values) == len(c.values)):
+                    break
+                j += 1
+        if j - i > 1:
+            run = [x for x in cols[i:j] if isinstance(x, CodedColumn)]
+            table = [b"".join(length_delimited(_TAG_PAYLOAD, x.values[k]) for x in run)
+                     for k in range(len(c.values) if isinstance(c, CodedColumn) else 0)]
+            out.append(_coded_block(table, run[0].codes))
+        else:
+            out.append(_entry_block(c, n))
+        i = j
+    return out
+
+
 def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
     """A payload column as ``DataElement.payload`` entries (tag, length, bytes) in one block,
-    when its derivation produced a coded or fixed-width column (each distinct value encoded
-    once); None for a plain list."""
-    form = col.form() if isinstance(col, LazyColumn) else \
-        col.form if isinstance(col, FormColumn) else None
+    when it is coded or fixed-width (each distinct value encoded once); None for a plain
+    list."""
+    if isinstance(col, FormColumn):
+        form: Coded | Fixed | list[bytes] | None = col.form
+    elif isinstance(col, (LazyColumn, CodedColumn)):
+        form = col.form()
+    else:
+        form = None
     if isinstance(form, Coded):
         table = [length_delimited(_TAG_PAYLOAD, v) for v in form.table]
-        lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
-        mat = np.zeros((len(table), int(lens.max(initial=0))), dtype=np.uint8)
-        for i, e in enumerate(table):  # per distinct value
-            mat[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
         codes = form.codes
-        if len(codes) and (len(table) == 1 or bool((codes == codes[0]).all())):
-            # One value for every record (a constant, one process's name): a view, no copy.
-            one = int(codes[0])
-            return np.broadcast_to(mat[one, : lens[one]], (len(codes), int(lens[one]))), None
-        return mat[codes], lens[codes]
+        if len(table) == 1 or (len(codes) and bool((codes == codes[0]).all())):
+            # One value for every record (a constant such as ustack's zeros or an empty path,
+            # one process's name): a view, no copy per record.
+            row = np.frombuffer(table[int(codes[0]) if len(codes) else 0], dtype=np.uint8)
+            return np.broadcast_to(row, (n, len(row))), None
+        return _coded_block(table, codes)
     if isinstance(form, Fixed):
         prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
         out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)
@@ -586,7 +627,7 @@ class _Parts:
         self.rows = batch.rows
         size = batch.schema.record_size
         self.de_len = np.full(n, len(_element_prefix(size)) + size, dtype=np.int64)
-        blocks = [_entry_block(c, n) for c in batch.extra]
+        blocks = _entry_blocks(batch.extra, n)
         self.blocks: list[Block] | None = None
         self.pieces: list[npt.NDArray[np.object_]] = []
         if all(b is not None for b in blocks):
@@ -655,15 +696,17 @@ class _Parts:
         tail_row = np.frombuffer(tail, dtype=np.uint8)
         out = np.empty(n, dtype=object)
         for g in range(len(ukeys)):
-            sel = order[bounds[g]: bounds[g + 1]]
-            if len(sel) == 0:
+            idx = order[bounds[g]: bounds[g + 1]]
+            if len(idx) == 0:
                 continue
-            i = int(sel[0])
-            parts = [head.block(sel, int(self.de_len[i])), self.rows[sel]]
+            i, count = int(idx[0]), len(idx)
+            # One shape (the usual case): views of the columns, not copies.
+            sel: npt.NDArray[np.intp] | slice = slice(None) if len(ukeys) == 1 else idx
+            parts = [head.block(sel, count, i, int(self.de_len[i])), self.rows[sel]]
             for m, used in self.blocks:
                 parts.append(m[sel] if used is None else m[sel, : int(used[i])])
             if tail:
-                parts.append(np.broadcast_to(tail_row, (len(sel), len(tail))))
+                parts.append(np.broadcast_to(tail_row, (count, len(tail))))
             out[sel] = _rows_as_bytes(np.concatenate(parts, axis=1))
         return out
 

@@ -191,7 +191,7 @@ def json_skipped(f: Field) -> bool:
 
 
 def _json_template(schema: DataSourceSchema, constants: Mapping[str, str]) -> _Template:
-    leaves = {f.index for f in leaf_fields(schema) if not json_skipped(f)}
+    leaves = {f.index for f in leaf_fields(schema)}
     children: dict[int | None, list[Field]] = {}
     for f in schema.fields:
         children.setdefault(f.parent, []).append(f)

@@ -53,13 +53,12 @@ from pipeline.sinks.base import (
     has_field,
     register_sink,
 )
+from pipeline.sinks.container_resource import container_requests
 from pipeline.sinks.encode import (
     JsonEncoder,
     OtlpLogEncoder,
     PerSchema,
     cstring_bytes,
-    logs_requests_flat,
-    otlp_resource,
     otlp_scope,
     time_field,
 )
@@ -90,11 +89,40 @@ def topic_name(template: str, **fields: str) -> str:
     return _TOPIC_BAD.sub("_", template.format(**fields))[:249]
 
 
-def check_template(template: str) -> None:
-    used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    bad = used - TOPIC_FIELDS
-    if bad:
-        raise ValueError(f"unknown placeholders {sorted(bad)}; use {sorted(TOPIC_FIELDS)}")
+def record_placeholders(template: str) -> list[str]:
+    """The placeholders of ``template`` that name a record field (``{k8s.namespace}``)."""
+    return [f for _, f, _, _ in string.Formatter().parse(template)
+            if f is not None and f not in TOPIC_FIELDS]
+
+
+def check_template(template: str, schemas: Sequence[DataSourceSchema] | None = None) -> None:
+    """Placeholders are the run's (:data:`TOPIC_FIELDS`) or fields of its records (with
+    ``schemas`` given, every one must name a field of some data source)."""
+    for f in record_placeholders(template):
+        if schemas is None or not has_field(tuple(schemas), f):
+            raise ValueError(f"unknown placeholders {[f]}; use {sorted(TOPIC_FIELDS)} or a "
+                             "field of the records, such as k8s.namespace")
+
+
+def _record_topics(template: str, batch: Batch, fields: Mapping[str, str]) -> list[str]:
+    """Each record's topic, for a template naming record fields (an empty value becomes _)."""
+    names = record_placeholders(template)
+    cols = [cstring_bytes(batch, batch.schema.field(n)) for n in names]
+    # Placeholders become positional so dotted field names need no attribute lookup.
+    parts = list(string.Formatter().parse(template))
+    fmt = "".join(lit.replace("{", "{{").replace("}", "}}") +
+                  ("" if f is None else f"{{{names.index(f)}}}" if f in names else
+                   fields[f].replace("{", "{{").replace("}", "}}"))
+                  for lit, f, _, _ in parts)
+    cache: dict[tuple[bytes, ...], str] = {}
+    out = []
+    for key in zip(*cols, strict=True):
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = _TOPIC_BAD.sub("_", fmt.format(
+                *(v.decode(errors="replace") or "_" for v in key)))[:249]
+        out.append(t)
+    return out
 
 
 @dataclass
@@ -105,6 +133,7 @@ class _Chunk:
     start: int
     stop: int
     future: asyncio.Future[Any] | None = None
+    topic: str = ""
 
 
 @dataclass
@@ -121,6 +150,8 @@ class _Pending:
     refused: int = 0
     counts: list[int] = field(default_factory=list)
     """Records per message (one each, except OTLP requests holding many)."""
+    topics: list[str] | None = None
+    """Each message's topic, when the template names record fields; else all go to topic."""
 
 
 class KafkaSink:
@@ -153,9 +184,8 @@ class KafkaSink:
         self._pending: _Pending | None = None
         self._json = PerSchema(JsonEncoder)
         self._otlp = PerSchema(self._compile_otlp)
-        self._resource = otlp_resource(resource_attributes(context))
-        self._key_partition: dict[bytes, int] = {}
-        self._key_partition_count = 0
+        self._resource = resource_attributes(context)
+        self._key_partition: dict[tuple[int, bytes], int] = {}
         self._rr = itertools.count()
 
     async def start(self) -> None:
@@ -187,17 +217,22 @@ class KafkaSink:
 
     def _encode(self, batch: Batch) -> _Pending:
         schema = batch.schema
-        topic = topic_name(self._template, gadget=self._ctx.gadget, instance=self._ctx.id,
-                           datasource=schema.name, node=self._ctx.node)
+        static = {"gadget": self._ctx.gadget, "instance": self._ctx.id,
+                  "datasource": schema.name, "node": self._ctx.node}
+        per_record = bool(record_placeholders(self._template))
+        topic = "" if per_record else topic_name(self._template, **static)
         headers = [("gadget", self._ctx.gadget.encode()),
                    ("instance", self._ctx.id.encode()),
                    ("node", self._ctx.node.encode()), ("datasource", schema.name.encode()),
                    ("content-type", CONTENT_TYPES[self._encoding])]
         n = len(batch)
+        topics = _record_topics(self._template, batch, static) if per_record else None
         if self._encoding == "otlp":
             enc = self._otlp.get(schema)
-            data, lens = enc[0].encode_flat(batch, time.time_ns())
-            reqs = logs_requests_flat(self._resource, enc[1], data, lens, self._max_message)
+            records = enc[0].encode(batch, time.time_ns())
+            if topics is not None:  # one request per run of records bound for one topic
+                return self._otlp_per_topic(batch, topic, headers, enc, records, topics)
+            reqs = container_requests(self._resource, enc[1], batch, records, self._max_message)
             return _Pending(batch, topic, headers, [r for r, _ in reqs], [None] * len(reqs),
                             [None] * len(reqs), counts=[c for _, c in reqs])
         if self._encoding == "json":
@@ -208,40 +243,61 @@ class KafkaSink:
         tf = time_field(schema)
         stamps: list[int | None] = ((column(batch, tf) // 1_000_000).astype("i8").tolist()
                                     if tf is not None else [None] * n)
-        return _Pending(batch, topic, headers, vals, keys, stamps, counts=[1] * n)
+        return _Pending(batch, topic, headers, vals, keys, stamps, counts=[1] * n,
+                        topics=topics)
+
+    def _otlp_per_topic(self, batch: Batch, topic: str, headers: list[tuple[str, bytes]],
+                        enc: tuple[OtlpLogEncoder, bytes], records: list[bytes],
+                        topics: list[str]) -> _Pending:
+        values: list[bytes] = []
+        counts: list[int] = []
+        out_topics: list[str] = []
+        start = 0
+        for i in range(1, len(topics) + 1):
+            if i == len(topics) or topics[i] != topics[start]:
+                for req, c in container_requests(self._resource, enc[1], batch.slice(start, i),
+                                                 records[start:i], self._max_message):
+                    values.append(req)
+                    counts.append(c)
+                    out_topics.append(topics[start])
+                start = i
+        k = len(values)
+        return _Pending(batch, topic, headers, values, [None] * k, [None] * k, counts=counts,
+                        topics=out_topics)
 
     def _partition_of(self, key: bytes | None, partitions: Sequence[int]) -> int:
         if key is None:
             return -1
-        p = self._key_partition.get(key)
+        cached = (len(partitions), key)
+        p = self._key_partition.get(cached)
         if p is None:
-            # The Java client's (and aiokafka's) default partitioner, cached per key: the
-            # pure-Python murmur2 costs a few µs, label-like keys repeat.
+            # The Java client's (and aiokafka's) default partitioner, cached per key and
+            # partition count (a topic that gains partitions moves its keys): the pure-Python
+            # murmur2 costs a few µs, label-like keys repeat.
             p = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
             if len(self._key_partition) >= _KEY_CACHE_MAX:
                 self._key_partition.clear()
-            self._key_partition[key] = p
+            self._key_partition[cached] = p
         return p
 
-    def _chunks(self, pending: _Pending, partitions: list[int]) -> list[_Chunk]:
-        """Runs of consecutive messages going to one partition, in order.
+    def _chunks(self, pending: _Pending, partitions: Mapping[str, list[int]]) -> list[_Chunk]:
+        """Runs of consecutive messages going to one partition of one topic, in order.
 
         Keyless messages of a batch go together to one partition, the next batch to the next
         partition (a sticky round robin, like the Java client's).
         """
+        topics = pending.topics or [pending.topic] * len(pending.keys)
         if any(k is not None for k in pending.keys):
-            if len(partitions) != self._key_partition_count:
-                self._key_partition.clear()  # the topic gained partitions: keys move
-                self._key_partition_count = len(partitions)
-            parts = [self._partition_of(k, partitions) for k in pending.keys]
+            parts = [self._partition_of(k, partitions[t])
+                     for k, t in zip(pending.keys, topics, strict=True)]
         else:
-            p = partitions[next(self._rr) % len(partitions)]
-            parts = [p] * len(pending.keys)
+            rr = next(self._rr)
+            parts = [partitions[t][rr % len(partitions[t])] for t in topics]
         chunks: list[_Chunk] = []
         start = 0
         for i in range(1, len(parts) + 1):
-            if i == len(parts) or parts[i] != parts[start]:
-                chunks.append(_Chunk(parts[start], start, i))
+            if i == len(parts) or parts[i] != parts[start] or topics[i] != topics[start]:
+                chunks.append(_Chunk(parts[start], start, i, topic=topics[start]))
                 start = i
         return chunks
 
@@ -266,12 +322,12 @@ class KafkaSink:
                                     "batch (raise operator.kafka.batch-size)", retryable=False)
                 builder.close()
                 fut = await asyncio.wait_for(
-                    producer.send_batch(builder, p.topic, partition=c.partition),
+                    producer.send_batch(builder, c.topic or p.topic, partition=c.partition),
                     max(0.1, deadline - time.monotonic()))
-                out.append(_Chunk(c.partition, i, j, fut))
+                out.append(_Chunk(c.partition, i, j, fut, c.topic))
                 i = j
         except BaseException:
-            out.append(_Chunk(c.partition, i, c.stop))
+            out.append(_Chunk(c.partition, i, c.stop, topic=c.topic))
             raise
 
     async def _reset_producer(self) -> None:
@@ -294,9 +350,12 @@ class KafkaSink:
             if not p.chunks:
                 # Cached metadata answers at once; a new topic is created (auto-create) or
                 # waited for here.
-                got = await asyncio.wait_for(producer.partitions_for(p.topic),
-                                             max(0.1, deadline - time.monotonic()))
-                p.chunks = self._chunks(p, sorted(got))
+                partitions = {}
+                for t in dict.fromkeys(p.topics or [p.topic]):
+                    got = await asyncio.wait_for(producer.partitions_for(t),
+                                                 max(0.1, deadline - time.monotonic()))
+                    partitions[t] = sorted(got)
+                p.chunks = self._chunks(p, partitions)
             # Hand over in order; what could not be handed over stays first in line.
             sent: list[_Chunk] = []
             for k, c in enumerate(p.chunks):
@@ -335,7 +394,7 @@ class KafkaSink:
                 # whose partition has no leader after request_timeout) or the broker lost
                 # track of the sequence: the producer's numbering has a gap now, and every
                 # later batch would fail. A new producer id starts afresh.
-                again.append(_Chunk(c.partition, c.start, c.stop))
+                again.append(_Chunk(c.partition, c.start, c.stop, topic=c.topic))
                 reset = True
                 first_error = first_error or f"{type(exc).__name__} {exc}"
             else:
@@ -411,7 +470,9 @@ class KafkaSinkType(SinkTypeBase):
         return (
             self.param("brokers", "Bootstrap brokers host:port,host:port", "127.0.0.1:9092"),
             self.param("topic", "Topic; {gadget}, {instance}, {datasource} and {node} are "
-                       "replaced", "gadget.{gadget}"),
+                       "replaced, and so is a record field such as {k8s.namespace} (records "
+                       "then go to the topic of their own values; empty ones become _)",
+                       "gadget.{gadget}"),
             self.param("key", "Field whose value is the message key (records with one key "
                        "stay ordered); empty for none"),
             self.param("encoding", "json: one object per record; protobuf: one GadgetData per "
@@ -432,7 +493,7 @@ class KafkaSinkType(SinkTypeBase):
               schemas: tuple[DataSourceSchema, ...]) -> tuple[str, str] | None:
         own = self.own(values)
         try:
-            check_template(str(own.get("topic") or "gadget.{gadget}"))
+            check_template(str(own.get("topic") or "gadget.{gadget}"), schemas)
         except ValueError as e:
             return self.key("topic"), str(e)
         key = str(own.get("key") or "")

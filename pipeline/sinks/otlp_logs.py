@@ -45,11 +45,10 @@ from pipeline.sinks.base import (
     has_field,
     register_sink,
 )
+from pipeline.sinks.container_resource import container_requests
 from pipeline.sinks.encode import (
     OtlpLogEncoder,
     PerSchema,
-    logs_requests_flat,
-    otlp_resource,
     otlp_scope,
 )
 from pipeline.sinks.endpoints import Endpoint
@@ -229,7 +228,8 @@ class OtelLogsSink:
 
     Args:
         transport: gRPC or HTTP.
-        resource: the encoded ``Resource`` of every request.
+        resource: the attributes of every request's ``Resource``; each container's records
+            add that container's (k8s.*, container.*: pipeline/sinks/container_resource.py).
         gadget: the gadget's name (scope name and default body).
         body_field: a field whose value becomes the body (default: the gadget's name).
         max_request: bytes one request may hold.
@@ -237,10 +237,10 @@ class OtelLogsSink:
 
     name = "otel-logs"
 
-    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: bytes,
+    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: dict[str, Any],
                  gadget: str, body_field: str, max_request: int) -> None:
         self._transport = transport
-        self._resource = resource
+        self._resource_attrs = resource
         self._gadget = gadget
         self._body_field = body_field
         self._max_request = max_request
@@ -258,8 +258,9 @@ class OtelLogsSink:
 
     def _requests(self, encoder: OtlpLogEncoder, scope: bytes, batch: Batch,
                   observed_ns: int) -> list[tuple[bytes, int]]:
-        data, lens = encoder.encode_flat(batch, observed_ns)
-        return logs_requests_flat(self._resource, scope, data, lens, self._max_request)
+        records = encoder.encode(batch, observed_ns)
+        return container_requests(self._resource_attrs, scope, batch, records,
+                                  self._max_request)
 
     async def write(self, batch: Batch) -> int:
         if self._pending is not None and self._pending[0] is batch:
@@ -343,8 +344,8 @@ class OtelLogsSinkType(SinkTypeBase):
         transport: _GrpcTransport | _HttpTransport = (
             _HttpTransport(endpoint, headers, timeout, gz) if own.get("protocol") == "http"
             else _GrpcTransport(endpoint, headers, timeout, gz))
-        resource = otlp_resource({**resource_attributes(context),
-                                  "host.name": context.node or socket.gethostname()})
+        resource = {**resource_attributes(context),
+                    "host.name": context.node or socket.gethostname()}
         return OtelLogsSink(transport, resource, context.gadget, body,
                             int(own.get("max-request-bytes") or DEFAULT_MAX_REQUEST))
 

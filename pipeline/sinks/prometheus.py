@@ -40,7 +40,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from pipeline.accessors import column, values
-from pipeline.batch import Batch
+from pipeline.batch import Batch, CodedColumn
 from pipeline.params import ParamSpec
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, DataSourceSchema, Field, Kind
 from pipeline.sinks.base import SinkContext, SinkError, SinkTypeBase, register_sink
@@ -248,12 +248,43 @@ class _LabelReader:
         if self._fast:
             keys, inverse = unique_rows(self._matrix(batch))
             return self._decode(keys), inverse
+        coded = self._coded(batch)
+        if coded is not None:
+            return coded
         cols = [[str(v) for v in values(batch, f)] for f in self.fields]
         tuples = list(zip(*cols, strict=True))
         index: dict[tuple[str, ...], int] = {}
         inv = np.fromiter((index.setdefault(t, len(index)) for t in tuples), dtype=np.intp,
                           count=len(tuples))
         return list(index), inv
+
+
+    def _coded(self, batch: Batch) -> tuple[list[tuple[str, ...]], npt.NDArray[np.intp]] | None:
+        """Label sets of fields held in coded columns (the containers' k8s.* and runtime.*
+        fields: one value per container), grouped by their codes; None for other fields."""
+        cols: list[CodedColumn] = []
+        for f in self.fields:
+            col = batch.extra[f.payload_index - 1] if f.payload_index > 0 and not f.size \
+                else None
+            if not isinstance(col, CodedColumn):
+                return None
+            cols.append(col)
+        key = np.zeros(len(batch), dtype=np.int64)
+        for col in cols:
+            key = key * (len(col.values) + 1) + col.codes
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        sets = [tuple(_label_value(f, col[r]) for f, col in zip(self.fields, cols, strict=True))
+                for r in first.tolist()]
+        return sets, inverse.reshape(-1).astype(np.intp)
+
+
+def _label_value(f: Field, b: bytes) -> str:
+    """A payload entry as a label value, as values() would render it."""
+    kind = f.base_kind
+    if kind in NUMPY_DTYPE and len(b) == KIND_WIDTH[kind]:
+        v = np.frombuffer(b, dtype=NUMPY_DTYPE[kind])[0]
+        return ("true" if v else "false") if kind is Kind.BOOL else str(v)
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,6 +210,8 @@ setup_peers() {
   setup_peers_prometheus
   # systemd-analyze verifies the shipped unit file in the tests.
   apt_install systemd
+  # The container tests run Debian's containerd with busybox containers (tests/peers/containerd.py).
+  apt_install containerd runc busybox-static
   content=$(printf 'KAFKA_LIB=%s\nJAVA_BIN=%s\nOTELCOL_BIN=%s\nPROMETHEUS_BIN=%s\nPROMTOOL_BIN=%s\n' \
     "$GP_CACHE/kafka/lib" "$(peers_find_java)" "$(peers_otelcol_bin)" \
     "$(command -v prometheus)" "$(command -v promtool)")

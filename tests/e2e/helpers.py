@@ -23,8 +23,8 @@ def unique_binary(tmp: Path, prefix: str = "gp") -> Path:
 
 @contextmanager
 def keep_running(*argvs: list[str], interval: float = 0.1) -> Iterator[list[int]]:
-    """Runs each command every ``interval`` until the block ends (tracing attaches after the
-    GadgetInfo event, so a test repeats its trigger until the first record arrives);
+    """Runs each command every ``interval`` until the block ends, for tests that need records
+    to keep coming (start it once the run traces: its ready event, ``RunStream.wait_ready``);
     yields the list of pids started so far."""
     stop = threading.Event()
     pids: list[int] = []

@@ -174,6 +174,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(certs: Certs, tmp_pat
         with GadgetClient(address, mtls) as c:
             stream = c.run("trace_exec", {"operator.oci.ebpf.comm": binary.name[:15]},
                            timeout_s=30)
+            stream.wait_ready()
             with keep_running([str(binary)]):
                 got = next(ev for ev in stream if ev.records)
             stream.stop()

@@ -29,36 +29,20 @@ import pytest
 from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
 from bench.peers import goclient_path, open_loop_path
-from pipeline.sources.btf import gadget_cflags
 from tests.daemon import DaemonProcess
-from tests.e2e.helpers import bpf_programs_of, unique_binary
+from tests.e2e.helpers import unique_binary
 from tests.specdecode import field_value
 
 pytestmark = pytest.mark.bpf
 
-# trace_open: the exit of open, openat, openat2, and their entry where the kernel cannot give
-# the exit the arguments (bpf/gadget_syscall.h)
-OPEN_PROGS = 3 if "-DGADGET_SYSCALL_ARGS_AT_EXIT=1" in gadget_cflags() else 6
-EXEC_PROGS = 4  # trace_exec: enter and exit of execve, execveat
 PR_SET_NAME = 15
 
 
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def wait_attached(pid: int, before: int, progs: int, timeout: float = 60.0) -> None:
-    """Until daemon ``pid`` holds ``progs`` more BPF programs than ``before``."""
-    wait_for(lambda: len(bpf_programs_of(pid)) >= before + progs, timeout,
-             f"{progs} more BPF programs in the daemon")
-    time.sleep(0.2)  # the last program's tracepoint attaches right after it loads
+READY_TIMEOUT = 120.0
+"""Seconds a run may take to compile and attach (a busy machine compiles slowly)."""
 
 
 class Reader(threading.Thread):
@@ -71,12 +55,16 @@ class Reader(threading.Thread):
         self.info: pb.GadgetInfo | None = None
         self.packets: list[tuple[int, int, list[pb.DataElement]]] = []  # seq, ds type, elements
         self.error: BaseException | None = None
+        self.ready = threading.Event()
+        """Set when the gadget traces (its ready event)."""
         self._cond = threading.Condition()
         self.start()
 
     def run(self) -> None:
         try:
             for ev in self.stream.raw():
+                if self.stream.ready:
+                    self.ready.set()
                 with self._cond:
                     if ev.type == 4:
                         self.info = pb.GadgetInfo.FromString(ev.payload)
@@ -91,6 +79,12 @@ class Reader(threading.Thread):
                     self._cond.notify_all()
         except BaseException as e:
             self.error = e
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            assert self.is_alive(), f"the stream ended before it traced: {self.error}"
+            assert time.monotonic() < deadline, f"not tracing after {timeout} s"
 
     def elements(self) -> list[pb.DataElement]:
         with self._cond:
@@ -170,18 +164,42 @@ class GoClient:
 
     def __init__(self, address: str, image: str, params: dict[str, str],
                  dump: Path | None = None, attach: str | None = None) -> None:
-        cmd = [str(goclient_path()), "-addr", address, "-quiet"]
+        # -v with log level 4: it prints log events, the ready one among them (wait_ready).
+        cmd = [str(goclient_path()), "-addr", address, "-quiet", "-v", "-log-level", "4"]
         cmd += ["-attach", attach] if attach else ["-image", image]
         for k, v in params.items():
             cmd += ["-param", f"{k}={v}"]
         if dump is not None:
             cmd += ["-dump", str(dump)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._stderr: list[bytes] = []
+        self._ready = threading.Event()
+        # stderr is read all along: a client blocked on a full pipe would stop reading gRPC.
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # until the client exits
+            self._stderr.append(line)
+            if line.startswith(b"log[4]: gadget tracing"):
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until the gadget traces: the client prints the ready log event on stderr."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.1):
+            assert self.proc.poll() is None, f"goclient ended: {b''.join(self._stderr)!r}"
+            assert time.monotonic() < deadline, f"not tracing after {timeout} s"
 
     def finish(self, timeout: float = 60.0) -> dict[str, Any]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-        out, err = self.proc.communicate(timeout=timeout)
+        self.proc.wait(timeout)  # stdout holds one summary line: no pipe to fill
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self._reader.join(10)
+        err = b"".join(self._stderr)
         assert out.strip(), f"goclient printed nothing: {err.decode()}"
         summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         assert summary["status"] == "OK", summary
@@ -255,12 +273,12 @@ def test_batched_and_per_record_streams_carry_the_same_records(daemon: DaemonPro
     params = {"operator.oci.ebpf.comm": comm}
     total = 3000
     paths = [f"/gp-fast-path/{comm}/{i}" for i in range(total)]
-    before = len(bpf_programs_of(daemon.proc.pid))
     with daemon.client() as c1, daemon.client() as c2:
         per_record = Reader(c1.run("trace_open", params))
         batched = Reader(c2.run("trace_open", {**params, "operator.grpc.batch-max": "64",
                                                "operator.grpc.batch-linger": "5ms"}))
-        wait_attached(daemon.proc.pid, before, 2 * OPEN_PROGS)
+        per_record.wait_ready()
+        batched.wait_ready()
         with named_thread_opens(comm) as opener:
             for chunk in range(0, total, 500):  # bursts: several drains, several batch sizes
                 opener(paths[chunk: chunk + 500])
@@ -305,12 +323,12 @@ def test_grpcio_and_go_clients_see_identical_records(daemon: DaemonProcess,
     params = {"operator.oci.ebpf.comm": comm}
     dump = tmp_path / "go.jsonl"
     n = 40
-    before = len(bpf_programs_of(daemon.proc.pid))
     go = GoClient(daemon.address, "trace_exec", params, dump=dump)
     try:
         with daemon.client() as c:
             py = Reader(c.run("trace_exec", params))
-            wait_attached(daemon.proc.pid, before, 2 * EXEC_PROGS)
+            go.wait_ready()
+            py.wait_ready()
             for i in range(n):
                 subprocess.run([str(binary), f"rec-{i}"], check=True)
             py.wait(lambda els: len(els) >= n, 60, f"{n} exec records")
@@ -339,11 +357,10 @@ def test_upstream_style_client_never_gets_an_array_packet(daemon: DaemonProcess,
     comm = unique_comm("gpol")
     gen = generator(comm, tmp_path)
     count = 60000
-    before = len(bpf_programs_of(daemon.proc.pid))
     go = GoClient(daemon.address, "trace_open", {"operator.oci.ebpf.comm": comm},
                   dump=tmp_path / "go.jsonl")
     try:
-        wait_attached(daemon.proc.pid, before, OPEN_PROGS)
+        go.wait_ready()
         # The loader's own opens happen before the loop; they are traced too (same comm).
         open_loop(gen, count)
         summary = go.finish()
@@ -377,11 +394,11 @@ def test_a_client_that_stops_reading(tmp_path: Path) -> None:
     with DaemonProcess("--metrics-listen", f"127.0.0.1:{port}") as d:
         assert d.proc is not None
         pid = d.proc.pid
-        before = len(bpf_programs_of(pid))
         fast = GoClient(d.address, "trace_open", params)
         slow = GoClient(d.address, "trace_open", params)
         try:
-            wait_attached(pid, before, 2 * OPEN_PROGS)
+            fast.wait_ready()
+            slow.wait_ready()
             open_loop(gen, 1000)  # warm both streams up
             time.sleep(0.5)
             rss0 = rss_kb(pid)
@@ -417,8 +434,11 @@ def test_a_client_that_stops_reading(tmp_path: Path) -> None:
     assert slow_summary["lost"] > 0, "the frozen client lost nothing: the load was too small"
     # Every record the frozen client did not get is a gap in its seq: nothing silent.
     assert slow_summary["records"] + slow_summary["lost"] == produced
-    drops = {(labels["gadget_instance"], labels["stage"]): v for name, labels, v in metrics
-             if name == "gadgetpipe_records_dropped_total" and labels["stage"].startswith("grpc:")}
+    drops: dict[tuple[str, str], float] = {}  # by stream, every reason summed
+    for name, labels, v in metrics:
+        if name == "gadgetpipe_records_dropped_total" and labels["stage"].startswith("grpc:"):
+            key = (labels["gadget_instance"], labels["stage"])
+            drops[key] = drops.get(key, 0.0) + v
     assert sum(drops.values()) == slow_summary["lost"], drops
     assert len([v for v in drops.values() if v]) == 1, "only the frozen client's stream drops"
     kernel = sum(v for name, _, v in metrics if name == "gadgetpipe_kernel_lost_records_total")
@@ -437,11 +457,10 @@ def test_records_submitted_just_before_a_stop_are_delivered(daemon: DaemonProces
     assert daemon.proc is not None
     binaries = [unique_binary(tmp_path, "gpst") for _ in range(3)]
     k = 30
-    before = len(bpf_programs_of(daemon.proc.pid))
     with daemon.client() as c:
         r = Reader(c.run("trace_exec", {"operator.filter.filter": "proc.comm~^gpst",
                                         "operator.bcc.drain-interval": "10s"}))
-        wait_attached(daemon.proc.pid, before, EXEC_PROGS)
+        r.wait_ready()
         t0 = time.monotonic()
         for i in range(k):
             subprocess.run([str(binaries[i % 3]), f"k{i}"], check=True)

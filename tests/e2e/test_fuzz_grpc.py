@@ -635,6 +635,7 @@ def test_zz_daemon_is_healthy_after_the_fuzzing(fuzz: Fuzz, tmp_path: Path) -> N
         assert [d.name for d in c.info("trace_exec").dataSources] == ["exec"]
         binary = unique_binary(tmp_path)
         stream = c.run("trace_exec", {"operator.oci.ebpf.comm": binary.name[:15]}, timeout_s=20)
+        stream.wait_ready()
         seen = False
         with keep_running([str(binary)]):
             for ev in stream:

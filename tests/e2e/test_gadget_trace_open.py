@@ -170,6 +170,48 @@ def test_paths_resolve_the_opened_file(daemon: DaemonProcess, tmp_path: Path) ->
     assert dirs and dirs[0]["fpath"] == str(tmp_path.resolve()).encode()
 
 
+def test_a_client_that_selects_raw_fields_gets_payload_0_only(daemon: DaemonProcess,
+                                                              tmp_path: Path) -> None:
+    """operator.fields.fields naming raw fields only: nothing else is announced or sent (the
+    derived payloads are dropped before anyone computes them)."""
+    target = tmp_path / f"gp-raw-{uuid.uuid4().hex[:12]}"
+    target.write_bytes(b"x")
+    elements: list[pb.DataElement] = []
+    with daemon.client() as c:
+        stream = c.run("trace_open", {"operator.oci.ebpf.pid": str(os.getpid()),
+                                      "operator.fields.fields": "fname,error_raw,proc.pid"},
+                       timeout_s=15)
+        info: pb.GadgetInfo | None = None
+        stop = threading.Event()
+
+        def trigger() -> None:
+            while not stop.is_set():
+                os.close(os.open(target, os.O_RDONLY))
+                stop.wait(0.1)
+
+        t = threading.Thread(target=trigger, daemon=True)
+        t.start()
+        try:
+            for ev in stream.raw():
+                if ev.type == 4:
+                    info = pb.GadgetInfo.FromString(ev.payload)
+                elif ev.type == 0:
+                    elements.append(pb.GadgetData.FromString(ev.payload).data)
+                    if len(elements) >= 3:
+                        break
+        finally:
+            stop.set()
+            t.join()
+            stream.stop()
+            list(stream.raw())
+    assert info is not None and elements
+    fields = info.dataSources[0].fields
+    assert {f.fullName for f in fields if f.flags & 16 or f.payloadIndex} == {
+        "fname", "error_raw", "proc", "proc.pid"}
+    assert all(f.payloadIndex == 0 for f in fields)
+    assert all(len(el.payload) == 1 and len(el.payload[0]) == 344 for el in elements)
+
+
 def test_announces_every_field_upstream_does(daemon: DaemonProcess) -> None:
     diff = upstream_field_diff("trace_open", daemon)
     assert not diff.sources_only_upstream and not diff.sources_only_ours, diff.report()

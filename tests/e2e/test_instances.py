@@ -32,7 +32,7 @@ from api.client import GadgetClient
 from api.ready import is_ready
 from bench.peers import exec_loop_path, goclient_path
 from tests.daemon import ROOT, DaemonProcess, instance_tracing
-from tests.e2e.helpers import bpf_programs_of, info_fields, keep_running, unique_binary
+from tests.e2e.helpers import bpf_programs_of, info_fields, unique_binary
 from tests.specdecode import field_value
 
 pytestmark = pytest.mark.bpf
@@ -501,10 +501,12 @@ def test_cli_detach_list_attach_and_rm(node: DaemonProcess, tmp_path: Path) -> N
     binary = unique_binary(tmp_path)
     cli = [sys.executable, "-m", "api.cli"]
     remote = ["--remote-address", node.address]
-    out = subprocess.run([*cli, "run", "trace_exec", "--detach", "--name", "clitest",
-                          "--tag", "a,b", "-F", f"proc.comm=={binary.name[:15]}", *remote],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([*cli, "run", "trace_exec", "--detach", "--name", "clitest",
+                           "--tag", "a,b", "-F", f"proc.comm=={binary.name[:15]}", *remote],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    out = done.stdout
     assert out.startswith('installed as "') and "clitest" in out
+    assert done.stderr.strip() == "tracing", done.stderr  # Create answered once it traced
     instance_id = out.split('"')[1]
     with node.client() as c:
         wait_ready(c, "clitest")
@@ -577,6 +579,13 @@ class Legacy:
             with self._cond:
                 self._cond.wait(0.2)
 
+    def wait_logs(self, pred: Any, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred(self.logs()) and not self._done.is_set():
+            assert time.monotonic() < deadline, self.logs()
+            with self._cond:
+                self._cond.wait(0.2)
+
     def stop(self, timeout: float = 60.0) -> None:
         self._stop.set()
         self._done.wait(timeout)
@@ -594,8 +603,10 @@ def test_legacy_trace_exec_sends_job_id_json_records_and_a_result(node: DaemonPr
             gadgetCategory="trace", gadgetName="exec", logLevel=4,
             params={"ignore-failed": "true", "operator.filter.filter": f"proc.comm=={comm}",
                     "operator.LocalManager.host": "true", "columns-width": "1"}))
-        with keep_running([str(binary), "one", "two"]):
-            run.wait(lambda r: len(r) >= 3)
+        run.wait_logs(lambda logs: any(is_ready(4, m) for m in logs))
+        for _ in range(3):
+            subprocess.run([str(binary), "one", "two"], check=True)
+        run.wait(lambda r: len(r) >= 3)
         run.stop()
     events, records = run.events, run.records()
     assert events[0].type == 3 and uuid.UUID(events[0].payload.decode())
@@ -612,6 +623,36 @@ def test_legacy_trace_exec_sends_job_id_json_records_and_a_result(node: DaemonPr
     assert summary == {"node": summary["node"], "records": len(records), "error": ""}
     assert {r["node"] for r in records} == {summary["node"]}
     assert events[-1].type == 1
+
+
+def test_legacy_run_logs_the_clients_params_with_secrets_redacted(node: DaemonProcess,
+                                                                    tmp_path: Path) -> None:
+    """Sink settings can carry credentials (an OTLP header): a secret one reads <redacted>,
+    never its value, to the client and in the daemon log; the params are logged at debug level
+    as the client sent them."""
+    binary = unique_binary(tmp_path)
+    comm = binary.name[:15]
+    secret = f"s3cr3t-{uuid.uuid4().hex[:8]}"
+    with node.client() as c:
+        run = Legacy(c, pb.BuiltInGadgetRunRequest(
+            gadgetCategory="trace", gadgetName="exec", logLevel=5,
+            params={"operator.filter.filter": f"proc.comm=={comm}",
+                    "operator.otel-logs.headers": f"authorization=Bearer {secret}"}))
+        run.wait_logs(lambda logs: any(is_ready(4, m) for m in logs))
+        subprocess.run([str(binary)], check=True)
+        run.wait(lambda r: len(r) >= 1)
+        run.stop()
+    logs = run.logs()
+    assert f"param operator.filter.filter: proc.comm=={comm}" in logs
+    assert "param operator.otel-logs.headers: <redacted>" in logs, logs
+    assert not [m for m in logs if secret in m], logs
+    # Only what the client sent: not the resolved defaults (daemon-wide sink settings).
+    assert not [m for m in logs if m.startswith("param operator.kafka.")], logs
+    assert secret not in node.log()
+    # The ready event came before the first record.
+    kinds = [e.type for e in run.events if e.type == 0 or is_ready(e.type >> 16,
+                                                                    e.payload.decode())]
+    assert kinds[0] == 4 << 16 and 0 in kinds
 
 
 def test_legacy_unknown_gadget_and_first_message(node: DaemonProcess) -> None:
@@ -698,9 +739,10 @@ def test_legacy_fan_out_merges_three_nodes_and_names_the_one_down(
         run = Legacy(c, pb.BuiltInGadgetRunRequest(
             gadgetCategory="trace", gadgetName="exec", fanOut=True, logLevel=4,
             params={"operator.filter.filter": f"proc.comm~^({sentinel.name}|{load.name})$"}))
-        # Every node has attached once each has seen the sentinel.
-        with keep_running([str(sentinel)]):
-            run.wait(lambda rs: {r["node"] for r in rs} == nodes)
+        # One ready event once every node traces (node-d cannot be reached: it does not count).
+        run.wait_logs(lambda logs: any(is_ready(4, m) for m in logs))
+        subprocess.run([str(sentinel)], check=True)
+        run.wait(lambda rs: {r["node"] for r in rs} == nodes)
         t0 = time.monotonic()
         subprocess.run([str(exec_loop_path()), "-p", str(load), str(total)], check=True,
                        capture_output=True)

@@ -63,16 +63,17 @@ class Drain:
 
     def __init__(self, stream: RunStream) -> None:
         self.stream = stream
-        self.info = threading.Event()
+        self.ready = threading.Event()
+        """Set when the gadget traces (its ready event)."""
         self.error: BaseException | None = None
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
         try:
-            for ev in self.stream.raw():
-                if ev.type == 4:
-                    self.info.set()
+            for _ in self.stream.raw():
+                if self.stream.ready:
+                    self.ready.set()
         except BaseException as e:  # reported by stop()
             self.error = e
 
@@ -161,7 +162,7 @@ def test_one_exec_reaches_every_sink(env: Env, tmp_path: Path) -> None:
     prom = env.prometheus
     with env.daemon.client() as c:
         drain = Drain(c.run("trace_exec", params))
-        assert drain.info.wait(30), "no GadgetInfo"
+        assert drain.ready.wait(120), "not tracing"
         with keep_running([str(binary), "one", "two"]):
             got = prom.wait_for(f'gadgetpipe_gadget_exec_by_comm_{comm}_total{{comm="{comm}"}}',
                                 lambda r: bool(r) and float(r[0]["value"][1]) >= 3, 60)
@@ -258,7 +259,7 @@ def test_kafka_protobuf_records_are_the_kernel_structs(env: Env, tmp_path: Path)
             "operator.oci.ebpf.comm": comm, "operator.kafka.enable": "true",
             "operator.kafka.brokers": env.broker.bootstrap, "operator.kafka.topic": topic,
             "operator.kafka.encoding": "protobuf", "operator.kafka.compression": "zstd"}))
-        assert drain.info.wait(30)
+        assert drain.ready.wait(120), "not tracing"
         with keep_running([str(binary)]):
             msgs = asyncio.run(consume(env.broker.bootstrap, topic, 2, timeout=30))
         drain.stop()
@@ -296,7 +297,7 @@ def test_broker_restart_under_a_live_run_loses_and_duplicates_nothing(env: Env,
             "operator.kafka.brokers": env.broker.bootstrap, "operator.kafka.topic": topic,
             "operator.kafka.timeout": "2s",
             "operator.jsonl.enable": "true", "operator.jsonl.path": str(out)}))
-        assert drain.info.wait(30)
+        assert drain.ready.wait(120), "not tracing"
         with keep_running([str(binary)], interval=0.02):
             time.sleep(2)
             bounce = _bounce(lambda: env.broker.stop(keep_data=True), env.broker.start, 3.0)
@@ -338,7 +339,7 @@ def test_collector_down_with_a_tiny_queue_shows_every_drop_in_the_metrics(
                 "operator.otel-logs.retry-timeout": "1s",
                 "operator.otel-logs.queue-capacity": "2",
                 "operator.prometheus.counters": "n"}))
-            assert drain.info.wait(30)
+            assert drain.ready.wait(120), "not tracing"
             with keep_running([str(binary)], interval=0.02):
                 time.sleep(3)
             time.sleep(0.5)

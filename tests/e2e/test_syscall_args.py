@@ -21,7 +21,7 @@ from pipeline.gadget import EBPF_PREFIX, RUNTIME_PREFIX
 from pipeline.params import resolve
 from pipeline.sources.catalog import Catalog
 from pipeline.sources.ringbuf import RingReader
-from pipeline.sources.tracer import COMPILE_LOCK, import_bcc
+from pipeline.sources.tracer import COMPILE_LOCK, TracerSource, import_bcc
 
 pytestmark = pytest.mark.bpf
 
@@ -37,6 +37,7 @@ def loaded(at_exit: bool) -> Iterator[tuple[Any, RingReader, Any]]:
     values = resolve(spec.params, {EBPF_PREFIX + "pid": str(os.getpid())},
                      (EBPF_PREFIX, RUNTIME_PREFIX))
     source = spec.source_factory()(spec, values)
+    assert isinstance(source, TracerSource)
     cflags = list(source._cflags)
     if not at_exit:
         cflags = [f for f in cflags if f != AT_EXIT]

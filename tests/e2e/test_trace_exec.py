@@ -29,8 +29,15 @@ pytestmark = pytest.mark.bpf
 
 def records(stream: RunStream, info_holder: dict[str, Any], want: int,
             timeout: float = 30.0) -> list[tuple[int, pb.DataElement]]:
-    """Reads raw events, decoding payloads with the spec decoder, until ``want`` records."""
+    """Waits until the gadget traces (its ready event), then reads raw events, decoding
+    payloads with the spec decoder, until ``want`` records."""
     got: list[tuple[int, pb.DataElement]] = []
+    if not stream.ready:
+        for ev in stream.wait_ready():
+            assert ev.type != 0, "a record before the ready event"
+        assert stream.info is not None
+        info_holder["info"] = stream.info
+        info_holder["types"] = {d.id: d.type for d in stream.info.dataSources}
     deadline = time.monotonic() + timeout
     for ev in stream.raw():
         if ev.type == 4:

@@ -324,7 +324,7 @@ def test_upstream_manifests_and_merge_keys(loader: ConfigLoader) -> None:
     loaded = loader.load_text(
         "apiVersion: 1\nkind: instance-spec\nimage: trace_exec\nname: my-gadget-1\n"
         "id: 0123456789abcdef0123456789abcdef\nnodes: []\n"
-        "paramValues:\n  operator.LocalManager.host: true\n  operator.oci.ebpf.uid: 0\n"
+        "paramValues:\n  operator.KubeManager.all-namespaces: true\n  operator.oci.ebpf.uid: 0\n"
         "tags: [mytag1, mytag2]\n---\n"
         "x-base: &base {gadget: trace_exec, tags: [x]}\n"
         "instances:\n  - <<: *base\n    name: merged\n    tags: [y]\n", "m.yaml")
@@ -334,8 +334,8 @@ def test_upstream_manifests_and_merge_keys(loader: ConfigLoader) -> None:
     assert (gi.id, gi.name, list(gi.tags), gi.gadgetConfig.imageName, gi.gadgetConfig.version,
             dict(gi.gadgetConfig.paramValues)) == (
         "0123456789abcdef0123456789abcdef", "my-gadget-1", ["mytag1", "mytag2"], "trace_exec",
-        1, {"operator.LocalManager.host": "true", "operator.oci.ebpf.uid": "0"})
-    assert [w.path for w in loaded.warnings] == ["paramValues.operator.LocalManager.host"]
+        1, {"operator.KubeManager.all-namespaces": "true", "operator.oci.ebpf.uid": "0"})
+    assert [w.path for w in loaded.warnings] == ["paramValues.operator.KubeManager.all-namespaces"]
     gi = d1.request.gadgetInstance
     assert (gi.name, gi.gadgetConfig.imageName, list(gi.tags)) == ("merged", "trace_exec", ["y"])
 

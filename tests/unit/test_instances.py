@@ -16,6 +16,7 @@ from grpclib import GRPCError, Status
 from api._gen import gadget_service_pb2 as pb
 from api.cli_instances import ResolveError, resolve
 from api.context import ServiceContext
+from api.instance import NOT_TRACING_YET, Instance
 from api.instance_manager import NAME_RE, InstanceManager, random_name
 from api.instance_packets import Attacher, Chunk, PacketRing, node_field
 from api.legacy_run import legacy_json_encoder, legacy_params, select_nodes
@@ -23,6 +24,7 @@ from api.peers import PeerPool
 from api.store import InstanceStore
 from pipeline.batch import Batch
 from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
+from pipeline.operators.derive import Derive
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 from pipeline.sinks.encode import JsonEncoder as SinkJsonEncoder
 from pipeline.sources.catalog import Catalog
@@ -400,16 +402,20 @@ def test_json_encoder_nests_by_parent_and_adds_the_node() -> None:
 
 
 def test_legacy_json_is_the_sinks_json_and_leaves_out_json_skip_fields() -> None:
-    ds = Catalog().resolve("trace_dns").datasources[0]
-    skipped = {f.name for f in ds.fields if f.annotations.get("json.skip") == "true"}
-    assert {"dns_off", "data_len"} <= skipped  # and data with the fields branch
-    batch = Batch(ds, np.zeros((1, ds.record_size), dtype=np.uint8))
+    spec = Catalog().resolve("trace_dns")
+    raw = spec.datasources[0]
+    derive = Derive(spec.datasources, spec.derive)
+    # As a run emits it: derived fields announced, further payloads filled.
+    batch = derive.process(Batch(raw, np.zeros((1, raw.record_size), dtype=np.uint8)))
+    ds = batch.schema
+    skipped = {f.full_name for f in ds.fields if f.annotations.get("json.skip") == "true"}
+    assert skipped == {"dns_off", "data_len", "data", "src.endpoint", "dst.endpoint"}
     [legacy] = legacy_json_encoder(ds, "n1").encode(batch)
     [sink] = SinkJsonEncoder(ds).encode(batch)
     obj = orjson.loads(legacy)
     assert obj.pop("node") == "n1"
     assert obj == orjson.loads(sink)
-    assert not skipped & set(obj)
+    assert not {"dns_off", "data_len", "data"} & set(obj) and "endpoint" not in obj["src"]
     assert "latency_ns" in obj
 
 
@@ -428,3 +434,13 @@ def test_cli_resolves_id_then_name_then_unique_prefix() -> None:
         resolve(insts, "a")
     with pytest.raises(ResolveError, match="no gadget instance"):
         resolve(insts, "zz")
+
+
+def test_an_instance_is_starting_and_not_tracing_until_its_programs_are_attached(
+        tmp_path: Path) -> None:
+    ctx = ServiceContext(Catalog(), Ledger())
+    inst = Instance(ctx, create_request(name="later"), PeerPool({}))
+    state = inst.to_proto().state
+    assert (state.status, state.message) == (pb.StatusInvalid, NOT_TRACING_YET)
+    summary = inst.summary()
+    assert (summary.status, summary.tracing, summary.ready_seconds) == ("Starting", False, None)

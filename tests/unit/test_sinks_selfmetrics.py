@@ -60,7 +60,7 @@ async def test_metrics_endpoint_serves_ledger_queues_sinks_and_gadget_metrics(
                     ledger, "run-7", sinks.params(), sinks.prefixes())
     attached = await sinks.attach(run)
     grpc_edge = run.subscribe("grpc:peer", 10, run.fanout.edges[0].overflow)
-    schema = run.schemas[0]
+    schema = spec.datasources[0]  # what a source emits (the run adds its own fields)
     rows = np.zeros((3, schema.record_size), dtype=np.uint8)
     c = schema.field("proc.comm")
     for i in range(3):

@@ -4,10 +4,13 @@
  *   -DGADGET_FILTER_UID=<uid>       -DGADGET_FILTER_GID=<gid>
  *   -DGADGET_FILTER_COMM="<comm>"   (a string literal; see gadget_filter_comm_differs)
  *   -DGADGET_FILTER_MNTNS=<mount namespace inode>  (also needs the gadget_cflags() offsets)
+ *   -DGADGET_FILTER_CONTAINERS=1    (container selection: see gadget_containers.h)
  *
  * gadget_should_discard() is true when the current task fails any configured filter.  Filters
  * are compiled in rather than looked up in maps, so an unset filter costs nothing: with no
- * GADGET_FILTER_* macro the function is a constant false that the compiler drops.
+ * GADGET_FILTER_* macro the function is a constant false that the compiler drops.  The one
+ * map, the container selection's, is declared by gadget_containers.h (gadget_lost.h includes
+ * it), which also defines gadget_should_discard() on top of gadget_filter_discard() here.
  * Ids are compared as the kernel's BPF helpers report them (initial pid namespace).
  */
 #ifndef GADGETPIPE_GADGET_FILTER_H
@@ -44,7 +47,7 @@ static __always_inline bool gadget_filter_comm_differs(void)
 }
 #endif
 
-static __always_inline bool gadget_should_discard(void)
+static __always_inline bool gadget_filter_discard(void)
 {
 #if defined(GADGET_FILTER_PID) || defined(GADGET_FILTER_TID)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -79,5 +82,10 @@ static __always_inline bool gadget_should_discard(void)
 #endif
 	return false;
 }
+
+#ifndef GADGET_FILTER_CONTAINERS
+/* With container selection, gadget_containers.h defines it with the selection map's check. */
+#define gadget_should_discard() gadget_filter_discard()
+#endif
 
 #endif /* GADGETPIPE_GADGET_FILTER_H */

@@ -22,4 +22,12 @@ static __always_inline void gadget_count_lost(__u32 ring_idx)
 }
 
 #include "gadget_sample.h"
+
+/* The container selection's map follows: after gadget_lost and, with shedding, its two. */
+#ifdef GADGET_SHED
+#define GADGET_MNTNS_FILTER_IDX (GADGET_NUM_RINGS + 4)
+#else
+#define GADGET_MNTNS_FILTER_IDX (GADGET_NUM_RINGS + 2)
+#endif
+#include "gadget_containers.h"
 #endif

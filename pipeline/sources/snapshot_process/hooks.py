@@ -29,6 +29,7 @@ from pipeline.sources.tracer import (
     TracerSource,
     boot_to_wall_offset_ns,
     check_environment,
+    free_bpf,
     import_bcc,
 )
 
@@ -76,7 +77,7 @@ class SnapshotSource(TracerSource):
         if self._link_fd >= 0:
             os.close(self._link_fd)
             self._link_fd = -1
-        bpf.cleanup()
+        free_bpf(bpf)
 
     def _load(self) -> BPF:
         bcc = import_bcc()
@@ -100,7 +101,7 @@ class SnapshotSource(TracerSource):
                                   f"cannot be attached: {os.strerror(-fd)}")
             self._link_fd = fd
         except Exception:
-            bpf.cleanup()
+            free_bpf(bpf)
             raise
         return bpf
 
@@ -165,7 +166,7 @@ class SnapshotSource(TracerSource):
             os.close(self._link_fd)
             self._link_fd = -1
         if bpf is not None:
-            bpf.cleanup()
+            free_bpf(bpf)
         self._done.set()
 
 

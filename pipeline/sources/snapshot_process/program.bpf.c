@@ -2,6 +2,8 @@
 // task iterator (iter/task) into the iterator's seq_file; user space reads the iterator fd once
 // per snapshot (hooks.py). No ring buffer: the output is as large as the task list.
 #include "gadget.h"
+#define GADGET_MNTNS_FILTER_IDX 1  // no ring: the container selection's map is the only table
+#include "gadget_containers.h"
 
 #if !defined(GADGET_OFF_TASK_REAL_CRED) || !defined(GADGET_OFF_CRED_UID) || \
     !defined(GADGET_OFF_CRED_GID) || !defined(GADGET_OFF_TASK_START_BOOTTIME)
@@ -76,6 +78,10 @@ static __always_inline bool discard(struct gadget_process *e)
 #endif
 #ifdef GADGET_FILTER_COMM
     if (comm_differs(e->comm))
+        return true;
+#endif
+#ifdef GADGET_FILTER_CONTAINERS
+    if (gadget_mntns_unselected(e->mntns_id))
         return true;
 #endif
     return false;

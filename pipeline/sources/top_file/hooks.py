@@ -29,6 +29,7 @@ from pipeline.sources.tracer import (
     COMPILE_LOCK,
     TracerSource,
     check_environment,
+    free_bpf,
     import_bcc,
 )
 
@@ -100,7 +101,7 @@ class TopFileSource(TracerSource):
         try:
             self._check_map_layout(bpf)
         except Exception:
-            bpf.cleanup()
+            free_bpf(bpf)
             raise
         return bpf
 
@@ -213,7 +214,7 @@ class TopFileSource(TracerSource):
                 await self._ticker
         bpf, self._bpf = self._bpf, None
         if bpf is not None:
-            bpf.cleanup()
+            free_bpf(bpf)
         self._done.set()
 
 

@@ -5,6 +5,8 @@
 // A file's absolute path is built in the kernel (gadget_path.h) when its entry is created.
 #include "gadget.h"
 #include "gadget_path.h"
+#define GADGET_MNTNS_FILTER_IDX 1  // no ring: the container selection's map is the first table
+#include "gadget_containers.h"
 
 #if !defined(GADGET_OFF_TASK_FILES) || !defined(GADGET_OFF_FILES_FDT) || \
     !defined(GADGET_OFF_FDTABLE_FD) || !defined(GADGET_OFF_FDTABLE_MAX_FDS) || \

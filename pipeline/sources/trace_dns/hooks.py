@@ -37,16 +37,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.batch import Batch
+from pipeline.containers.collection import ContainerCollection
+from pipeline.containers.selector import ContainerSelector
 from pipeline.gadget import BPF_INCLUDE_DIR, EBPF_PREFIX, RUNTIME_PREFIX, GadgetSpec
 from pipeline.schema import DataSourceSchema
 from pipeline.severity import Severity
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.ringbuf import RingReader, RingWakeups, read_lost
+from pipeline.sources.trace_dns.netns import NetnsTaps, follow
 from pipeline.sources.tracer import (
     COMPILE_LOCK,
     PAGE,
     boot_to_wall_offset_ns,
     check_environment,
+    free_bpf,
     import_bcc,
 )
 
@@ -56,9 +60,9 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 # struct record's header in program.bpf.c: timestamp, gadget_process, ifindex, copied,
-# pkt_type, has_proc, l4_off, version, padding; with paths the sender's cwd and executable
-# (PATH_MAX each) follow; then the packet, from its IP header.
-RECORD_HEADER = struct.Struct("<Q64sIHBBHB5x")
+# pkt_type, has_proc, l4_off, version, padding, netns; with paths the sender's cwd and
+# executable (PATH_MAX each) follow; then the packet, from its IP header.
+RECORD_HEADER = struct.Struct("<Q64sIHBBHBxI")
 PATH_MAX = 512  # GADGET_PATH_MAX, bpf/gadget_path.h
 SO_ATTACH_BPF = 50  # include/uapi/asm-generic/socket.h; not exported by the socket module
 ETH_P_ALL = 0x0003
@@ -184,12 +188,13 @@ class Packet:
     dns: bytes
     packet: bytes  # from the IP header on: the ``data`` field
     paths: tuple[bytes, bytes] = (b"", b"")  # the sender's cwd and executable (paths=true)
+    netns: int = 0  # the container namespace's socket that saw it; 0: the daemon's
 
 
 def parse_record(rec: bytes, paths: bool = False) -> Packet:
     """A ring record: the kernel's header (with the sender's paths when ``paths``), then the
     packet from its IP header."""
-    boot_ns, proc, _, copied, pkt_type, has_proc, l4_off, version = \
+    boot_ns, proc, _, copied, pkt_type, has_proc, l4_off, version, netns = \
         RECORD_HEADER.unpack_from(rec)
     start = RECORD_HEADER.size
     cwd_exe = (b"", b"")
@@ -215,7 +220,7 @@ def parse_record(rec: bytes, paths: bool = False) -> Packet:
     return Packet(boot_ns=boot_ns, proc=proc if has_proc else bytes(64), has_proc=bool(has_proc),
                   pkt_type=pkt_type, src=(version, saddr, sport), dst=(version, daddr, dport),
                   dns_off=dns_off, data_len=data_len, dns=pkt[dns_off:], packet=pkt,
-                  paths=cwd_exe if has_proc else (b"", b""))
+                  paths=cwd_exe if has_proc else (b"", b""), netns=netns)
 
 
 class _Bounded(OrderedDict[Any, Any]):
@@ -240,21 +245,23 @@ class Correlator:
         self._queries = _Bounded(limit)  # (client endpoint, id) -> boot ns of the query
 
     def owner_of(self, p: Packet) -> tuple[bytes, tuple[bytes, bytes]]:
-        """The process of the packet (its gadget_process block) and its paths."""
+        """The process of the packet (its gadget_process block) and its paths. Endpoints are
+        per network namespace: 127.0.0.1:53 in two containers are two."""
         if p.has_proc:
-            self._owners.put(p.src, (p.proc, p.paths))
+            self._owners.put((p.netns, p.src), (p.proc, p.paths))
             return p.proc, p.paths
-        owner: tuple[bytes, tuple[bytes, bytes]] | None = self._owners.get(p.dst)
+        owner: tuple[bytes, tuple[bytes, bytes]] | None = self._owners.get((p.netns, p.dst))
         return owner if owner is not None else (bytes(64), (b"", b""))
 
     def latency(self, p: Packet, msg: DnsMessage) -> int:
         if not msg.qr and p.pkt_type == PKT_OUTGOING:
-            self._queries.setdefault((p.src, msg.id), p.boot_ns)
-            self._queries.move_to_end((p.src, msg.id))
+            key = (p.netns, p.src, msg.id)
+            self._queries.setdefault(key, p.boot_ns)
+            self._queries.move_to_end(key)
             while len(self._queries) > self._queries.limit:
                 self._queries.popitem(last=False)
         elif msg.qr and p.pkt_type == 0:  # a response arriving (PACKET_HOST)
-            sent = self._queries.pop((p.dst, msg.id), None)
+            sent = self._queries.pop((p.netns, p.dst, msg.id), None)
             if sent is not None and sent < p.boot_ns:
                 return int(p.boot_ns - sent)
         return 0
@@ -355,6 +362,8 @@ class DnsSource:
         self._ts_offset = 0
         self._lost_base = 0
         self._malformed = 0
+        self._dispatch_fd = -1
+        self._follow_stop: Callable[[], None] | None = None
 
     async def start(self, emit: Emit, log: Log) -> None:
         check_environment()
@@ -376,7 +385,7 @@ class DnsSource:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        bpf.cleanup()
+        free_bpf(bpf)
 
     def _load(self) -> BPF:
         bcc = import_bcc()
@@ -403,13 +412,32 @@ class DnsSource:
                                   f"SO_ATTACH_BPF failed: {e}") from e
             self._sock = sock
             self._reader = RingReader(bpf["events"].get_fd(), None)
+            # Containers' namespaces reach the filter through their dispatchers (netns.py).
+            dispatch = bpf["gadget_dns_dispatch"]
+            dispatch[dispatch.Key(0)] = dispatch.Leaf(fn.fd)
+            self._dispatch_fd = dispatch.get_fd()
         except BaseException:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-            bpf.cleanup()
+            free_bpf(bpf)
             raise
         return bpf
+
+    def follow_containers(self, collection: ContainerCollection,
+                          selector: ContainerSelector) -> Callable[[], None]:
+        """Also sees the network namespaces of the (selected) containers, as they come and
+        go (netns.py); returns the function that stops it."""
+        if self._dispatch_fd < 0 or self._log is None:
+            return lambda: None
+        taps = NetnsTaps(self._dispatch_fd, self._netns, self._log)
+        self._follow_stop = follow(taps, collection, selector)
+        return self._stop_following
+
+    def _stop_following(self) -> None:
+        if self._follow_stop is not None:
+            self._follow_stop()
+            self._follow_stop = None
 
     def _on_wakeup(self) -> None:
         if self._wakeups is not None:
@@ -470,7 +498,8 @@ class DnsSource:
                 p.boot_ns + self._ts_offset,
                 p.src[1], p.src[2], udp, p.src[0], p.dst[1], p.dst[2], udp, p.dst[0],
                 ns[1] if dns.msg is not None else bytes(16), ns[0] if dns.msg is not None else 0,
-                self._netns, proc, p.pkt_type, latency, p.dns_off, p.data_len, *dns.numbers))
+                p.netns or self._netns, proc, p.pkt_type, latency, p.dns_off, p.data_len,
+                *dns.numbers))
             cwd.append(proc_cwd)
             exepath.append(proc_exe)
             data.append(p.packet)
@@ -516,7 +545,8 @@ class DnsSource:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        # Closing the packet socket detaches the filter; then hand on what the ring holds.
+        # Closing the packet sockets detaches the filter; then hand on what the ring holds.
+        self._stop_following()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -539,7 +569,7 @@ class DnsSource:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
-            bpf.cleanup()
+            free_bpf(bpf)
 
     def extra_info(self) -> Mapping[str, tuple[str, bytes]]:
         return {

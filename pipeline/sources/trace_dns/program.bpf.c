@@ -1,7 +1,7 @@
 // trace_dns, kernel side: a socket filter on an AF_PACKET socket (all interfaces of the
 // daemon's network namespace) that copies every UDP packet from or to port 53 or 5353 into the
 // ring, from its IP header on, after a fixed header. DNS itself is parsed in user space
-// (hooks.py), per batch. The filter always returns 0, so the packet socket itself never
+// (hooks.py), per batch. Containers' network namespaces get sockets of their own (netns.py). The filter always returns 0, so the packet socket itself never
 // queues anything.
 //
 // Records vary in size (header + copied bytes), so they are written with gadget_output()
@@ -27,7 +27,8 @@ struct record {
     __u8 has_proc;
     __u16 l4_off;               // UDP header offset in data[]
     __u8 version;               // 4 or 6
-    __u8 __pad[5];
+    __u8 __pad;
+    __u32 netns;                // skb->cb[0]: set by a container namespace's dispatcher, else 0
 #if GADGET_PATHS
     char cwd[512];              // the sender's working directory and executable (valid when
     char exepath[512];          // has_proc; upstream's socket enricher keeps the same)
@@ -41,6 +42,9 @@ _Static_assert(__builtin_offsetof(struct record, data) == RECORD_HEADER, "record
 GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 #include "gadget_lost.h"
 BPF_PERCPU_ARRAY(scratch, struct record, 1);
+// Entry 0 is dns_filter: the dispatchers attached in containers' network namespaces tail-call
+// it after writing the namespace into cb[0] (netns.py).
+BPF_PROG_ARRAY(gadget_dns_dispatch, 1);
 #if GADGET_PATHS
 #include "gadget_exe.h"
 #include "gadget_path.h"
@@ -96,6 +100,7 @@ int dns_filter(struct __sk_buff *skb)
     r->pkt_type = skb->pkt_type;
     r->l4_off = l4_off;
     r->version = version;
+    r->netns = skb->cb[0];
     r->has_proc = r->pkt_type == PKT_OUTGOING;
     if (r->has_proc)
         gadget_process_populate(&r->proc);

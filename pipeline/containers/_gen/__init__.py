@@ -1,0 +1,1 @@
+"""Generated from containerd's API protos in proto/containerd/."""
