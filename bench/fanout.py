@@ -102,7 +102,7 @@ def fanout_run(bench: Bench, d: Daemon, iid: str, n: int, count: int) -> dict[st
     rates = [float(s["records_per_s"]) for s in summaries]
     return {"generated": count, "received": statistics.mean(received),
             "worst": min(received), "kernel_lost": m1["kernel_lost"] - m0["kernel_lost"],
-            "lost": sum(count - r for r in received),
+            "lost": sum(max(0, count - r) for r in received),
             "ledger_dropped": m1["grpc_dropped"] - m0["grpc_dropped"],
             "seq_gaps": sum(gaps), "events_per_s": min(rates), "gen_rate": g["rate"],
             "cpu_s_per_m": cpu / count * 1e6, **peak}
