@@ -57,6 +57,8 @@ class Batch:
             elif isinstance(col, CodedColumn):
                 taken = codes_taken.setdefault(id(col.codes), col.codes[idx])
                 out.append(CodedColumn(col.values, taken))
+            elif isinstance(col, FormColumn):
+                out.append(col.taken(idx))
             else:
                 out.append(_take(col, idx))
         return Batch(self.schema, rows, tuple(out))
@@ -96,6 +98,8 @@ class Batch:
                                              rows, groups))
             elif all(isinstance(c, CodedColumn) for c in cols):
                 out.append(CodedColumn.joined([c for c in cols if isinstance(c, CodedColumn)]))
+            elif all(isinstance(c, FormColumn) for c in cols):
+                out.append(FormColumn.joined([c for c in cols if isinstance(c, FormColumn)]))
             else:
                 out.append([x for c in cols for x in c])
         return Batch(first.schema, rows, tuple(out))
@@ -124,7 +128,9 @@ class Batch:
                    tuple([] for _ in range(schema.payload_count - 1)))
 
 
-def _take(col: Sequence[bytes], idx: npt.NDArray[np.intp]) -> list[bytes]:
+def _take(col: Sequence[bytes], idx: npt.NDArray[np.intp]) -> Sequence[bytes]:
+    if isinstance(col, FormColumn):
+        return col.taken(idx)
     if isinstance(col, list) and len(col) == 0:
         return []
     return [col[i] for i in idx.tolist()]
@@ -230,6 +236,67 @@ class CodedColumn(Sequence[bytes]):
 
 Derived = list[bytes] | Coded | Fixed
 """What a derivation returns: one payload entry per record, plainly, coded or fixed-width."""
+
+
+class FormColumn(Sequence[bytes]):
+    """A payload column a source filled in coded or fixed-width form (a constant, a block cut
+    from the record): encoders copy it as a block; ``values()`` makes the per-record list only
+    for a consumer that wants one."""
+
+    __slots__ = ("_values", "form")
+
+    def __init__(self, form: Coded | Fixed) -> None:
+        self.form = form
+        self._values: list[bytes] | None = None
+
+    @classmethod
+    def constant(cls, value: bytes, n: int) -> FormColumn:
+        """``value`` in each of ``n`` records."""
+        return cls(Coded([value], np.zeros(n, dtype=np.intp)))
+
+    def values(self) -> list[bytes]:
+        if self._values is None:
+            self._values = self.form.values()
+        return self._values
+
+    def __len__(self) -> int:
+        f = self.form
+        return len(f.codes) if isinstance(f, Coded) else int(f.matrix.shape[0])
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(i, slice) and i.step in (None, 1):
+            return FormColumn(_form_part(self.form, i))
+        return self.values()[i]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.values())
+
+    def taken(self, idx: npt.NDArray[np.intp]) -> FormColumn:
+        return FormColumn(_form_part(self.form, idx))
+
+    @staticmethod
+    def joined(parts: Sequence[FormColumn]) -> Sequence[bytes]:
+        forms = [p.form for p in parts]
+        first = forms[0]
+        if all(isinstance(f, Coded) and f.table is first.table for f in forms):  # type: ignore[union-attr]
+            return FormColumn(Coded(first.table, np.concatenate(  # type: ignore[union-attr]
+                [f.codes for f in forms])))  # type: ignore[union-attr]
+        if all(isinstance(f, Fixed) for f in forms) and \
+                len({f.matrix.shape[1] for f in forms}) == 1:  # type: ignore[union-attr]
+            return FormColumn(Fixed(np.concatenate([f.matrix for f in forms])))  # type: ignore[union-attr]
+        return [x for p in parts for x in p.values()]
+
+
+def _form_part(form: Coded | Fixed, sel: npt.NDArray[np.intp] | slice) -> Coded | Fixed:
+    if isinstance(form, Coded):
+        return Coded(form.table, form.codes[sel])
+    return Fixed(form.matrix[sel])
 
 
 class DeriveStats:
@@ -366,7 +433,7 @@ class LazyColumn(Sequence[bytes]):
             form = Coded(form.table, form.codes[idx])
         elif isinstance(form, Fixed):
             form = Fixed(form.matrix[idx])
-        values = _take(self._values, idx) if self._values is not None else None
+        values = None if self._values is None else [self._values[i] for i in idx.tolist()]
         return LazyColumn._computed(self, g, values, form)
 
     def sliced(self, start: int, stop: int | None, rows: Rows,

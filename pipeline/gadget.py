@@ -27,7 +27,7 @@ from pipeline.derive import (
     EnumSpec,
     build_plan,
 )
-from pipeline.layout import StructRegistry
+from pipeline.layout import LayoutError, StructRegistry
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 from pipeline.source import Source
@@ -168,6 +168,26 @@ def _annotation_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _placed(path: Path, ds_name: str, fields: list[Field], added: list[Field],
+            after: str | None) -> list[Field]:
+    """``added`` (a payload's fields, numbered after ``fields``) placed after the field
+    named ``after`` and its children, where upstream's struct has them (the field order
+    is the default column order), or at the end; indexes and parents renumbered."""
+    if after is None:
+        return [*fields, *added]
+    at = next((i for i, f in enumerate(fields) if f.full_name == after), None)
+    if at is None:
+        raise GadgetError(f"{path}: data source {ds_name!r}: payload placed after "
+                          f"{after!r}, which is not a field")
+    end = at + 1
+    while end < len(fields) and fields[end].full_name.startswith(after + "."):
+        end += 1
+    order = [*fields[:end], *added, *fields[end:]]
+    renumber = {f.index: i for i, f in enumerate(order)}
+    return [replace(f, index=i, parent=None if f.parent is None else renumber[f.parent])
+            for i, f in enumerate(order)]
+
+
 def _field_config(raw: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """gadget.yaml's ``fields:`` of a data source: full name -> annotations as strings."""
     return {name: {k: _annotation_text(v) for k, v in ((conf or {}).get("annotations")
@@ -285,6 +305,18 @@ def load_spec(folder: Path, load_hooks: HooksLoader | None = None) -> GadgetSpec
             payloads = 2
         else:
             fields, size = structs.fields(struct)
+        for entry in ds.get("payloads") or ():
+            # Further payloads the source fills (upstream: fields in the struct that this
+            # build keeps out of payload 0, the hot path's record), after the struct's.
+            line, after = (entry.get("member"), entry.get("after")) \
+                if isinstance(entry, Mapping) else (entry, None)
+            try:
+                added = structs.payload_fields(str(line), payloads, len(fields))
+            except LayoutError as e:
+                raise GadgetError(f"{path}: data source {ds_name!r} payload {line!r}: {e}") \
+                    from e
+            fields = _placed(path, ds_name, fields, added, after)
+            payloads += 1
         configs[ds_name] = _field_config(ds.get("fields") or {})
         fields = _apply_annotations(fields, configs[ds_name])
         declared[ds_name] = _declared(path, ds_name, ds.get("derived") or {}, load_hooks)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline import annotations as ann
 from pipeline.schema import KIND_FLAG_ARRAY, Field, FieldFlag, Kind
@@ -29,6 +29,9 @@ _MEMBER = re.compile(r"^\s*(?:(?:struct|union|enum)\s+)?(?P<type>\w+)\s+(?P<name
                      r"(?:\[(?P<n>\d+)\])?\s*$")
 
 DEFAULT_ANNOTATIONS: Mapping[str, str] = ann.DEFAULT_ANNOTATIONS
+
+_DYNAMIC: Mapping[str, Kind] = {"string": Kind.STRING, "bytes": Kind.BYTES}
+"""Payload-only member types (gadget.yaml ``payloads:``): a value of any length."""
 
 
 class LayoutError(ValueError):
@@ -120,6 +123,32 @@ class StructRegistry:
 
     def members(self, name: str) -> list[Member]:
         return self._decls[name]
+
+    def payload_fields(self, line: str, payload_index: int, first_index: int) -> list[Field]:
+        """The fields of a payload of its own holding one member (``struct
+        gadget_user_stack ustack``, ``char fpath[512]``, ``string name``, ``bytes data``): a
+        struct's fields lie at their offsets in it; any other member is the whole entry
+        (``size`` 0), so a string or an array may be shorter than declared. Indexes start at
+        ``first_index``."""
+        m = parse_member(line)
+        if m.type in _DYNAMIC and m.count is None:
+            # A String or Bytes value of any length (a field an operator adds upstream).
+            return [Field(name=m.name, full_name=m.name, index=first_index,
+                          kind=int(_DYNAMIC[m.type]), payload_index=payload_index,
+                          tags=(f"name:{m.name}",), annotations=dict(DEFAULT_ANNOTATIONS))]
+        wrapper = f"__payload_{m.name}"
+        self.add_struct(wrapper, [line])
+        try:
+            fields, _ = self.fields(wrapper, payload_index)
+        finally:
+            self._decls.pop(wrapper, None)
+            self._ctypes.pop(wrapper, None)
+        if not self.is_struct(m.type) or m.count is not None:
+            # The whole entry, not a member of a block: a string may be shorter than declared.
+            fields = [replace(fields[0], size=0, flags=fields[0].flags & ~FieldFlag.STATIC_MEMBER)]
+        return [replace(f, index=f.index + first_index,
+                        parent=None if f.parent is None else f.parent + first_index)
+                for f in fields]
 
     def fields(self, struct_name: str, payload_index: int = 0) -> tuple[list[Field], int]:
         """Static fields of ``struct_name`` in declaration order, and the struct's size.

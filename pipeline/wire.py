@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, Coded, CodedColumn, Fixed, LazyColumn, object_column
+from pipeline.batch import Batch, Coded, CodedColumn, Fixed, FormColumn, LazyColumn, object_column
 from pipeline.params import ParamSpec
 
 GRPC_PREFIX = "operator.grpc."
@@ -172,11 +172,12 @@ class _Head:
         """The head of an element of ``de_len`` bytes, up to a varying part."""
         return self.element
 
-    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
-        """The heads of records ``sel``, all of the same shape, their elements ``de_len``
-        bytes long."""
+    def block(self, sel: npt.NDArray[np.intp] | slice, count: int, first: int,
+              de_len: int) -> npt.NDArray[np.uint8]:
+        """The heads of the ``count`` records ``sel`` (``first`` is one of them), all of the
+        same shape, their elements ``de_len`` bytes long."""
         p = np.frombuffer(self.prefix(de_len), dtype=np.uint8)
-        return np.broadcast_to(p, (len(sel), len(p)))
+        return np.broadcast_to(p, (count, len(p)))
 
     def ragged(self, de_len: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8],
                                                              npt.NDArray[np.int64]]:
@@ -214,13 +215,14 @@ class _EventHead(_Head):
         gd_len = 1 + _varint_len(np.asarray(de_len)) + de_len
         return gd_len, 1 + seq_len + 1 + _varint_len(np.asarray(gd_len)) + gd_len + self.tail_len
 
-    def block(self, sel: npt.NDArray[np.intp], de_len: int) -> npt.NDArray[np.uint8]:
-        seq_len = int(self.seq_len[sel[0]])
+    def block(self, sel: npt.NDArray[np.intp] | slice, count: int, first: int,
+              de_len: int) -> npt.NDArray[np.uint8]:
+        seq_len = int(self.seq_len[first])
         gd_len, ev_len = (int(x) for x in self._lengths(de_len, seq_len))
         pre = b"\x00" + ev_len.to_bytes(4, "big") + bytes([_TAG_EVENT_SEQ])
         post = bytes([_TAG_EVENT_PAYLOAD]) + varint(gd_len) + bytes([_TAG_DATA]) + \
             varint(de_len) + self.element
-        out = np.empty((len(sel), len(pre) + seq_len + len(post)), dtype=np.uint8)
+        out = np.empty((count, len(pre) + seq_len + len(post)), dtype=np.uint8)
         out[:, : len(pre)] = np.frombuffer(pre, dtype=np.uint8)
         out[:, len(pre): len(pre) + seq_len] = _varint_block(self.seqs[sel])[0][:, :seq_len]
         out[:, len(pre) + seq_len:] = np.frombuffer(post, dtype=np.uint8)
@@ -352,9 +354,18 @@ def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
     """A payload column as ``DataElement.payload`` entries (tag, length, bytes) in one block,
     when it is coded or fixed-width (each distinct value encoded once); None for a plain
     list."""
-    form = col.form() if isinstance(col, (LazyColumn, CodedColumn)) else None
+    if isinstance(col, FormColumn):
+        form: Coded | Fixed | list[bytes] | None = col.form
+    elif isinstance(col, (LazyColumn, CodedColumn)):
+        form = col.form()
+    else:
+        form = None
     if isinstance(form, Coded):
-        return _coded_block([length_delimited(_TAG_PAYLOAD, v) for v in form.table], form.codes)
+        table = [length_delimited(_TAG_PAYLOAD, v) for v in form.table]
+        if len(table) == 1:  # a constant (ustack's zeros, an empty path): no copy per record
+            row = np.frombuffer(table[0], dtype=np.uint8)
+            return np.broadcast_to(row, (n, len(row))), None
+        return _coded_block(table, form.codes)
     if isinstance(form, Fixed):
         prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
         out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)
@@ -455,15 +466,17 @@ class _Parts:
         tail_row = np.frombuffer(tail, dtype=np.uint8)
         out = np.empty(n, dtype=object)
         for g in range(len(ukeys)):
-            sel = order[bounds[g]: bounds[g + 1]]
-            if len(sel) == 0:
+            idx = order[bounds[g]: bounds[g + 1]]
+            if len(idx) == 0:
                 continue
-            i = int(sel[0])
-            parts = [head.block(sel, int(self.de_len[i])), self.rows[sel]]
+            i, count = int(idx[0]), len(idx)
+            # One shape (the usual case): views of the columns, not copies.
+            sel: npt.NDArray[np.intp] | slice = slice(None) if len(ukeys) == 1 else idx
+            parts = [head.block(sel, count, i, int(self.de_len[i])), self.rows[sel]]
             for m, used in self.blocks:
                 parts.append(m[sel] if used is None else m[sel, : int(used[i])])
             if tail:
-                parts.append(np.broadcast_to(tail_row, (len(sel), len(tail))))
+                parts.append(np.broadcast_to(tail_row, (count, len(tail))))
             out[sel] = _rows_as_bytes(np.concatenate(parts, axis=1))
         return out
 

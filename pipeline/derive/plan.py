@@ -49,7 +49,7 @@ class DeclaredField:
         full_name: e.g. ``qr`` or ``proc.something``; the parent must exist.
         kind: its kind; numbers must be returned as entries of exactly their width.
         derive: ``(raw batch, memo) -> one entry per record`` (a list or :class:`Coded`).
-        order: its ``order``; None: its index, as upstream gives fields added by operators.
+        order: its ``order``; None or 0: its index, as upstream gives fields operators add.
         hidden: hidden by default (before the gadget's ``columns.hidden`` setting).
     """
 
@@ -143,18 +143,18 @@ class _Builder:
 
     def add(self, name: str, kind: Kind, parent: int | None, derive: Derivation, *,
             annotations: Mapping[str, str] | None = None, flags: FieldFlag = FieldFlag.NONE,
-            order: int | None = None, tags: tuple[str, ...] = ()) -> int:
-        """AddField/AddSubField: default annotations, the given ones (a template among them
-        expanded), then the gadget's settings; Hidden when ``columns.hidden`` is "true"."""
+            order: int = 0, tags: tuple[str, ...] = (), sub: bool = False) -> int:
+        """upstream's AddField (``sub``: AddSubField): the default annotations, or exactly
+        ``annotations`` when given (WithAnnotations replaces them); a ``template`` among them
+        expanded, then the gadget's settings; Hidden when ``columns.hidden`` is "true". Order
+        0 becomes the field's index for AddField (not for AddSubField), as upstream does."""
         full = name if parent is None else f"{self.fields[parent].full_name}.{name}"
         if self.get(full) is not None:
             raise DeriveError(f"data source {self.raw.name!r}: derived field {full!r} "
                               "already exists")
-        a = dict(ann.DEFAULT_ANNOTATIONS)
-        given = dict(annotations or {})
-        if ann.TEMPLATE in given:
-            ann.expand_template(given[ann.TEMPLATE], a)
-        a.update(given)
+        a = dict(ann.DEFAULT_ANNOTATIONS if annotations is None else annotations)
+        if ann.TEMPLATE in a:
+            ann.expand_template(a[ann.TEMPLATE], a)
         a = ann.configured(a, self.config.get(full, {}))
         if ann.hidden(a):
             flags |= FieldFlag.HIDDEN
@@ -164,7 +164,7 @@ class _Builder:
         self.fields.append(Field(
             name=name, full_name=full, index=index, kind=int(kind), payload_index=self.payload,
             flags=flags, tags=tags, annotations=a, parent=parent,
-            order=index if order is None else order))
+            order=index if order == 0 and not sub else order))
         self.payload += 1
         self.columns.append((full, derive))
         return index
@@ -241,7 +241,7 @@ def _declared(b: _Builder, declared: Iterable[DeclaredField]) -> None:
         if parent_name and parent is None:
             raise DeriveError(f"data source {b.raw.name!r}: derived field {d.full_name!r} has "
                               f"no parent field {parent_name!r}")
-        b.add(name, d.kind, parent, _checked(d), order=d.order,
+        b.add(name, d.kind, parent, _checked(d), order=d.order or 0,
               flags=FieldFlag.HIDDEN if d.hidden else FieldFlag.NONE)
 
 
@@ -266,7 +266,7 @@ def _checked(d: DeclaredField) -> Derivation:
 
 
 def _simple(b: _Builder, type_name: str, target_ann: str, kind: Kind | None,
-            fn: Callable[[int], bytes], annotations: Mapping[str, str]) -> None:
+            fn: Callable[[int], bytes], annotations: Mapping[str, str] | None) -> None:
     """One of upstream's formatters that turn a number into text: ``<name>`` beside
     ``<name>_raw`` (or the target annotation), same parent and order; the raw field hidden
     unless its own ``columns.hidden`` says otherwise."""
@@ -320,7 +320,7 @@ def _address(b: _Builder, i: int) -> tuple[Field, Field, str] | None:
         if hit is None:
             hit = memo[key] = net.addresses(_num(batch, version), block(batch, ip))
         return hit
-    addr = b.add(name, Kind.STRING, i, derive)
+    addr = b.add(name, Kind.STRING, i, derive, sub=True)
     b.annotate(i, ann.COLUMNS_REPLACE, b.fields[addr].full_name)
     b.set_visibility(i, False)
     return ip, version, key
@@ -356,14 +356,14 @@ def _l4endpoints(b: _Builder) -> None:
                            version: Field = version) -> Derived:
                 return net.protocols(_num(batch, proto), _num(batch, version))
             b.add(proto.name.removesuffix("_raw"), Kind.STRING, i, proto_text,
-                  flags=FieldFlag.HIDDEN)
+                  flags=FieldFlag.HIDDEN, sub=True)
 
         def endpoint(batch: Batch, memo: dict[str, Any], port: Field = port,
                      version: Field = version, addr_of: Callable[..., Coded] = addr_of,
                      ) -> Derived:
             return net.endpoints(addr_of(batch, memo), _num(batch, version), _num(batch, port))
         ep = b.add("endpoint", Kind.STRING, i, endpoint, annotations={ann.JSON_SKIP: "true"},
-                   tags=("endpoint",), flags=FieldFlag.HIDDEN)
+                   tags=("endpoint",), flags=FieldFlag.HIDDEN, sub=True)
         b.annotate(i, ann.COLUMNS_REPLACE, b.fields[ep].full_name)
 
 
@@ -386,11 +386,27 @@ def _ids(b: _Builder, type_name: str, fallback: str, env: DeriveEnv) -> None:
         b.set_hidden(i, True)
 
 
+def _empty(batch: Batch, memo: dict[str, Any]) -> Derived:
+    return Coded([b""], np.zeros(len(batch), dtype=np.intp))
+
+
+def _user_stacks(b: _Builder) -> None:
+    """upstream's ustack operator: ``addresses``, ``buildid`` and ``symbols`` (String, hidden)
+    under each ``struct gadget_user_stack``, empty (what the operator sends when no stack was
+    collected: the stack's inode is 0), unless the gadget declares its own."""
+    for i in b.with_tag("type:gadget_user_stack"):
+        for name in ("addresses", "buildid", "symbols"):
+            if b.get(f"{b.fields[i].full_name}.{name}") is not None:
+                continue  # the gadget derives its own (it collects user stacks)
+            b.add(name, Kind.STRING, i, _empty, annotations={}, flags=FieldFlag.HIDDEN,
+                  tags=(f"name:{name}", "operator:ustack"), sub=True)
+
+
 def build_plan(raw: DataSourceSchema, spec: DeriveSpec, env: DeriveEnv) -> DerivePlan:
     """The derived fields of ``raw``, in the order upstream's operators add them: the ebpf
     operator's enums, the gadget's own (as its WASM module would), the formatters (signal,
     errno, syscall, timestamp, bytes, duration, l3 and l4 endpoints, file mode, file flags),
-    then user and group names."""
+    then user and group names, and the ustack operator's fields."""
     b = _Builder(raw, spec.config.get(raw.name, {}))
     _enums(b, spec.enums)
     _declared(b, spec.declared.get(raw.name, ()))
@@ -398,7 +414,8 @@ def build_plan(raw: DataSourceSchema, spec: DeriveSpec, env: DeriveEnv) -> Deriv
             {ann.VALUE_ONE_OF: SIGNAL_ONE_OF})
     _simple(b, "gadget_errno", "formatters.errno.target", None, fmt.errno_name,
             {ann.TEMPLATE: "errorString", ann.VALUE_ONE_OF: ERRNO_ONE_OF})
-    _simple(b, "gadget_syscall", "formatters.syscall.target", Kind.UINT64, fmt.syscall_name, {})
+    _simple(b, "gadget_syscall", "formatters.syscall.target", Kind.UINT64, fmt.syscall_name,
+            None)
     _timestamps(b)
     _simple(b, "gadget_bytes", "formatters.bytes.target", None, fmt.human_bytes,
             {ann.TEMPLATE: "bytes"})
@@ -406,9 +423,11 @@ def build_plan(raw: DataSourceSchema, spec: DeriveSpec, env: DeriveEnv) -> Deriv
             {ann.TEMPLATE: "duration"})
     _l3endpoints(b)
     _l4endpoints(b)
-    _simple(b, "gadget_file_mode", "formatters.file_mode.target", Kind.UINT32, fmt.file_mode, {})
+    _simple(b, "gadget_file_mode", "formatters.file_mode.target", Kind.UINT32, fmt.file_mode,
+            None)
     _simple(b, "gadget_file_flags", "formatters.file_flags.target", Kind.UINT32,
-            fmt.open_flags, {})
+            fmt.open_flags, None)
     _ids(b, "gadget_uid", "user", env)
     _ids(b, "gadget_gid", "group", env)
+    _user_stacks(b)
     return b.plan()

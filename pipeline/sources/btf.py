@@ -428,11 +428,41 @@ _TASK_FIELDS: tuple[tuple[str, str, str, int | None, bool], ...] = (
     ("GADGET_OFF_UPID_NR", "upid", "nr", 4, False),
     ("GADGET_OFF_UPID_NS", "upid", "ns", None, False),
     ("GADGET_OFF_PID_NS_INUM", "pid_namespace", "ns.inum", 4, False),
+    # Optional, for paths of `struct path`s and executables (bpf/gadget_path.h,
+    # bpf/gadget_exe.h: trace_open's fpath, trace_exec's cwd/exepath/file/tty/ctime/upper layer,
+    # trace_dns's cwd/exepath).
+    ("GADGET_OFF_TASK_FS", "task_struct", "fs", None, False),
+    ("GADGET_OFF_FS_ROOT", "fs_struct", "root", 16, False),
+    ("GADGET_OFF_FS_PWD", "fs_struct", "pwd", 16, False),
+    ("GADGET_OFF_PATH_MNT", "path", "mnt", None, False),
+    ("GADGET_OFF_PATH_DENTRY", "path", "dentry", None, False),
+    ("GADGET_OFF_FILE_PATH", "file", "f_path", 16, False),
+    ("GADGET_OFF_SB_MAGIC", "super_block", "s_magic", 8, False),
+    ("GADGET_OFF_TASK_SIGNAL", "task_struct", "signal", None, False),
+    ("GADGET_OFF_SIGNAL_TTY", "signal_struct", "tty", None, False),
+    ("GADGET_OFF_TTY_INDEX", "tty_struct", "index", 4, False),
+    ("GADGET_OFF_TTY_DRIVER", "tty_struct", "driver", None, False),
+    ("GADGET_OFF_TTY_DRIVER_MAJOR", "tty_driver", "major", 4, False),
+    ("GADGET_OFF_TTY_DRIVER_MINOR_START", "tty_driver", "minor_start", 4, False),
+)
+
+# Optional members that moved between kernel versions: macro -> (struct, [(path, sizes the C
+# code can read)]), the first that exists wins. An inode's change time: i_ctime_sec and
+# i_ctime_nsec since 6.11, __i_ctime (timespec64) in 6.6-6.10, i_ctime before (nanoseconds are
+# read as their low 32 bits, which hold all of them).
+_MOVED_FIELDS: tuple[tuple[str, str, tuple[tuple[str, tuple[int, ...]], ...]], ...] = (
+    ("GADGET_OFF_INODE_CTIME_SEC", "inode", (("i_ctime_sec", (8,)), ("__i_ctime.tv_sec", (8,)),
+                                             ("i_ctime.tv_sec", (8,)))),
+    ("GADGET_OFF_INODE_CTIME_NSEC", "inode", (("i_ctime_nsec", (4,)),
+                                              ("__i_ctime.tv_nsec", (4, 8)),
+                                              ("i_ctime.tv_nsec", (4, 8)))),
 )
 
 # Optional type sizes: (macro, type) -> GADGET_SIZE_<macro>.
 _SIZES: tuple[tuple[str, str], ...] = (
     ("GADGET_SIZE_UPID", "struct upid"),
+    # An overlayfs inode's upper dentry follows the VFS inode (ovl_inode).
+    ("GADGET_SIZE_INODE", "struct inode"),
 )
 
 NR_MM_COUNTERS = 4  # MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES
@@ -507,6 +537,15 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
                            f"gadget_types.h reads {want}")
         offsets[macro] = offset
     offsets.update(_mm_rss(btf))
+    for macro, struct_name, choices in _MOVED_FIELDS:
+        for path, sizes in choices:
+            try:
+                offset = btf.offsetof(struct_name, path)
+            except BTFError:
+                continue
+            if btf._member_size(struct_name, path) in sizes:
+                offsets[macro] = offset
+            break
     for macro, type_name in _SIZES:
         try:
             offsets[macro] = btf.sizeof(type_name)

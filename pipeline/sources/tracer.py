@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, Rows
 from pipeline.containers.selector import ContainerSelector
 from pipeline.gadget import BPF_INCLUDE_DIR, RUNTIME_PREFIX, GadgetSpec
 from pipeline.heap import trim_heap
@@ -114,10 +114,11 @@ class TracerSource:
         for ds in self._spec.datasources:
             # A ring that cannot hold one record loses every record: refuse it, with the size
             # that would do.
-            if record_stride(ds.record_size) > ring * PAGE:
-                need = _ring_pages(record_stride(ds.record_size) + PAGE - 1) * PAGE
+            size = self.ring_record_size(ds)
+            if record_stride(size) > ring * PAGE:
+                need = _ring_pages(record_stride(size) + PAGE - 1) * PAGE
                 raise SourceError(f"{RUNTIME_PREFIX}ringbuf-size: a ring of {ring * PAGE} bytes "
-                                  f"cannot hold one {ds.name!r} record ({ds.record_size} bytes); "
+                                  f"cannot hold one {ds.name!r} record ({size} bytes); "
                                   f"use at least {need}")
         fill = int(self._values.get(RUNTIME_PREFIX + "wakeup-fill") or 25)
         flags = [f"-I{BPF_INCLUDE_DIR}", f"-DGADGET_RING_PAGES={ring}",
@@ -177,7 +178,8 @@ class TracerSource:
             for ds in self._spec.datasources:
                 self._check_layout(bpf, ds)
                 ring = "events" if len(self._spec.datasources) == 1 else f"events_{ds.name}"
-                self._readers.append((ds, RingReader(bpf[ring].get_fd(), ds.record_size)))
+                self._readers.append((ds, RingReader(bpf[ring].get_fd(),
+                                                     self.ring_record_size(ds))))
         except Exception:
             free_bpf(bpf)
             raise
@@ -200,13 +202,24 @@ class TracerSource:
                               f"{ctypes.sizeof(leaf)} bytes in C but {ds.record_size} in "
                               "gadget.yaml")
         for f in ds.fields:
-            if f.flags & FieldFlag.HAS_PARENT:
+            if f.flags & FieldFlag.HAS_PARENT or f.payload_index != 0:
                 continue
             desc = getattr(leaf, f.name, None)
             if desc is None or desc.offset != f.offs or desc.size != f.size:
                 raise SourceError(f"gadget {self._spec.name}: field {f.full_name!r} is at "
                                   f"{getattr(desc, 'offset', '?')}/{getattr(desc, 'size', '?')} "
                                   f"in C but {f.offs}/{f.size} in gadget.yaml")
+
+    def ring_record_size(self, ds: DataSourceSchema) -> int:
+        """Bytes of each ring record of ``ds``: its payload 0 (the struct gadget.yaml lays
+        out), unless a gadget's source carries more in the record (see :meth:`make_batch`)."""
+        return ds.record_size
+
+    def make_batch(self, ds: DataSourceSchema, rows: Rows) -> Batch:
+        """The batch of drained ``rows``. A gadget whose data source has further payloads
+        (gadget.yaml ``payloads:``) may fill them here; those it leaves out get their defaults
+        (zeros, empty: pipeline/operators/derive.py)."""
+        return Batch(ds, rows)
 
     def _timestamp_columns(self, ds: DataSourceSchema) -> list[int]:
         # Computed once per data source: this runs on every drain.
@@ -230,7 +243,7 @@ class TracerSource:
                 for offs in self._timestamp_columns(ds):
                     col = rows[:, offs: offs + 8].view("<u8")
                     np.add(col, np.uint64(self._ts_offset), out=col, where=col != 0)
-                out.append(Batch(ds, rows))
+                out.append(self.make_batch(ds, rows))
                 if len(rows) < 65536:
                     break
         return out

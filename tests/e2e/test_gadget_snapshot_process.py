@@ -16,6 +16,7 @@ import pytest
 
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_helpers import collect
+from tests.e2e.upstream_fields import upstream_field_diff
 
 pytestmark = pytest.mark.bpf
 
@@ -78,7 +79,9 @@ def test_snapshot_lists_every_process_with_comm_ppid_uid_and_start_time(
         assert r["parent.pid"] == os.getpid()
         assert r["creds.uid"] == 0 and r["creds.gid"] == 0
         assert r["mntns_id"] == os.stat("/proc/self/ns/mnt").st_ino
-        assert t0 - 1 <= r["start_time_raw"] / 1e9 <= time.time() + 1
+        assert t0 - 1 <= r["start_time"] / 1e9 <= time.time() + 1
+        # Derived by name, as upstream's uidgidresolver does.
+        assert r["creds.user"] == b"root" and r["creds.group"] == b"root"
 
     # Processes alive and unchanged across the snapshot must all be in it, as /proc shows them.
     stable = {p: v for p, v in before.items() if after.get(p) == v}
@@ -132,3 +135,14 @@ def test_the_run_stays_open_after_its_one_snapshot_until_the_timeout(
         elapsed = time.monotonic() - t0
     assert [e.type for e in events].count(0) == 1
     assert 1.9 < elapsed < 15
+
+
+def test_announces_every_field_upstream_does(daemon: DaemonProcess) -> None:
+    diff = upstream_field_diff("snapshot_process", daemon)
+    assert not diff.sources_only_upstream and not diff.sources_only_ours, diff.report()
+    d = diff.sources["processes"]
+    # k8s.* and runtime.* come from the container enrichment (pipeline/operators/enrich.py).
+    missing = [n for n in d.only_upstream if not n.startswith(("k8s", "runtime"))]
+    assert not missing, diff.report()
+    assert d.only_ours == ["start_time"], diff.report()  # ours, hidden and json.skip
+    assert not d.kinds and not d.flags and not d.annotations, diff.report()

@@ -9,15 +9,18 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_run import Record, collect, ipv4
+from tests.e2e.upstream_fields import upstream_field_diff
 
 pytestmark = pytest.mark.bpf
 
@@ -124,5 +127,52 @@ def test_query_and_response_carry_name_type_code_addresses_latency_and_pid(
     assert a["latency_ns"].endswith((b"s",))
     assert a["timestamp_raw"] >= q["timestamp_raw"]
     assert abs(a["timestamp_raw"] / 1e9 - time.time()) < 60, "timestamp is not wall-clock"
+    # What upstream's formatters derive: addresses as text, protocols, endpoints, the
+    # direction's name, the latency as text.
+    assert q["src.addr"] == q["dst.addr"] == a["nameserver.addr"] == b"127.0.0.1"
+    assert q["src.proto"] == a["dst.proto"] == b"UDP"
+    assert q["dst.endpoint"] == b"127.0.0.1:53" and a["src.endpoint"] == b"127.0.0.1:53"
+    assert q["src.endpoint"] == f"127.0.0.1:{q['src.port']}".encode()
+    assert q["pkt_type"] == b"OUTGOING" and a["pkt_type"] == b"HOST"
+    ms = a["latency_ns_raw"] / 1e6
+    assert a["latency_ns"] == (f"{ms:.2f}ms".encode() if ms >= 1 else
+                               f"{a['latency_ns_raw'] / 1e3:.2f}µs".encode())
+    assert q["latency_ns"] == b"0ns"
+    # The packet itself, from its IP header (json.skip and hidden, as upstream's).
+    assert a["data"][0] >> 4 == 4 and len(a["data"]) == a["data_len"]
+    assert a["data"][a["dns_off"]:a["dns_off"] + 2] == struct.pack(">H", int(a["id"], 16))
+    assert a["proc.creds.user"] == b"root" and a["cwd"] == b"" and a["exepath"] == b""
     # The pid filter applies to the attributed process: dnsmasq's own packets never pass.
     assert {r["proc.pid"] for r in records} == {os.getpid()}
+
+
+def test_paths_name_the_querying_process_cwd_and_executable(daemon: DaemonProcess,
+                                                           dns_name: str) -> None:
+    counter = iter(range(0x100, 0x10000))
+    asked: list[int] = []
+
+    def trigger() -> None:
+        port, _ = ask(dns_name, next(counter))
+        asked.append(port)
+
+    def mine(rs: list[Record]) -> list[Record]:
+        return [r for r in rs if r["src.port"] in asked or r["dst.port"] in asked]
+
+    _, records = collect(daemon, "trace_dns", {"operator.oci.ebpf.pid": str(os.getpid()),
+                                               "operator.oci.ebpf.paths": "true"},
+                         trigger, lambda rs: len({r["qr"] for r in mine(rs)}) == 2)
+    got = mine(records)
+    assert {r["qr"] for r in got} == {b"Q", b"R"}
+    for r in got:  # the response too: attributed to the asker, paths included
+        assert r["cwd"] == os.getcwd().encode()
+        assert r["exepath"] == str(Path(sys.executable).resolve()).encode()
+
+
+def test_announces_every_field_upstream_does(daemon: DaemonProcess) -> None:
+    diff = upstream_field_diff("trace_dns", daemon)
+    assert not diff.sources_only_upstream and not diff.sources_only_ours, diff.report()
+    d = diff.sources["dns"]
+    # k8s.* and runtime.* come from the container enrichment (pipeline/operators/enrich.py).
+    missing = [n for n in d.only_upstream if not n.startswith(("k8s", "runtime"))]
+    assert not missing and not d.only_ours, diff.report()
+    assert not d.kinds and not d.flags and not d.annotations, diff.report()

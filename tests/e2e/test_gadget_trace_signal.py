@@ -14,6 +14,7 @@ import pytest
 
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_run import Record, collect
+from tests.e2e.upstream_fields import upstream_field_diff
 
 pytestmark = pytest.mark.bpf
 
@@ -50,8 +51,10 @@ def test_sigusr1_to_a_child_names_sender_target_and_signal(
     assert hits, f"no SIGUSR1 record among {len(records)}"
     r = hits[0]
     assert r["sig_raw"] == int(signal.SIGUSR1) == 10
+    assert r["sig"] == b"SIGUSR1"  # derived, as upstream names it
     assert r["proc.pid"] == os.getpid()
-    assert r["error_raw"] == 0
+    assert r["error_raw"] == 0 and r["error"] == b""
+    assert r["proc.creds.user"] == b"root" and r["proc.creds.group"] == b"root"
 
 
 def test_kill_only_reports_the_failing_call_with_its_errno(daemon: DaemonProcess) -> None:
@@ -70,6 +73,7 @@ def test_kill_only_reports_the_failing_call_with_its_errno(daemon: DaemonProcess
     hits = to(records, nobody, signal.SIGUSR2)
     assert hits, "the failed kill was not reported"
     assert hits[0]["error_raw"] == errno.ESRCH == 3
+    assert hits[0]["error"] == b"ESRCH" and hits[0]["sig"] == b"SIGUSR2"
     assert hits[0]["proc.pid"] == os.getpid()
     assert all(r["error_raw"] != 0 for r in records)
 
@@ -94,3 +98,13 @@ def test_unknown_signal_name_is_refused(daemon: DaemonProcess) -> None:
         list(c.run("trace_signal", {"operator.oci.ebpf.signal": "SIGNOPE"}).raw())
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "'SIGNOPE' is not a signal" in (e.value.details() or "")
+
+
+def test_announces_every_field_upstream_does(daemon: DaemonProcess) -> None:
+    diff = upstream_field_diff("trace_signal", daemon)
+    assert not diff.sources_only_upstream and not diff.sources_only_ours, diff.report()
+    d = diff.sources["signal"]
+    # k8s.* and runtime.* come from the container enrichment (pipeline/operators/enrich.py).
+    missing = [n for n in d.only_upstream if not n.startswith(("k8s", "runtime"))]
+    assert not missing and not d.only_ours, diff.report()
+    assert not d.kinds and not d.flags and not d.annotations, diff.report()

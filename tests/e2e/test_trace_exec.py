@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import errno
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +19,9 @@ import pytest
 from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
 from tests.daemon import DaemonProcess
+from tests.e2e.gadget_run import Record, collect
 from tests.e2e.helpers import bpf_programs_of, info_fields, keep_running, unique_binary
+from tests.e2e.upstream_fields import upstream_field_diff
 from tests.specdecode import field_value
 
 pytestmark = pytest.mark.bpf
@@ -68,13 +75,106 @@ def test_exec_reaches_the_client_with_comm_pid_and_file(daemon: DaemonProcess,
     assert field_value(fields["proc.comm"], el) == comm.encode()
     assert field_value(fields["proc.pid"], el) in pids
     assert field_value(fields["proc.parent.pid"], el) == os.getpid()
-    assert field_value(fields["file"], el) == str(binary).encode()
+    assert field_value(fields["file"], el) == b""  # upstream's: empty unless paths=true
     assert field_value(fields["error_raw"], el) == 0
     assert field_value(fields["args"], el) == \
         f"{binary}\u00a0first-arg\u00a0second".encode()
     assert field_value(fields["args_count"], el) == 3
     ts = field_value(fields["timestamp_raw"], el)
     assert abs(ts / 1e9 - time.time()) < 60, "timestamp is not wall-clock"
+
+
+def by_args(records: list[Record], first: str) -> list[Record]:
+    return [r for r in records if r["args"].split("\u00a0".encode())[0] == first.encode()]
+
+
+def test_kernel_fields_and_readable_fields_of_a_real_exec(daemon: DaemonProcess,
+                                                         tmp_path: Path) -> None:
+    """What upstream's program collects beyond the process, and the derived texts, for a
+    binary the test runs, with paths=true: cwd, file and executable paths, the parent's
+    executable, device, inode and change times as stat() shows them."""
+    binary = unique_binary(tmp_path)
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+
+    def trigger() -> None:
+        subprocess.run([str(binary), "with-paths"], cwd=cwd, check=True)
+
+    _, records = collect(daemon, "trace_exec", {"operator.oci.ebpf.pid": "",
+                                                "operator.oci.ebpf.comm": binary.name[:15],
+                                                "operator.oci.ebpf.paths": "true"},
+                         trigger, lambda rs: bool(by_args(rs, str(binary))))
+    r = by_args(records, str(binary))[0]
+    st = binary.stat()
+    parent_exe = Path(sys.executable).resolve()
+    assert r["cwd"] == str(cwd.resolve()).encode()
+    assert r["exepath"] == r["file"] == str(binary.resolve()).encode()
+    assert r["parent_exepath"] == str(parent_exe).encode()
+    assert (r["dev_major"], r["dev_minor"]) == (os.major(st.st_dev), os.minor(st.st_dev))
+    assert r["inode"] == st.st_ino
+    assert r["ctime"] == r["fctime"] == st.st_ctime_ns
+    assert r["pctime"] == parent_exe.stat().st_ctime_ns
+    assert r["from_rootfs"] is True and r["file_from_rootfs"] is True  # the host's root
+    assert not r["upper_layer"] and not r["fupper_layer"] and not r["pupper_layer"]
+    assert r["error_raw"] == 0 and r["error"] == b""
+    assert r["proc.creds.user"] == b"root" and r["proc.creds.group"] == b"root"
+    loginuid = int(Path("/proc/self/loginuid").read_text())
+    assert r["loginuid"] == loginuid
+    assert r["loginuser"] == (b"root" if loginuid == 0 else f"uid:{loginuid}".encode())
+    when = dt.datetime.fromisoformat(r["timestamp"].decode()[:26] + "+00:00")
+    assert abs(when.timestamp() - r["timestamp_raw"] / 1e9) < 1e-3
+
+
+def test_failed_exec_names_its_errno_and_leaves_the_image_fields_unset(
+        daemon: DaemonProcess, tmp_path: Path) -> None:
+    script = tmp_path / "gp-noexec"
+    script.write_text("not an executable format\n")
+    script.chmod(0o755)
+    missing = tmp_path / "gp-missing"
+
+    def trigger() -> None:
+        for path in (script, missing):
+            # The exec fails in the forked child, after the fork: it is the child's record.
+            with contextlib.suppress(OSError):
+                subprocess.run([str(path), "failing"], check=False)
+
+    _, records = collect(daemon, "trace_exec", {"operator.filter.filter":
+                                                f"proc.parent.pid=={os.getpid()}",
+                                                "operator.oci.ebpf.ignore-failed": "false"},
+                         trigger, lambda rs: bool(by_args(rs, str(script)) and
+                                                  by_args(rs, str(missing))))
+    noexec, nofile = by_args(records, str(script))[0], by_args(records, str(missing))[0]
+    assert noexec["error_raw"] == errno.ENOEXEC and noexec["error"] == b"ENOEXEC"
+    assert nofile["error_raw"] == errno.ENOENT and nofile["error"] == b"ENOENT"
+    for r in (noexec, nofile):
+        assert r["ctime"] == r["pctime"] == 0 and not r["from_rootfs"]
+        assert r["file"] == r["exepath"] == b""  # paths=false
+
+
+def test_tty_of_a_process_with_a_controlling_terminal(daemon: DaemonProcess,
+                                                      tmp_path: Path) -> None:
+    binary = unique_binary(tmp_path)
+
+    def trigger() -> None:
+        # script(1) runs the command on a new pseudo terminal, its controlling terminal.
+        subprocess.run(["script", "-qec", f"{binary} on-a-tty", "/dev/null"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    _, records = collect(daemon, "trace_exec", {"operator.oci.ebpf.comm": binary.name[:15]},
+                         trigger, lambda rs: bool(by_args(rs, str(binary))))
+    r = by_args(records, str(binary))[0]
+    assert r["tty_major"] == 136  # Unix98 pseudo terminal slaves (pts driver, minor_start 0)
+    assert r["tty_minor"] == r["tty"] >= 0
+
+
+def test_announces_every_field_upstream_does(daemon: DaemonProcess) -> None:
+    diff = upstream_field_diff("trace_exec", daemon)
+    assert not diff.sources_only_upstream and not diff.sources_only_ours, diff.report()
+    d = diff.sources["exec"]
+    # k8s.* and runtime.* come from the container enrichment (pipeline/operators/enrich.py).
+    missing = [n for n in d.only_upstream if not n.startswith(("k8s", "runtime"))]
+    assert not missing and not d.only_ours, diff.report()
+    assert not d.kinds and not d.flags and not d.annotations, diff.report()
 
 
 def test_filter_on_comm_passes_matching_and_drops_others(daemon: DaemonProcess,

@@ -216,8 +216,12 @@ def test_trace_open_announces_upstreams_readable_fields() -> None:
     assert by["proc.comm"].annotations["columns.alias"] == "comm"
     assert by["proc"].hidden and by["proc.pid"].annotations["columns.minwidth"] == "7"
     assert by["proc.parent.comm"].hidden  # gadget_pcomm's template
-    payloads = sorted(f.payload_index for f in ds.fields if f.payload_index)
-    assert payloads == list(range(1, ds.payload_count)), "one payload per derived field"
+    payloads = {f.payload_index for f in ds.fields if f.has_value}
+    assert sorted(payloads) == list(range(ds.payload_count))
+    # ustack and fpath (payloads 1, 2) are the source's; each derived field has its own.
+    assert by["ustack"].payload_index == 1 and by["ustack.inode"].payload_index == 1
+    assert by["ustack.inode"].offs == 8 and by["fpath"].payload_index == 2
+    assert by["fpath"].size == 0 and by["fpath"].base_kind is Kind.CSTRING
 
 
 def test_l4_endpoints_announce_text_and_hide_the_raw_union() -> None:
@@ -284,7 +288,7 @@ def open_batch(n: int = 64) -> tuple[Derive, Batch]:
 
 def test_consumers_of_raw_fields_derive_nothing() -> None:
     d, batch = open_batch()
-    assert all(isinstance(c, LazyColumn) for c in batch.extra)
+    assert sum(isinstance(c, LazyColumn) for c in batch.extra) == len(batch.extra) - 2
     # A metric label, a filter on a raw field, coalescing and slicing (sinks, replay),
     # and a stream that selected raw fields only.
     column(batch, batch.schema.field("proc.pid"))
@@ -303,7 +307,8 @@ def test_derived_values_survive_filter_slice_and_concat() -> None:
     joined = Batch.concat([kept.slice(1, 3), batch.slice(7)])          # 2, 4, then 7, 8, 9
     got = [r["error"] for r in wire_values(joined)]
     assert got == [b"ENOENT", b"EPERM", b"EPERM", b"ENOENT", b""]  # errno = i % 3
-    assert d.stats.records == 5 * len(joined.extra)  # what was sent, each column once
+    derived = sum(isinstance(c, LazyColumn) for c in joined.extra)
+    assert d.stats.records == 5 * derived  # what was sent, each column once
 
 
 def test_one_computation_serves_every_consumer() -> None:
@@ -312,7 +317,8 @@ def test_one_computation_serves_every_consumer() -> None:
     cols = d.stats.columns
     JsonEncoder(batch.schema).encode(batch)
     wire.gadget_data_array(batch)
-    assert d.stats.columns == cols == len(batch.extra)
+    assert d.stats.columns == cols == sum(isinstance(c, LazyColumn) for c in batch.extra)
+    assert first[0]["ustack.inode"] == 0 and first[0]["fpath"] == b""  # the defaults
     assert first[1]["error"] == b"EPERM" and first[0]["flags"] == b"O_WRONLY|O_CREAT"
     assert first[0]["proc.creds.user"] == b"root"
     assert first[0]["timestamp"].startswith(b"2023-11-1")

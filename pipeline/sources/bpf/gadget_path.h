@@ -1,111 +1,159 @@
-/* The absolute path of an open file, built in the kernel by walking its dentries and mounts, as
- * upstream Inspektor Gadget's include/gadget/filesystem.h (get_path_str) does. bpf_d_path()
- * would be simpler, but the kernel allows it only in some fentry/LSM programs, not tracepoints.
+/* Full paths of kernel `struct path`s (a file's f_path, a task's cwd), as upstream's
+ * get_path_str() (include/gadget/filesystem.h) builds them: walk the dentries up to the mount's
+ * root, cross to the parent mount at mount points, up to the root of the task's mount
+ * namespace, writing the names backwards into a per-CPU scratch buffer. bpf_d_path() would be
+ * simpler, but the kernel allows it only in some fentry/LSM programs, not tracepoints. Kernel
+ * memory is read at offsets from the running kernel's BTF (pipeline/sources/btf.py; struct
+ * mount is private to fs/, but in BTF), like gadget_types.h does.
  *
- * Offsets come from the running kernel's BTF (pipeline.sources.btf): the struct definitions in
- * the kernel headers bcc compiles against may not match the running kernel, and struct mount
- * is private to fs/ anyway.
+ * The program declares the scratch buffer (bcc rewrites table methods only in the program's own
+ * file, and wants the ring buffer declared first) and hands it in:
  *
- * The path is written backwards from the middle of a per-CPU scratch buffer, one component per
- * iteration, crossing to the parent mount at each mount root, up to the root of the task's
- * mount namespace (a path in a container is relative to the container's root, as upstream's).
- * A file with no dentry chain (memfd, pipes, sockets) gets its dentry name alone.
+ *     BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
+ *     ...
+ *     gadget_path_of_fd(path_scratch.lookup(&zero), fd, e->fpath, sizeof(e->fpath));
+ * Needs GADGET_OFF_{PATH_MNT,PATH_DENTRY,DENTRY_PARENT,DENTRY_NAME,DENTRY_NAME_LEN,
+ * VFSMOUNT_MNT_ROOT,MOUNT_MNT,MOUNT_PARENT,MOUNT_MOUNTPOINT}.
  */
 #ifndef GADGETPIPE_GADGET_PATH_H
 #define GADGETPIPE_GADGET_PATH_H
 
-#if !defined(GADGET_OFF_FILE_DENTRY) || !defined(GADGET_OFF_FILE_MNT) || \
-    !defined(GADGET_OFF_DENTRY_NAME) || !defined(GADGET_OFF_DENTRY_NAME_LEN) || \
-    !defined(GADGET_OFF_DENTRY_PARENT) || !defined(GADGET_OFF_VFSMOUNT_MNT_ROOT) || \
+#if !defined(GADGET_OFF_PATH_MNT) || !defined(GADGET_OFF_PATH_DENTRY) || \
+    !defined(GADGET_OFF_DENTRY_PARENT) || !defined(GADGET_OFF_DENTRY_NAME) || \
+    !defined(GADGET_OFF_DENTRY_NAME_LEN) || !defined(GADGET_OFF_VFSMOUNT_MNT_ROOT) || \
     !defined(GADGET_OFF_MOUNT_MNT) || !defined(GADGET_OFF_MOUNT_PARENT) || \
     !defined(GADGET_OFF_MOUNT_MOUNTPOINT)
-#error "gadget_path.h needs the dentry/mount offsets from pipeline.sources.btf"
+#error "gadget_path.h needs the path offsets of the running kernel's BTF (vfs path members)"
 #endif
 
+/* Upstream's GADGET_PATH_MAX: the size of every path field. */
 #define GADGET_PATH_MAX 512
-/* Components walked at most; deeper paths keep their innermost components. */
-#define GADGET_PATH_DEPTH 64
-/* Scratch: components are written right to left ending at GADGET_PATH_HALF; a component may
- * spill past it only while being read, so twice the room. */
-#define GADGET_PATH_HALF 1024
-#define GADGET_PATH_NAME_MAX 256 /* NAME_MAX + 1 */
+/* Path components walked, mount crossings included (upstream: 80); a deeper path keeps its
+ * last components. */
+#define GADGET_PATH_COMPONENTS 80
+/* The path is built backwards, ending at GADGET_PATH_END of the scratch buffer. */
+#define GADGET_PATH_END 4096
+#define GADGET_PATH_MASK 4095
+#define GADGET_NAME_MASK 255
 
-/* The scratch buffer: the program declares a one-entry BPF_PERCPU_ARRAY of it and passes the
- * entry in (bcc rewrites table methods only in the program's own file). */
 struct gadget_path_buf {
-	char buf[2 * GADGET_PATH_HALF];
-	/* The write position lives here, not in a register: loaded from map memory it is an
-	 * unknown scalar to the verifier, so the states of different walks compare equal and
-	 * are pruned, instead of one verification path per possible path length. */
+	/* The walk's state lives here, not in registers: the verifier then sees the same state
+	 * at the top of every iteration whichever way the last one went (a mount crossed or a
+	 * name added) and prunes, instead of exploring each combination (exponential). */
+	__u64 dentry;
+	__u64 vfsmnt;
+	__u64 mnt;
+	__u64 mnt_parent;
 	__u32 pos;
+	__u32 done;
+	/* GADGET_PATH_END + 1 for the NUL, + 256: a masked write of up to 255 bytes stays inside
+	 * whatever offset the verifier assumes. */
+	char buf[GADGET_PATH_END + 1 + 256];
 };
 
-/* Writes the absolute path of `file` (a struct file *) into out[GADGET_PATH_MAX], NUL-ended,
- * using the scratch `s`. Returns the length written (without the NUL), or 0 when nothing could
- * be read. */
-static __always_inline int gadget_file_path(__u64 file, struct gadget_path_buf *s, char *out)
+/* Writes the full path of the `struct path` at kernel address `path` into out (NUL-terminated,
+ * truncated to size), using the scratch buffer s. Returns the length written (with the NUL),
+ * or <= 0 when none. */
+static __always_inline long gadget_path_of(struct gadget_path_buf *s, __u64 path,
+					   char *out, __u32 size)
 {
-	if (!s || !file)
-		return 0;
-	__u64 dentry = gadget_read_u64(file, GADGET_OFF_FILE_DENTRY);
-	__u64 vfsmnt = gadget_read_u64(file, GADGET_OFF_FILE_MNT);
-	__u64 mnt = vfsmnt - GADGET_OFF_MOUNT_MNT; /* container_of(vfsmnt, struct mount, mnt) */
-	__u64 mnt_parent = gadget_read_u64(mnt, GADGET_OFF_MOUNT_PARENT);
-	s->pos = GADGET_PATH_HALF; /* the path occupies [pos, GADGET_PATH_HALF) */
-
-	for (int i = 0; i < GADGET_PATH_DEPTH; i++) {
-		__u64 mnt_root = gadget_read_u64(vfsmnt, GADGET_OFF_VFSMOUNT_MNT_ROOT);
+	if (!s || !path)
+		return -1;
+	s->vfsmnt = gadget_read_u64(path, GADGET_OFF_PATH_MNT);
+	s->dentry = gadget_read_u64(path, GADGET_OFF_PATH_DENTRY);
+	if (!s->vfsmnt || !s->dentry)
+		return -1;
+	s->mnt = s->vfsmnt - GADGET_OFF_MOUNT_MNT; /* container_of(vfsmnt, struct mount, mnt) */
+	s->mnt_parent = gadget_read_u64(s->mnt, GADGET_OFF_MOUNT_PARENT);
+	s->pos = GADGET_PATH_END;
+	s->done = 0;
+	s->buf[GADGET_PATH_END] = 0;
+	/* Not unrolled: unrolled, clang keeps the helpers' addresses in registers and emits
+	 * indirect calls the verifier refuses ("unknown opcode 8d"). */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < GADGET_PATH_COMPONENTS; i++) {
+		if (s->done)
+			break;
+		__u64 dentry = s->dentry;
+		__u64 mnt_root = gadget_read_u64(s->vfsmnt, GADGET_OFF_VFSMOUNT_MNT_ROOT);
 		__u64 parent = gadget_read_u64(dentry, GADGET_OFF_DENTRY_PARENT);
+
 		if (dentry == mnt_root || dentry == parent) {
-			if (dentry != mnt_root)
-				break; /* a root that is not its mount's root: unreachable, stop */
-			if (mnt == mnt_parent)
-				break; /* the namespace's root mount: done */
-			/* The root of a mounted file system: continue at its mount point. */
-			dentry = gadget_read_u64(mnt, GADGET_OFF_MOUNT_MOUNTPOINT);
-			mnt = mnt_parent;
-			mnt_parent = gadget_read_u64(mnt, GADGET_OFF_MOUNT_PARENT);
-			vfsmnt = mnt + GADGET_OFF_MOUNT_MNT;
+			if (dentry == mnt_root && s->mnt != s->mnt_parent) {
+				/* A mount's root: go on from where it is mounted. */
+				__u64 mnt = s->mnt_parent;
+
+				s->dentry = gadget_read_u64(s->mnt, GADGET_OFF_MOUNT_MOUNTPOINT);
+				s->mnt = mnt;
+				s->mnt_parent = gadget_read_u64(mnt, GADGET_OFF_MOUNT_PARENT);
+				s->vfsmnt = mnt + GADGET_OFF_MOUNT_MNT;
+			} else {
+				s->done = 1; /* the global root, or a root that is no mount's */
+			}
 			continue;
 		}
+		__u32 len = gadget_read_u32(dentry, GADGET_OFF_DENTRY_NAME_LEN) & GADGET_NAME_MASK;
+		__u64 name = gadget_read_u64(dentry, GADGET_OFF_DENTRY_NAME);
 		__u32 pos = s->pos;
-		__u32 len = gadget_read_u32(dentry, GADGET_OFF_DENTRY_NAME_LEN) + 1;
-		if (len > GADGET_PATH_NAME_MAX || len + 1 > pos)
-			break; /* would not fit: keep what we have */
-		__u32 off = pos - len;
-		__u64 name = gadget_read_u64(dentry, GADGET_OFF_DENTRY_NAME);
-		/* The masks only prove the bounds to the verifier (the checks above already hold);
-		 * the empty asm keeps clang from dropping them as redundant. */
-		asm volatile("" : "+r"(len), "+r"(off));
-		off &= GADGET_PATH_HALF - 1;
-		len &= GADGET_PATH_NAME_MAX * 2 - 1;
-		int sz = bpf_probe_read_kernel_str(&s->buf[off], len, (void *)name);
-		if (sz <= 1)
-			break;
-		/* The name's NUL becomes the separator before the component written previously. */
-		s->buf[(pos - 1) & (2 * GADGET_PATH_HALF - 1)] = '/';
-		s->pos = pos - sz;
-		dentry = parent;
+
+		if (len == 0 || len + 1 > pos) {
+			s->done = 1;
+			continue;
+		}
+		pos -= len + 1;
+		/* "/" then the name, in front of what is already there. */
+		s->buf[pos & GADGET_PATH_MASK] = '/';
+		bpf_probe_read_kernel(&s->buf[(pos + 1) & GADGET_PATH_MASK], len, (void *)name);
+		s->pos = pos;
+		s->dentry = parent;
 	}
-	__u32 pos = s->pos;
-	if (pos == GADGET_PATH_HALF) {
-		/* No component: an anonymous file (pipe, socket, memfd): its dentry name alone. */
-		__u64 name = gadget_read_u64(dentry, GADGET_OFF_DENTRY_NAME);
-		int n = name ? bpf_probe_read_kernel_str(out, GADGET_PATH_MAX, (void *)name) : 0;
-		return n > 0 ? n - 1 : 0;
+	if (s->pos == GADGET_PATH_END) {
+		/* The root itself ("/"), or a file outside any mount tree (memfd, pipe): its name. */
+		__u64 name = gadget_read_u64(s->dentry, GADGET_OFF_DENTRY_NAME);
+		return bpf_probe_read_kernel_str(out, size, (void *)name);
 	}
-	/* A leading slash, and the trailing separator becomes the end of the string. */
-	pos -= 1;
-	s->buf[pos & (2 * GADGET_PATH_HALF - 1)] = '/';
-	s->buf[GADGET_PATH_HALF - 1] = 0;
-	__u32 total = GADGET_PATH_HALF - pos; /* with the NUL */
-	if (total > GADGET_PATH_MAX) {
-		/* Too long: keep the tail, which names the file. */
-		pos = GADGET_PATH_HALF - GADGET_PATH_MAX;
-	}
-	int n = bpf_probe_read_kernel_str(out, GADGET_PATH_MAX,
-					  &s->buf[pos & (2 * GADGET_PATH_HALF - 1)]);
-	return n > 0 ? n - 1 : 0;
+	return bpf_probe_read_kernel_str(out, size, &s->buf[s->pos & GADGET_PATH_MASK]);
 }
+
+#if defined(GADGET_OFF_TASK_FILES) && defined(GADGET_OFF_FILES_FDT) && \
+    defined(GADGET_OFF_FDTABLE_FD) && defined(GADGET_OFF_FDTABLE_MAX_FDS) && \
+    defined(GADGET_OFF_FILE_PATH)
+/* The struct file of the current task's descriptor fd, or 0. */
+static __always_inline __u64 gadget_file_of_fd(__u32 fd)
+{
+	__u64 task = bpf_get_current_task();
+	__u64 files = gadget_read_u64(task, GADGET_OFF_TASK_FILES);
+	__u64 fdt = gadget_read_u64(files, GADGET_OFF_FILES_FDT);
+
+	if (!fdt || fd >= gadget_read_u32(fdt, GADGET_OFF_FDTABLE_MAX_FDS))
+		return 0;
+	return gadget_read_u64(gadget_read_u64(fdt, GADGET_OFF_FDTABLE_FD), (__u64)fd * 8);
+}
+
+/* The full path of the current task's descriptor fd (upstream's
+ * read_full_path_of_open_file_fd). */
+static __always_inline long gadget_path_of_fd(struct gadget_path_buf *s, __u32 fd,
+					      char *out, __u32 size)
+{
+	__u64 file = gadget_file_of_fd(fd);
+
+	return file ? gadget_path_of(s, file + GADGET_OFF_FILE_PATH, out, size) : -1;
+}
+#endif
+
+#if defined(GADGET_OFF_FILE_PATH)
+/* The absolute path of `file` (a struct file *) in out[GADGET_PATH_MAX]; its length without
+ * the NUL, or 0 when none could be read. */
+static __always_inline int gadget_file_path(__u64 file, struct gadget_path_buf *s, char *out)
+{
+	long n = file ? gadget_path_of(s, file + GADGET_OFF_FILE_PATH, out, GADGET_PATH_MAX) : 0;
+
+	if (n <= 0) {
+		out[0] = 0;
+		return 0;
+	}
+	return (int)n - 1;
+}
+#endif
 
 #endif /* GADGETPIPE_GADGET_PATH_H */

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.batch import Batch
+from pipeline.batch import Batch, Fixed, FormColumn
 from pipeline.gadget import GadgetSpec
-from pipeline.schema import FieldFlag
 from pipeline.severity import Severity
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
 from pipeline.sources.tracer import (
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
 BPF_TRACE_ITER = 28  # enum bpf_attach_type; bcc 0.26 names it only as a program type
 PROGRAM = b"bpf_iter__task"
 READ_CHUNK = 1 << 20
+START_TIME_SIZE = 8  # struct process_entry's start_time after the gadget_process
 
 
 def _libbpf_calls() -> tuple[Any, Any]:
@@ -130,20 +130,20 @@ class SnapshotSource(TracerSource):
             self._log(Severity.ERROR, f"snapshot failed: {e}")
             self._done.set()
             return
-        size = self._ds.record_size
+        size = self._ds.record_size + START_TIME_SIZE  # struct process_entry
         if len(data) % size:
             self._log(Severity.ERROR, f"snapshot: {len(data)} bytes is not a whole number of "
                       f"{size}-byte records; the BPF struct and gadget.yaml disagree")
             self._done.set()
             return
-        rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, size).copy()
-        offset = np.uint64(boot_to_wall_offset_ns())
-        for f in self._ds.fields:
-            if "type:gadget_timestamp" in f.tags and not f.flags & FieldFlag.HAS_PARENT:
-                col = rows[:, f.offs: f.offs + 8].view("<u8")
-                np.add(col, offset, out=col, where=col != 0)
+        entries = np.frombuffer(data, dtype=np.uint8).reshape(-1, size)
+        rows = entries[:, : self._ds.record_size].copy()
+        # Our own payload beside upstream's record: the start, boot ns -> wall-clock ns.
+        start = entries[:, self._ds.record_size:].copy().view("<u8")
+        np.add(start, np.uint64(boot_to_wall_offset_ns()), out=start, where=start != 0)
+        start_time = FormColumn(Fixed(start.view(np.uint8).reshape(-1, START_TIME_SIZE)))
         if self._emit is not None:
-            await self._emit(Batch(self._ds, rows))
+            await self._emit(Batch(self._ds, rows, (start_time,)))
 
     async def wait(self) -> None:
         # A snapshot run ends only when stopped or timed out, as upstream's does.

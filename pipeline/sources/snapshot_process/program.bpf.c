@@ -26,17 +26,14 @@ struct bpf_iter__task {
     void *task;
 };
 
+// What the iterator writes per task: upstream's record (struct gadget_process, payload 0), then
+// the task's start (boot ns), which user space turns into the `start_time` payload.
 struct process_entry {
-    char comm[16];
-    gadget_pid pid;
-    gadget_tid tid;
-    gadget_mntns_id mntns_id;
-    struct gadget_creds creds;
-    struct gadget_parent parent;
-    gadget_timestamp start_time_raw;
+    struct gadget_process p;
+    __u64 start_time;
 };
 
-GADGET_LAYOUT(processes, struct process_entry);
+GADGET_LAYOUT(processes, struct gadget_process);
 
 #ifdef GADGET_FILTER_COMM
 // As gadget_filter_comm_differs(), for the iterated task's comm instead of the current one.
@@ -57,7 +54,7 @@ static __always_inline bool comm_differs(const char *comm)
 
 // The common filters (gadget_filter.h) test the current task, which here is the reader; this
 // applies the same GADGET_FILTER_* settings to the iterated task.
-static __always_inline bool discard(struct process_entry *e)
+static __always_inline bool discard(struct gadget_process *e)
 {
 #ifdef GADGET_FILTER_PID
     if (e->pid != (__u32)(GADGET_FILTER_PID))
@@ -97,25 +94,26 @@ BPF_ITER(task)
 
     if (!task)
         return 0;  // the end-of-iteration call
-    struct process_entry e = {};
-    e.pid = gadget_read_u32(task, GADGET_OFF_TASK_TGID);
-    e.tid = gadget_read_u32(task, GADGET_OFF_TASK_PID);
-    if (!GADGET_THREADS && e.pid != e.tid)
+    struct process_entry r = {};
+    struct gadget_process *e = &r.p;
+    e->pid = gadget_read_u32(task, GADGET_OFF_TASK_TGID);
+    e->tid = gadget_read_u32(task, GADGET_OFF_TASK_PID);
+    if (!GADGET_THREADS && e->pid != e->tid)
         return 0;  // processes only: their thread group leaders
-    bpf_probe_read_kernel(e.comm, sizeof(e.comm), (void *)(task + GADGET_OFF_TASK_COMM));
-    e.mntns_id = gadget_task_mntns_id(task);
+    bpf_probe_read_kernel(e->comm, sizeof(e->comm), (void *)(task + GADGET_OFF_TASK_COMM));
+    e->mntns_id = gadget_task_mntns_id(task);
     __u64 cred = gadget_read_u64(task, GADGET_OFF_TASK_REAL_CRED);
-    e.creds.uid = gadget_read_u32(cred, GADGET_OFF_CRED_UID);
-    e.creds.gid = gadget_read_u32(cred, GADGET_OFF_CRED_GID);
+    e->creds.uid = gadget_read_u32(cred, GADGET_OFF_CRED_UID);
+    e->creds.gid = gadget_read_u32(cred, GADGET_OFF_CRED_GID);
     __u64 parent = gadget_read_u64(task, GADGET_OFF_TASK_REAL_PARENT);
     if (parent)
-        bpf_probe_read_kernel(e.parent.comm, sizeof(e.parent.comm),
+        bpf_probe_read_kernel(e->parent.comm, sizeof(e->parent.comm),
                               (void *)(parent + GADGET_OFF_TASK_COMM));
-    e.parent.pid = gadget_read_u32(parent, GADGET_OFF_TASK_TGID);
-    e.parent.tid = gadget_read_u32(parent, GADGET_OFF_TASK_PID);
-    e.start_time_raw = gadget_read_u64(task, GADGET_OFF_TASK_START_BOOTTIME);
-    if (discard(&e))
+    e->parent.pid = gadget_read_u32(parent, GADGET_OFF_TASK_TGID);
+    e->parent.tid = gadget_read_u32(parent, GADGET_OFF_TASK_PID);
+    r.start_time = gadget_read_u64(task, GADGET_OFF_TASK_START_BOOTTIME);
+    if (discard(e))
         return 0;
-    bpf_seq_write(seq, &e, sizeof(e));
+    bpf_seq_write(seq, &r, sizeof(r));
     return 0;
 }

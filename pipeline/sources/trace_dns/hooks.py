@@ -3,18 +3,21 @@
 The BPF program (``program.bpf.c``) runs as a socket filter on an AF_PACKET socket that sees
 every packet of the daemon's network namespace, and copies UDP packets from or to port 53 or
 5353 into a ring buffer, each behind a fixed header, so records vary in size. This source drains
-the ring with :meth:`RingReader.drain_var`, parses IP, UDP and DNS, and builds fixed-size rows in
-the ``dns`` data source's layout (gadget.yaml), including the fields upstream's WASM module adds
-(``id``, ``qr``, ``qtype``, ``name``, ``rcode``, ``num_answers``, ``addresses``, ``tc``, ``ra``,
-``rd``).
+the ring with :meth:`RingReader.drain_var`, parses IP, UDP and DNS, and builds the ``dns`` data
+source's rows (gadget.yaml: the numbers in payload 0) and further payloads: the sender's ``cwd``
+and ``exepath`` (``paths=true``), the packet as ``data``, and the texts upstream's WASM module
+adds (``id``, ``qr``, ``qtype``, ``name``, ``rcode``, ``addresses``). The readable fields
+upstream's formatters add (addresses as text, ``pkt_type``, ``latency_ns``, ...) are derived
+(pipeline/derive).
 
-Process attribution: the kernel fills the process only for outgoing packets, which the packet
-tap sees in the sender's context. Each outgoing packet teaches which process owns its source
-endpoint; an incoming packet is attributed to the owner of its destination endpoint (a response
-to the querying process, a query to the server that answered before). Latency is the time from
-an outgoing query to the incoming response with the same id to the same endpoint, as upstream
-measures it. The common filter params (pid, tid, uid, gid, comm, mntns) are applied here, on the
-attributed process, since in the kernel only outgoing packets know theirs.
+Process attribution: the kernel fills the process (and with ``paths`` its working directory and
+executable) only for outgoing packets, which the packet tap sees in the sender's context. Each
+outgoing packet teaches which process owns its source endpoint; an incoming packet is
+attributed to the owner of its destination endpoint (a response to the querying process, a
+query to the server that answered before). Latency is the time from an outgoing query to the
+incoming response with the same id to the same endpoint, as upstream measures it. The common
+filter params (pid, tid, uid, gid, comm, mntns) are applied here, on the attributed process,
+since in the kernel only outgoing packets know theirs.
 """
 
 from __future__ import annotations
@@ -57,13 +60,13 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 # struct record's header in program.bpf.c: timestamp, gadget_process, ifindex, copied,
-# pkt_type, has_proc, l4_off, version, padding, netns; the packet (from its IP header) follows.
+# pkt_type, has_proc, l4_off, version, padding, netns; with paths the sender's cwd and
+# executable (PATH_MAX each) follow; then the packet, from its IP header.
 RECORD_HEADER = struct.Struct("<Q64sIHBBHBxI")
+PATH_MAX = 512  # GADGET_PATH_MAX, bpf/gadget_path.h
 SO_ATTACH_BPF = 50  # include/uapi/asm-generic/socket.h; not exported by the socket module
 ETH_P_ALL = 0x0003
 PKT_OUTGOING = 4
-PKT_TYPES = ("HOST", "BROADCAST", "MULTICAST", "OTHERHOST", "OUTGOING", "LOOPBACK", "USER",
-             "KERNEL")
 # Upstream's names (its WASM module trims Go's dnsmessage constants).
 QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
           33: "SRV", 41: "OPT", 11: "WKS", 13: "HINFO", 14: "MINFO", 252: "AXFR", 255: "ALL"}
@@ -166,32 +169,6 @@ def parse_dns(buf: bytes) -> DnsMessage:
                       qtype=qtype, name=name, addresses=addresses, num_answers=ancount)
 
 
-def go_duration(ns: int) -> str:
-    """``ns`` formatted like Go's time.Duration.String() (what upstream shows for latency)."""
-    if ns == 0:
-        return "0s"
-    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
-    if ns < 1_000:
-        return f"{sign}{ns}ns"
-    if ns < 1_000_000:
-        return f"{sign}{_trim(ns / 1e3, 3)}µs"
-    if ns < 1_000_000_000:
-        return f"{sign}{_trim(ns / 1e6, 6)}ms"
-    total_s, frac_ns = divmod(ns, 1_000_000_000)
-    hours, rest = divmod(total_s, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = _trim(secs + frac_ns / 1e9, 9) + "s"
-    if hours:
-        return f"{sign}{hours}h{minutes}m{text}"
-    if minutes:
-        return f"{sign}{minutes}m{text}"
-    return sign + text
-
-
-def _trim(value: float, digits: int) -> str:
-    return f"{value:.{digits}f}".rstrip("0").rstrip(".")
-
-
 Endpoint = tuple[int, bytes, int]
 """(IP version, 16-byte address, port): a socket's address as a table key."""
 
@@ -209,14 +186,23 @@ class Packet:
     dns_off: int
     data_len: int
     dns: bytes
+    packet: bytes  # from the IP header on: the ``data`` field
+    paths: tuple[bytes, bytes] = (b"", b"")  # the sender's cwd and executable (paths=true)
     netns: int = 0  # the container namespace's socket that saw it; 0: the daemon's
 
 
-def parse_record(rec: bytes) -> Packet:
-    """A ring record: the kernel's header, then the packet from its IP header."""
+def parse_record(rec: bytes, paths: bool = False) -> Packet:
+    """A ring record: the kernel's header (with the sender's paths when ``paths``), then the
+    packet from its IP header."""
     boot_ns, proc, _, copied, pkt_type, has_proc, l4_off, version, netns = \
         RECORD_HEADER.unpack_from(rec)
-    pkt = rec[RECORD_HEADER.size: RECORD_HEADER.size + copied]
+    start = RECORD_HEADER.size
+    cwd_exe = (b"", b"")
+    if paths:
+        cwd_exe = (rec[start: start + PATH_MAX].partition(b"\0")[0],
+                   rec[start + PATH_MAX: start + 2 * PATH_MAX].partition(b"\0")[0])
+        start += 2 * PATH_MAX
+    pkt = rec[start: start + copied]
     if version == 4:
         if len(pkt) < 20:
             raise DnsError("truncated IPv4 header")
@@ -233,7 +219,8 @@ def parse_record(rec: bytes) -> Packet:
     dns_off = l4_off + 8
     return Packet(boot_ns=boot_ns, proc=proc if has_proc else bytes(64), has_proc=bool(has_proc),
                   pkt_type=pkt_type, src=(version, saddr, sport), dst=(version, daddr, dport),
-                  dns_off=dns_off, data_len=data_len, dns=pkt[dns_off:], netns=netns)
+                  dns_off=dns_off, data_len=data_len, dns=pkt[dns_off:], packet=pkt,
+                  paths=cwd_exe if has_proc else (b"", b""), netns=netns)
 
 
 class _Bounded(OrderedDict[Any, Any]):
@@ -254,16 +241,17 @@ class Correlator:
     """Process attribution and latency, across batches (see the module docstring)."""
 
     def __init__(self, limit: int = TABLE_LIMIT) -> None:
-        self._owners = _Bounded(limit)  # endpoint -> proc bytes
+        self._owners = _Bounded(limit)  # endpoint -> (proc bytes, (cwd, exepath))
         self._queries = _Bounded(limit)  # (client endpoint, id) -> boot ns of the query
 
-    def proc_of(self, p: Packet) -> bytes:
-        # Endpoints are per network namespace: 127.0.0.1:53 in two containers are two.
+    def owner_of(self, p: Packet) -> tuple[bytes, tuple[bytes, bytes]]:
+        """The process of the packet (its gadget_process block) and its paths. Endpoints are
+        per network namespace: 127.0.0.1:53 in two containers are two."""
         if p.has_proc:
-            self._owners.put((p.netns, p.src), p.proc)
-            return p.proc
-        owner: bytes | None = self._owners.get((p.netns, p.dst))
-        return owner if owner is not None else bytes(64)
+            self._owners.put((p.netns, p.src), (p.proc, p.paths))
+            return p.proc, p.paths
+        owner: tuple[bytes, tuple[bytes, bytes]] | None = self._owners.get((p.netns, p.dst))
+        return owner if owner is not None else (bytes(64), (b"", b""))
 
     def latency(self, p: Packet, msg: DnsMessage) -> int:
         if not msg.qr and p.pkt_type == PKT_OUTGOING:
@@ -288,12 +276,13 @@ ROW_FIELDS: tuple[tuple[str, str], ...] = (
     ("nameserver.addr_raw", "16s"), ("nameserver.version", "B"),
     ("netns_id", "I"), ("proc", "64s"), ("pkt_type_raw", "B"), ("latency_ns_raw", "Q"),
     ("dns_off", "H"), ("data_len", "I"),
-    # What the DNS message says (DnsFields.values, in this order).
-    ("id", "8s"), ("qr_raw", "?"), ("qr", "2s"), ("qtype_raw", "H"), ("qtype", "8s"),
-    ("name", "256s"), ("rcode_raw", "H"), ("rcode", "16s"), ("num_answers", "i"),
-    ("addresses", "512s"), ("tc", "?"), ("ra", "?"), ("rd", "?"),
-    ("pkt_type", "12s"), ("latency_ns", "24s"),
+    # The numbers the DNS message says (DnsFields.numbers, in this order).
+    ("qr_raw", "?"), ("qtype_raw", "H"), ("rcode_raw", "H"), ("num_answers", "i"),
+    ("tc", "?"), ("ra", "?"), ("rd", "?"),
 )
+PAYLOADS = ("cwd", "exepath", "data", "id", "qr", "qtype", "name", "rcode", "addresses")
+"""The further payloads the source fills, in gadget.yaml's order (DnsFields.texts after the
+process's paths and the packet)."""
 
 
 def row_struct(schema: DataSourceSchema) -> struct.Struct:
@@ -316,33 +305,35 @@ def row_struct(schema: DataSourceSchema) -> struct.Struct:
 
 
 class DnsFields:
-    """The DNS part of a row, computed once per distinct message (a packet seen leaving and
-    arriving on loopback is the same message twice)."""
+    """The DNS part of a record, computed once per distinct message (a packet seen leaving and
+    arriving on loopback is the same message twice): the numbers that go in the row and the
+    texts that are payloads of their own, as upstream's WASM module sets them."""
 
-    __slots__ = ("msg", "values")
+    __slots__ = ("msg", "numbers", "texts")
 
     def __init__(self, msg: DnsMessage | None) -> None:
         self.msg = msg
-        self.values: tuple[Any, ...]
+        self.numbers: tuple[Any, ...]
+        self.texts: tuple[bytes, ...]
         if msg is None:  # not DNS: upstream still emits the packet, without these fields
-            self.values = (b"", False, b"", 0, b"", b"", 0, b"", 0, b"", False, False, False)
+            self.numbers = (False, 0, 0, 0, False, False, False)
+            self.texts = (b"",) * 6
             return
         qtype = msg.qtype or 0
-        self.values = (
-            f"{msg.id:04x}".encode(), msg.qr, b"R" if msg.qr else b"Q", qtype,
+        self.numbers = (msg.qr, qtype, msg.rcode if msg.qr else 0, msg.num_answers, msg.tc,
+                        msg.ra, msg.rd)
+        self.texts = (
+            f"{msg.id:04x}".encode(), b"R" if msg.qr else b"Q",
             QTYPES.get(qtype, str(qtype)).encode() if msg.qtype is not None else b"",
-            msg.name[:255], msg.rcode if msg.qr else 0,
-            RCODES.get(msg.rcode, str(msg.rcode)).encode() if msg.qr else b"",
-            msg.num_answers, _join_within(msg.addresses, 511), msg.tc, msg.ra, msg.rd)
+            msg.name, RCODES.get(msg.rcode, str(msg.rcode)).encode() if msg.qr else b"",
+            ",".join(msg.addresses).encode())
 
 
 class DnsSource:
     """Source for trace_dns: socket filter, variable-size ring records, DNS parsed per batch."""
 
     def __init__(self, spec: GadgetSpec, values: Mapping[str, Any]) -> None:
-        if values.get(EBPF_PREFIX + "paths"):
-            raise SourceError(f"gadget {spec.name}: {EBPF_PREFIX}paths=true is not supported "
-                              "(cwd and exepath need kernel helpers this build does not use)")
+        self._paths = bool(values.get(EBPF_PREFIX + "paths"))
         self._spec = spec
         self._schema = spec.datasources[0]
         self._packer = row_struct(self._schema)
@@ -353,7 +344,8 @@ class DnsSource:
 
         # No GADGET_FILTER_* here: the filters apply to the attributed process, in user space.
         self._cflags = [f"-I{BPF_INCLUDE_DIR}", f"-DGADGET_RING_PAGES={ring}",
-                        f"-DGADGET_WAKEUP_BYTES={ring * PAGE * fill // 100}", *gadget_cflags()]
+                        f"-DGADGET_WAKEUP_BYTES={ring * PAGE * fill // 100}",
+                        f"-DGADGET_PATHS={int(self._paths)}", *gadget_cflags()]
         self._keep = _proc_filter({k: values.get(EBPF_PREFIX + k) for k in FILTER_KEYS})
         self._netns = os.stat("/proc/self/ns/net").st_ino
         self._correlator = Correlator()
@@ -475,38 +467,46 @@ class DnsSource:
         if self._reader is None:
             return 0, None
         records = self._reader.drain_var(DRAIN_CHUNK)
-        rows = self.rows(records) if records else []
+        rows, payloads = self.rows(records) if records else ([], ())
         if not rows:
             return len(records), None
         data = np.frombuffer(bytearray(b"".join(rows)), dtype=np.uint8)
-        return len(records), Batch(self._schema, data.reshape(len(rows), self._packer.size))
+        return len(records), Batch(self._schema, data.reshape(len(rows), self._packer.size),
+                                   payloads)
 
-    def rows(self, records: list[bytes]) -> list[bytes]:
-        """Rows in the data source's layout for the records that pass the filters."""
+    def rows(self, records: list[bytes]) -> tuple[list[bytes], tuple[list[bytes], ...]]:
+        """Rows in the data source's layout for the records that pass the filters, and the
+        further payloads (PAYLOADS) of each."""
         out = []
+        cols: tuple[list[bytes], ...] = tuple([] for _ in PAYLOADS)
+        cwd, exepath, data, ident, qr, qtype, name, rcode, addresses = cols
         pack = self._packer.pack
         udp = socket.IPPROTO_UDP
         for rec in records:
             try:
-                p = parse_record(rec)
+                p = parse_record(rec, self._paths)
             except DnsError as e:
                 self._count_malformed(str(e))
                 continue
-            proc = self._correlator.proc_of(p)
+            proc, (proc_cwd, proc_exe) = self._correlator.owner_of(p)
             if not self._keep(proc):
                 continue
             dns = self._dns_fields(p.dns)
             latency = self._correlator.latency(p, dns.msg) if dns.msg is not None else 0
             ns = p.src if dns.msg is not None and dns.msg.qr else p.dst
-            pkt_type = PKT_TYPES[p.pkt_type] if p.pkt_type < len(PKT_TYPES) else str(p.pkt_type)
             out.append(pack(
                 p.boot_ns + self._ts_offset,
                 p.src[1], p.src[2], udp, p.src[0], p.dst[1], p.dst[2], udp, p.dst[0],
                 ns[1] if dns.msg is not None else bytes(16), ns[0] if dns.msg is not None else 0,
                 p.netns or self._netns, proc, p.pkt_type, latency, p.dns_off, p.data_len,
-                *dns.values, pkt_type.encode(),
-                go_duration(latency).encode() if latency else b"0s"))
-        return out
+                *dns.numbers))
+            cwd.append(proc_cwd)
+            exepath.append(proc_exe)
+            data.append(p.packet)
+            for col, text in zip((ident, qr, qtype, name, rcode, addresses), dns.texts,
+                                 strict=True):
+                col.append(text)
+        return out, cols
 
     def _dns_fields(self, payload: bytes) -> DnsFields:
         cached: DnsFields | None = self._parsed.get(payload)
@@ -581,17 +581,6 @@ class DnsSource:
 def _ring_pages(size: int) -> int:
     pages = max(1, size // PAGE)
     return 1 << (pages - 1).bit_length()  # the kernel wants a power of two
-
-
-def _join_within(addresses: list[str], room: int) -> bytes:
-    """Comma-joined addresses, whole ones only, within ``room`` bytes."""
-    out = b""
-    for a in addresses:
-        part = (b"," if out else b"") + a.encode()
-        if len(out) + len(part) > room:
-            break
-        out += part
-    return out
 
 
 def _field_equals(fmt: str, offs: int, want: int) -> Callable[[bytes], bool]:

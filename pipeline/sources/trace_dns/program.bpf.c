@@ -9,6 +9,10 @@
 // the packet tap sees in the sender's context; user space attributes incoming ones.
 #include "gadget.h"
 
+#ifndef GADGET_PATHS
+#define GADGET_PATHS 0
+#endif
+
 #define MAX_COPY 1536  // IP + UDP headers and a DNS message of up to ~1.4 KiB
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -25,10 +29,14 @@ struct record {
     __u8 version;               // 4 or 6
     __u8 __pad;
     __u32 netns;                // skb->cb[0]: set by a container namespace's dispatcher, else 0
+#if GADGET_PATHS
+    char cwd[512];              // the sender's working directory and executable (valid when
+    char exepath[512];          // has_proc; upstream's socket enricher keeps the same)
+#endif
     __u8 data[MAX_COPY];
 };
 
-#define RECORD_HEADER 88
+#define RECORD_HEADER (88 + GADGET_PATHS * 1024)
 _Static_assert(__builtin_offsetof(struct record, data) == RECORD_HEADER, "record header");
 
 GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
@@ -37,6 +45,11 @@ BPF_PERCPU_ARRAY(scratch, struct record, 1);
 // Entry 0 is dns_filter: the dispatchers attached in containers' network namespaces tail-call
 // it after writing the namespace into cb[0] (netns.py).
 BPF_PROG_ARRAY(gadget_dns_dispatch, 1);
+#if GADGET_PATHS
+#include "gadget_exe.h"
+#include "gadget_path.h"
+BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
+#endif
 
 static __always_inline bool is_dns_port(__u16 port)
 {
@@ -91,6 +104,20 @@ int dns_filter(struct __sk_buff *skb)
     r->has_proc = r->pkt_type == PKT_OUTGOING;
     if (r->has_proc)
         gadget_process_populate(&r->proc);
+#if GADGET_PATHS
+    r->cwd[0] = 0;
+    r->exepath[0] = 0;
+    if (r->has_proc) {
+        __u64 task = bpf_get_current_task();
+        __u64 exe = gadget_task_exe_file(task);
+        struct gadget_path_buf *s = path_scratch.lookup(&zero);
+        if (gadget_path_of(s, gadget_task_pwd(task), r->cwd, sizeof(r->cwd)) <= 0)
+            r->cwd[0] = 0;
+        if (!exe || gadget_path_of(s, exe + GADGET_OFF_FILE_PATH, r->exepath,
+                                   sizeof(r->exepath)) <= 0)
+            r->exepath[0] = 0;
+    }
+#endif
 
     u64 copy = total < MAX_COPY ? total : MAX_COPY;  // u64: no zero-extending copies
     // One bound per check, each behind an empty asm: clang would otherwise merge them into a

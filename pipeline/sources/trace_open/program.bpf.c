@@ -5,16 +5,23 @@
 #ifndef GADGET_ONLY_FAILED
 #define GADGET_ONLY_FAILED 0
 #endif
+#ifndef GADGET_PATHS
+#define GADGET_PATHS 0
+#endif
 
 #define NAME_MAX 255
 
+// Payload 0. Upstream's struct also holds `struct gadget_user_stack ustack` (zeros unless user
+// stacks are collected, which this build does not do) and `char fpath[GADGET_PATH_MAX]` (only
+// with paths=true): here those are further payloads (gadget.yaml `payloads:`), so the record
+// the hot path copies stays this size; with paths=true the ring record carries fpath after it.
 struct event {
     gadget_timestamp timestamp_raw;
     struct gadget_process proc;
     gadget_errno error_raw;
     __u32 fd;
-    __u32 flags_raw;
-    __u32 mode_raw;
+    gadget_file_flags flags_raw;
+    gadget_file_mode mode_raw;
     char fname[NAME_MAX];
 };
 
@@ -23,7 +30,7 @@ struct event {
 struct args_t {
     const char *fname;
     __u32 flags;
-    __u32 mode;
+    __u32 mode; // the low 16 bits, as upstream keeps them
 };
 
 // openat2's struct open_how (uapi, fixed layout).
@@ -36,6 +43,18 @@ struct gadget_open_how {
 GADGET_RINGBUF(events, GADGET_RING_PAGES, 1);
 #include "gadget_lost.h"
 GADGET_LAYOUT(open, struct event);
+#if GADGET_PATHS
+#include "gadget_path.h"
+BPF_PERCPU_ARRAY(path_scratch, struct gadget_path_buf, 1);
+struct record {
+    struct event e;
+    char fpath[GADGET_PATH_MAX];
+};
+#else
+struct record {
+    struct event e;
+};
+#endif
 BPF_HASH(start, u32, struct args_t, 10240);
 
 static __always_inline int on_enter(const char *fname, __u32 flags, __u32 mode)
@@ -43,7 +62,7 @@ static __always_inline int on_enter(const char *fname, __u32 flags, __u32 mode)
     // Filters run at entry so discarded threads never touch the map.
     if (gadget_should_discard())
         return 0;
-    struct args_t a = {.fname = fname, .flags = flags, .mode = mode};
+    struct args_t a = {.fname = fname, .flags = flags, .mode = mode & 0xffff};
     u32 tid = (u32)bpf_get_current_pid_tgid();
     start.update(&tid, &a);
     return 0;
@@ -59,11 +78,12 @@ static __always_inline int on_exit(long ret)
         start.delete(&tid);
         return 0;
     }
-    struct event *e = gadget_reserve(events, sizeof(*e));
-    if (!e) {
+    struct record *r = gadget_reserve(events, sizeof(*r));
+    if (!r) {
         start.delete(&tid);
         return 0;
     }
+    struct event *e = &r->e;
     e->timestamp_raw = bpf_ktime_get_boot_ns();
     gadget_process_populate(&e->proc);
     e->error_raw = ret < 0 ? -ret : 0;
@@ -72,7 +92,15 @@ static __always_inline int on_exit(long ret)
     e->mode_raw = a->mode;
     if (bpf_probe_read_user_str(e->fname, sizeof(e->fname), a->fname) < 0)
         e->fname[0] = 0;
-    gadget_submit(events, e);
+#if GADGET_PATHS
+    // The path the fd resolved to (symlinks followed, relative to nothing), as upstream's
+    // read_full_path_of_open_file_fd: empty for a failed open.
+    u32 zero = 0;
+    struct gadget_path_buf *scratch = path_scratch.lookup(&zero);
+    if (ret < 0 || gadget_path_of_fd(scratch, (__u32)ret, r->fpath, sizeof(r->fpath)) <= 0)
+        r->fpath[0] = 0;
+#endif
+    gadget_submit(events, r);
     start.delete(&tid);
     return 0;
 }

@@ -21,7 +21,7 @@ struct event {
     gadget_timestamp timestamp_raw;
     struct gadget_process proc;
     __u32 tpid;
-    __u32 sig_raw;
+    gadget_signal sig_raw;
     gadget_errno error_raw;
 };
 
