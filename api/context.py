@@ -42,7 +42,7 @@ class ServiceContext:
     catalog: Catalog
     ledger: Ledger
     node: str = field(default_factory=socket.gethostname)
-    events_buffer_length: int = 16384
+    events_buffer_length: int = 131072
     drain_deadline: float = 5.0
     instances: Any = None
     sinks: Any = None

@@ -50,7 +50,7 @@ class DaemonSettings:
     tls: TLSConfig | None = None
     insecure: bool = False
     socket_group: str | None = None
-    events_buffer_length: int = 16384
+    events_buffer_length: int = 131072
     node: str | None = None
     nodes: dict[str, str | Peer] = field(default_factory=dict)
     """Peer daemons by node name (``{"node-b": "unix:///run/b.sock", "node-c": "10.0.0.3:8080"}``):

@@ -73,6 +73,7 @@ from pipeline.params import redact
 from pipeline.run import GadgetRun, RunIdentity
 from pipeline.schema import DataSourceType
 from pipeline.severity import Severity
+from pipeline.wire import ATTACH_QUEUE as ATTACH_QUEUE_KEY
 from pipeline.wire import BATCH_LINGER, BATCH_MAX
 
 __all__ = [
@@ -181,6 +182,7 @@ class Instance:
         self._start_task: asyncio.Task[None] | None = None
         self._members: dict[str, Member] = {}
         self._node_tag = b""
+        self._attach_queue = ATTACH_QUEUE
         self._stopping = False
 
     # -- state ------------------------------------------------------------------------------
@@ -331,6 +333,7 @@ class Instance:
     async def _start_inner(self) -> None:
         run = self.prepare()
         batch_max = int(run.values.get(BATCH_MAX) or 0)
+        self._attach_queue = max(1, int(run.values.get(ATTACH_QUEUE_KEY) or ATTACH_QUEUE))
         linger = float(run.values.get(BATCH_LINGER) or 0.02)
         self._layout = StreamLayout.build(run.schemas, batch_max, linger,
                                           f"{round(linger * 1000)}ms")
@@ -402,12 +405,13 @@ class Instance:
             edge.delivered(len(batch))
             ds_id = ids[batch.schema.name]
             if types[batch.schema.name] == DataSourceType.ARRAY:
-                self._publish(Chunk(0, ds_id, payloads=self._array_packets(batch)))
+                self._publish(Chunk.from_payloads(self._array_packets(batch), ds_id))
             elif self._node_tag:
                 tag = self._node_tag
-                self._publish(Chunk(0, ds_id, payloads=[tag + p for p in wire.gadget_data(batch)]))
+                self._publish(Chunk.from_payloads([tag + p for p in wire.gadget_data(batch)],
+                                                  ds_id))
             else:
-                self._publish(Chunk(0, ds_id, batch=batch))
+                self._publish(Chunk.from_records(batch, ds_id))
         self._end_clients()
 
     def _array_packets(self, batch: Batch) -> list[bytes]:
@@ -428,7 +432,7 @@ class Instance:
     def _publish(self, chunk: Chunk, gap: int = 0) -> None:
         """Numbers ``chunk`` with the next instance seqs (after ``gap`` lost ones), buffers it
         and hands it to every attached client."""
-        chunk.seq = self.ring.next_seq + gap
+        chunk.number(self.ring.next_seq + gap)
         self.ring.append(chunk)
         for a in tuple(self._attachers):
             a.offer(chunk)
@@ -484,7 +488,7 @@ class Instance:
         if self.info is None:
             raise GRPCError(Status.FAILED_PRECONDITION,
                             f"gadget instance {self.id} failed: {self.message}")
-        client = Attacher(f"attach-{next(self._attach_names)}", ATTACH_QUEUE,
+        client = Attacher(f"attach-{next(self._attach_names)}", self._attach_queue,
                            self._ctx.ledger, self.label)
         # Snapshot the buffer and subscribe in one step (no await in between), so every packet
         # is either replayed or queued live, exactly once.
@@ -620,7 +624,7 @@ class Instance:
                     expected = ev.seq + 1
                     ds = ds_map.get(ev.dataSourceID)
                     if ds is not None:
-                        self._publish(Chunk(0, ds, payloads=[tag + ev.payload]), gap)
+                        self._publish(Chunk.from_payloads([tag + ev.payload], ds), gap)
                 elif ev.type >= 1 << _LOG_SHIFT:
                     text = ev.payload.decode("utf-8", "replace")
                     if is_ready(ev.type >> _LOG_SHIFT, text):

@@ -23,7 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 IMAGE = "trace_open"
 COMM_PARAM = "operator.oci.ebpf.comm"
-OPEN_PROGS = 6  # trace_open's tracepoints: enter/exit of open, openat, openat2
+def _open_progs() -> int:
+    """trace_open's BPF programs: the exits of open, openat and openat2, and their entries
+    where the kernel cannot give the exit the arguments (bpf/gadget_syscall.h)."""
+    from pipeline.sources.btf import gadget_cflags
+
+    return 3 if "-DGADGET_SYSCALL_ARGS_AT_EXIT=1" in gadget_cflags() else 6
+
+
+OPEN_PROGS = _open_progs()
 TARGET = "/etc/hostname"  # the file the generator opens (exists: the exit path records an fd)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PYTHON = sys.executable

@@ -45,10 +45,10 @@ def consume_main(argv: list[str]) -> None:
     gen = Generator(Path(gen_path), count, rate, procs)
     text = spec.program.read_text()
     if mode == "bcc-json":
-        for old, new in (("gadget_reserve(events, sizeof(*e))",
-                          "({ void *r_ = events.ringbuf_reserve(sizeof(*e)); "
+        for old, new in (("gadget_reserve(events, sizeof(*r))",
+                          "({ void *r_ = events.ringbuf_reserve(sizeof(*r)); "
                           "if (!r_) gadget_count_lost(1); r_; })"),
-                         ("gadget_submit(events, e)", "events.ringbuf_submit(e, 0)")):
+                         ("gadget_submit(events, r)", "events.ringbuf_submit(r, 0)")):
             if old not in text:
                 raise SystemExit(f"{spec.program} has no {old!r} to make bcc-tools-like")
             text = text.replace(old, new)

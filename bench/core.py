@@ -1,9 +1,8 @@
-"""Scenarios a-d (the kernel-side limit, the drain's CPU, the full chain per record and
-batched, interleaved) and h (the per-record chain with the sinks that need no peer)."""
+"""Scenarios a-d: the kernel-side limit, the drain's CPU, the full chain per record and
+batched, interleaved (h and i, the chain with sinks, are in bench/sinks.py)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from bench.common import IMAGE, Generator, log, median
@@ -66,21 +65,3 @@ def run_core(bench: Bench, which: set[str]) -> None:
                             f"floor={bench.floor:.0f}/s "
                             f"ratio={median([x['ratio'] for x in rs]):.2f} "
                             f"lost={median([x['lost'] for x in rs]):.0f}")
-
-
-def run_sinks(bench: Bench) -> None:
-    p = bench.profile
-    runs = []
-    out = bench.tmp / "sink.jsonl"
-    extra = ("operator.jsonl.enable=true", f"operator.jsonl.path={out}",
-             "operator.jsonl.max-bytes=0",
-             "operator.prometheus.counters=opens_by_comm:proc.comm")
-    for i in range(p.repeats):
-        log(f"sinks repeat {i + 1}/{p.repeats}")
-        r = bench.chain_run(p.count, 0, False, extra)
-        with contextlib.suppress(OSError):
-            out.unlink()
-        runs.append(r)
-    bench.row("h: b + jsonl and prometheus sinks", runs,
-              note=f"sinks got {median([r['sink_delivered'] for r in runs]):,.0f}, dropped "
-                   f"{median([r['sink_dropped'] for r in runs]):,.0f}")

@@ -1,4 +1,9 @@
-"""Scenario f: 1, 4 and 16 upstream-style clients attached to one gadget instance."""
+"""Scenario f: 1, 4 and 16 upstream-style clients attached to one gadget instance.
+
+Lines: ``fanout4`` is the slowest of 4 clients against the floor (measured before each repeat,
+as in sinks.py), ``lost`` every record some client did not receive (summed over clients, an
+upper bound that is exact at 0); ``fanout16`` is the daemon's CPU per generated record with 16
+clients over the same with one."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import time
 from typing import Any
 
 from bench.common import COMM_PARAM, IMAGE, Generator, MemPeak, cpu_seconds, log, median
+from bench.consumer import consume
 from bench.daemon import Daemon
 from bench.session import Bench
 
@@ -21,10 +27,12 @@ def run_fanout(bench: Bench) -> None:
 
     d = bench.need_daemon()
     p = bench.profile
+    by_n: dict[int, list[dict[str, Any]]] = {}
     for n in p.fanout:
-        runs = []
+        runs = by_n.setdefault(n, [])
         for i in range(max(1, p.repeats // 2)):
             log(f"fan-out {n} clients, repeat {i + 1}")
+            floor = consume("ours", bench.gen_binary, bench.comm, p.fanout_count)["gen_rate"]
             with GadgetClient(d.address) as c:
                 resp = c.instances.CreateGadgetInstance(pb.CreateGadgetInstanceRequest(
                     gadgetInstance=pb.GadgetInstance(
@@ -34,12 +42,27 @@ def run_fanout(bench: Bench) -> None:
                             paramValues={COMM_PARAM: bench.comm}))))
                 iid = resp.gadgetInstance.id
             try:
-                runs.append(fanout_run(bench, d, iid, n, p.fanout_count))
+                r = fanout_run(bench, d, iid, n, p.fanout_count)
+                r["floor"] = floor
+                r["ratio"] = r["events_per_s"] / floor
+                runs.append(r)
             finally:
                 with GadgetClient(d.address) as c:
                     c.instances.RemoveGadgetInstance(pb.GadgetInstanceId(id=iid))
         bench.row(f"f: {n} Go client{'s' if n > 1 else ''}, one instance", runs,
                   note=f"worst client {median([r['worst'] for r in runs]):.0f}")
+    if 4 in by_n:
+        rs = by_n[4]
+        bench.lines["fanout4"] = (
+            f"fanout4 {IMAGE}: ours={median([r['events_per_s'] for r in rs]):.0f}/s "
+            f"floor={median([r['floor'] for r in rs]):.0f}/s "
+            f"ratio={median([r['ratio'] for r in rs]):.2f} "
+            f"lost={median([r['lost'] for r in rs]):.0f}")
+    if 1 in by_n and 16 in by_n:
+        one = median([r["cpu_s_per_m"] for r in by_n[1]])
+        sixteen = median([r["cpu_s_per_m"] for r in by_n[16]])
+        bench.lines["fanout16"] = (f"fanout16 {IMAGE}: cpu_ratio={sixteen / one:.2f} "
+                                   f"lost={median([r['lost'] for r in by_n[16]]):.0f}")
 
 
 def fanout_run(bench: Bench, d: Daemon, iid: str, n: int, count: int) -> dict[str, Any]:
@@ -79,6 +102,7 @@ def fanout_run(bench: Bench, d: Daemon, iid: str, n: int, count: int) -> dict[st
     rates = [float(s["records_per_s"]) for s in summaries]
     return {"generated": count, "received": statistics.mean(received),
             "worst": min(received), "kernel_lost": m1["kernel_lost"] - m0["kernel_lost"],
+            "lost": sum(max(0, count - r) for r in received),
             "ledger_dropped": m1["grpc_dropped"] - m0["grpc_dropped"],
             "seq_gaps": sum(gaps), "events_per_s": min(rates), "gen_rate": g["rate"],
             "cpu_s_per_m": cpu / count * 1e6, **peak}

@@ -14,15 +14,18 @@ from pathlib import Path
 
 from bench.common import FULL, QUICK, log, make_generator_binary, peers
 from bench.consumer import consume_main
-from bench.core import run_core, run_sinks
+from bench.core import run_core
 from bench.fanout import run_fanout
+from bench.kcost import run_kcost
+from bench.memory import run_memory
 from bench.pyclient import pyclient_main
 from bench.report import print_report
 from bench.session import Bench, Row
+from bench.sinks import run_sinks, run_sinks_peers
 from bench.synthetic import run_synthetic
 from bench.zero_loss import run_zero_loss
 
-SCENARIOS = "abcdefgh"
+SCENARIOS = "abcdefghikm"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(profile, tmp, goclient, gen_binary, comm)
         steps: list[tuple[str, Callable[[Bench], None]]] = [
             ("abcd", lambda b: run_core(b, only)), ("e", run_zero_loss), ("f", run_fanout),
-            ("g", run_synthetic), ("h", run_sinks)]
+            ("g", run_synthetic), ("h", run_sinks), ("i", run_sinks_peers), ("k", run_kcost),
+            ("m", run_memory)]
         try:
             for keys, fn in steps:
                 if only & set(keys):

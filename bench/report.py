@@ -10,7 +10,8 @@ import time
 from bench.common import IMAGE, OUT
 from bench.session import Bench
 
-SUMMARY_KEYS = ("a", "b", "c", "d", "g", "e2")
+SUMMARY_KEYS = ("a", "b", "c", "d", "g", "sinks", "sinks-peers", "fanout4", "fanout16",
+                "kcost", "kcost trace_exec", "memory", "e2")
 """The summary lines in the order they are printed; the zero-loss line comes last."""
 
 

@@ -28,12 +28,38 @@ def run_synthetic(bench: Bench) -> None:
                         f"{median([r['us_per_event'] for r in runs['per-record']]):.2f}")
 
 
+def realistic_rows(ds: Any, n: int) -> Any:
+    """``n`` trace_open records as one process opening a few files makes them: the derived
+    fields (user name, flags and mode texts, ...) are computed per distinct value, so random
+    bytes (a distinct uid, flag set and mode in every record) would measure the derivation of
+    values no workload has, not the pipeline."""
+    import numpy as np
+
+    rows = np.zeros((n, ds.record_size), dtype=np.uint8)
+
+    def put(name: str, values: Any, dtype: str) -> None:
+        f = ds.field(name)
+        col = np.asarray(values, dtype=dtype).view(np.uint8).reshape(n, -1)
+        rows[:, f.offs: f.offs + col.shape[1]] = col
+
+    put("timestamp_raw", 1_700_000_000_000_000_000 + np.arange(n) * 1000, "<u8")
+    put("proc.pid", np.full(n, 1234), "<u4")
+    put("proc.tid", np.full(n, 1234), "<u4")
+    put("proc.creds.uid", np.full(n, 1000), "<u4")
+    put("fd", 3 + np.arange(n) % 4, "<u4")
+    put("flags_raw", np.full(n, 0o2000000), "<u4")  # O_RDONLY|O_CLOEXEC
+    for name, texts in (("proc.comm", [b"cat"]), ("fname", [b"/etc/hostname", b"/etc/passwd"])):
+        f = ds.field(name)
+        for i, t in enumerate(texts):
+            rows[i:: len(texts), f.offs: f.offs + len(t)] = np.frombuffer(t, dtype=np.uint8)
+    return rows
+
+
 async def synthetic_run(total: int, batch_size: int, batched: bool, filt: bool
                         ) -> dict[str, Any]:
     """Replays one drained-size batch through a run's emit path (ledger, operators, fan-out,
     bounded edge) into the gRPC stream sink (wire framing, FramedWriter) with a stand-in HTTP/2
     stream that takes the bytes; CPU time of this process per record."""
-    import numpy as np
 
     from api.run_stream import StreamLayout, StreamSink
     from api.stream_writer import FramedWriter
@@ -50,9 +76,7 @@ async def synthetic_run(total: int, batch_size: int, batched: bool, filt: bool
         params["operator.filter.filter"] = "proc.pid>0"  # keeps everything, still evaluated
     run = GadgetRun(spec, params, Ledger(), "synthetic", GRPC_PARAMS, (GRPC_PREFIX,))
     ds = spec.datasources[0]
-    rng = np.random.default_rng(1)
-    rows = rng.integers(0, 256, size=(batch_size, ds.record_size), dtype=np.uint8)
-    rows[:, 24:28] = np.frombuffer((1234).to_bytes(4, "little"), dtype=np.uint8)  # proc.pid
+    rows = realistic_rows(ds, batch_size)
 
     class Lost:
         def lost(self) -> int:

@@ -69,7 +69,7 @@ __all__ = [
 DEFAULT_LISTEN = "unix:///var/run/gadgetpipe/gadgetpipe.sock"
 DEFAULT_STATE_DIR = "/var/lib/gadgetpipe"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:2224"
-DEFAULT_EVENTS_BUFFER = 16384
+DEFAULT_EVENTS_BUFFER = 131072
 MAX_EVENT_BUFFER = 65536
 """The instance manager's limit for ``eventBufferLength`` (api.instance)."""
 NAME_PATTERN = r"^[a-z0-9-_]{1,32}$"

@@ -20,12 +20,19 @@ from pipeline.params import ParamSpec
 GRPC_PREFIX = "operator.grpc."
 BATCH_MAX = GRPC_PREFIX + "batch-max"
 BATCH_LINGER = GRPC_PREFIX + "batch-linger"
+ATTACH_QUEUE = GRPC_PREFIX + "attach-queue"
+ATTACH_QUEUE_DEFAULT = 262144
+"""Packets an instance's attached client may have waiting (api/instance_packets.py says why
+this many)."""
 GRPC_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("batch-max", GRPC_PREFIX, "Records per packet. 0: one GadgetEvent per record "
               "(what upstream clients expect); N: GadgetDataArray packets of up to N records",
               "0", "uint32", tags=("group:Data Collection",)),
     ParamSpec("batch-linger", GRPC_PREFIX, "How long a batched packet may wait to fill up",
               "20ms", "duration", tags=("group:Data Collection",)),
+    ParamSpec("attach-queue", GRPC_PREFIX, "Instances: packets one attached client may have "
+              "waiting before new ones are dropped for it (counted, and shown to it as seq "
+              "gaps)", str(ATTACH_QUEUE_DEFAULT), "uint32", tags=("group:Data Collection",)),
 )
 """How a run's records are packed into gadget service messages: the params of every run a
 gRPC client receives (the config loader validates them with the rest)."""
@@ -151,9 +158,229 @@ def _per_record_events_general(batch: Batch, first_seq: int, ds_id: int) -> byte
     """Framed events of records with further payloads (derived fields, enrichment)."""
     n = len(batch)
     seqs = np.arange(first_seq, first_seq + n, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    return bytes(framed_records(batch, seqs, ds_id)[0])
+
+
+SEQ_PLACEHOLDER = b"\x80\x80\x80\x80\x00"
+"""A seq of 0 as a five-byte varint (redundant continuation bytes are valid protobuf): what
+:func:`framed_records` writes when the caller numbers the packets later, in place."""
+
+
+Cut = tuple[int, int, npt.NDArray[np.int64]]
+"""A field of payload 0 kept only in part: (offset, size, bytes kept of each record)."""
+
+
+def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int,
+                   cuts: Sequence[Cut] = (),
+                   ) -> tuple[bytearray, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """One framed ``GadgetEvent{seq, GadgetData}`` per record, all payloads included, built
+    as blocks of the whole batch (no object per record).
+
+    Args:
+        seqs: each record's seq; None writes :data:`SEQ_PLACEHOLDER` (five bytes, right
+            after the gRPC prefix and the seq tag) for the caller to fill.
+        cuts: fields of payload 0 (in offset order, not overlapping) of which each record
+            keeps only its first bytes; the rest of each (zeros on the wire: the declared
+            lengths are those of the whole record) is left out, for a caller that puts it back
+            when it sends.
+
+    Returns:
+        The records one after the other, each one's length (as returned), and where in each
+        its payload 0 starts.
+    """
+    n = len(batch)
+    size = batch.schema.record_size
+    element = _element_prefix(size)
+    entries = [blk for col in batch.extra for blk in _payload_entry_blocks(col, n)]
+    de_len = np.full(n, len(element) + size, dtype=np.int64)
+    for m, used in entries:
+        de_len += m.shape[1] if used is None else used
+    gd_len = 1 + _varint_len(de_len) + de_len
     tail = bytes([_TAG_EVENT_DSID]) + varint(ds_id) if ds_id else b""
-    head = _EventHead(seqs, len(tail), batch.schema.record_size)
-    return b"".join(_Parts(batch).records(head, tail).tolist())
+    seq_block: Block = (_const_block(n, SEQ_PLACEHOLDER) if seqs is None
+                        else _varint_block(seqs))
+    seq_len = len(SEQ_PLACEHOLDER) if seq_block[1] is None else seq_block[1]
+    ev_len = 1 + seq_len + 1 + _varint_len(gd_len) + gd_len + len(tail)
+    head: list[Block] = [
+        _const_block(n, b"\x00"), (ev_len.astype(">u4").view(np.uint8).reshape(n, 4), None),
+        _const_block(n, bytes([_TAG_EVENT_SEQ])), seq_block,
+        _const_block(n, bytes([_TAG_EVENT_PAYLOAD])), _varint_block(gd_len),
+        _const_block(n, bytes([_TAG_DATA])), _varint_block(de_len),
+        _const_block(n, element)]
+    head_len = np.zeros(n, dtype=np.int64)
+    for m, used in head:
+        head_len += m.shape[1] if used is None else used
+    blocks = [*head, *_payload0_blocks(batch.rows, cuts), *entries]
+    if tail:
+        blocks.append(_const_block(n, tail))
+    data, lens = assemble(blocks, n)
+    return data, lens, head_len
+
+
+def _payload0_blocks(rows: npt.NDArray[np.uint8], cuts: Sequence[Cut]) -> list[Block]:
+    """Payload 0 as blocks: whole between the cut fields, each cut field kept in part."""
+    if not cuts:
+        return [(rows, None)]
+    blocks: list[Block] = []
+    end = 0
+    for offs, size, used in cuts:
+        if offs > end:
+            blocks.append((rows[:, end:offs], None))
+        blocks.append((rows[:, offs: offs + size], used))
+        end = offs + size
+    if end < rows.shape[1]:
+        blocks.append((rows[:, end:], None))
+    return blocks
+
+
+def _payload_entry_blocks(col: Sequence[bytes], n: int) -> list[Block]:
+    """A payload column as ``DataElement.payload`` entries (tag, length, bytes), as blocks:
+    coded and fixed-width columns through :func:`_entry_block`, a plain list as a tag, a
+    varint block and a NUL-padded block of the values."""
+    block = _entry_block(col, n)
+    if block is not None:
+        return [block]
+    values = list(col)
+    vlen = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    width = max(1, int(vlen.max(initial=0)))
+    padded = np.frombuffer(np.array(values, dtype=f"S{width}").tobytes(), dtype=np.uint8)
+    return [_const_block(n, bytes([_TAG_PAYLOAD])), _varint_block(vlen),
+            (padded.reshape(n, width), vlen)]
+
+
+def const_block(n: int, data: bytes) -> Block:
+    """The same bytes in each of ``n`` records (a view)."""
+    return _const_block(n, data)
+
+
+def varint_block(values: npt.NDArray[Any]) -> Block:
+    """Each value's protobuf varint (values below 2^64), left-aligned, with its length."""
+    return _varint_block(values)
+
+
+def varint_lengths(values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Bytes of each value's varint."""
+    return _varint_len(values)
+
+
+_MAX_RUNS = 64
+"""Most runs of same-shaped records (one varint length, one entry length...) written as
+matrices of their own; beyond that one boolean-mask pass leaves the unused bytes out."""
+
+
+def assemble(blocks: list[Block], n: int) -> tuple[bytearray, npt.NDArray[np.int64]]:
+    """Each record's blocks one after the other, every record after the other, and each
+    record's length.
+
+    Records of one shape (every block as wide for each) are rows of one matrix, written block
+    by block straight into the result. Consecutive records usually share their shape (a seq's
+    varint grows by one byte at 128, 16384, ...; a process's texts stay), so each run of them
+    is written so; when the shape changes too often, the unused bytes of one matrix are left out
+    in one boolean-mask pass."""
+    blocks = _fold_constants(blocks, n)
+    lens = np.zeros(n, dtype=np.int64)
+    ragged: list[npt.NDArray[np.int64]] = []
+    for m, used in blocks:
+        if used is None:
+            lens += m.shape[1]
+        else:
+            lens += used
+            if bool((used != m.shape[1]).any()):
+                ragged.append(used)
+    out = bytearray(int(lens.sum()))
+    flat = np.frombuffer(out, dtype=np.uint8)
+    starts = [0]
+    if ragged:
+        change = np.zeros(n, dtype=np.bool_)
+        for used in ragged:
+            change[1:] |= used[1:] != used[:-1]
+        starts += np.flatnonzero(change).tolist()
+    if len(starts) > _MAX_RUNS:
+        by_shape = _assemble_by_shape(blocks, ragged, lens)
+        if by_shape is not None:
+            flat[:] = np.frombuffer(by_shape, dtype=np.uint8)
+            return out, lens
+        matrix = np.concatenate([m for m, _ in blocks], axis=1)
+        mask = np.concatenate([np.ones(m.shape, dtype=np.bool_) if used is None
+                               else np.arange(m.shape[1])[None, :] < used[:, None]
+                               for m, used in blocks], axis=1)
+        flat[:] = matrix[mask]
+        return out, lens
+    pos = 0
+    for a, b in zip(starts, [*starts[1:], n], strict=True):
+        if a == b:
+            continue
+        width = int(lens[a])
+        rows = flat[pos: pos + (b - a) * width].reshape(b - a, width)
+        col = 0
+        for m, used in blocks:
+            w = m.shape[1] if used is None else int(used[a])
+            rows[:, col: col + w] = m[a:b, :w]
+            col += w
+        pos += (b - a) * width
+    return out, lens
+
+
+_FOLD_WIDTH = 32
+"""Blocks up to this wide are checked for holding one value for the whole batch."""
+
+
+def _fold_constants(blocks: list[Block], n: int) -> list[Block]:
+    """``blocks`` with every block that holds the same bytes in each record (a constant, a
+    varint of one length and value, one process's id) merged with its constant neighbours:
+    fewer, wider blocks to write per record."""
+    if n == 0:
+        return blocks
+    out: list[Block] = []
+    pending = bytearray()
+    for m, used in blocks:
+        if used is not None and bool((used == used[0]).all()):
+            m, used = m[:, : int(used[0])], None
+        if used is None and (m.strides[0] == 0 or (
+                m.shape[1] <= _FOLD_WIDTH and bool((m == m[0]).all()))):
+            pending += m[0].tobytes()
+            continue
+        if pending:
+            out.append(_const_block(n, bytes(pending)))
+            pending = bytearray()
+        out.append((m, used))
+    if pending:
+        out.append(_const_block(n, bytes(pending)))
+    return out
+
+
+def _assemble_by_shape(blocks: list[Block], ragged: list[npt.NDArray[np.int64]],
+                       lens: npt.NDArray[np.int64]) -> bytes | None:
+    """The records of :func:`_assemble` when their shapes alternate: the records of each shape
+    as rows of a matrix, each row one bytes object, joined in order; None when there are more
+    than :data:`_MAX_RUNS` shapes."""
+    n = len(lens)
+    key = np.zeros(n, dtype=np.int64)
+    radix = 1
+    for used in ragged:
+        top = int(used.max(initial=0)) + 1
+        if radix * top >= 1 << 62:
+            return None
+        key += used * radix
+        radix *= top
+    ukeys, inv = np.unique(key, return_inverse=True)
+    if len(ukeys) > _MAX_RUNS:
+        return None
+    inv = inv.reshape(-1)
+    order = np.argsort(inv, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=len(ukeys)))])
+    objs = np.empty(n, dtype=object)
+    for g in range(len(ukeys)):
+        sel = order[bounds[g]: bounds[g + 1]]
+        i = int(sel[0])
+        mat = np.empty((len(sel), int(lens[i])), dtype=np.uint8)
+        col = 0
+        for m, u in blocks:
+            w = m.shape[1] if u is None else int(u[i])
+            mat[:, col: col + w] = m[sel, :w]
+            col += w
+        objs[sel] = _rows_as_bytes(mat)
+    return b"".join(objs.tolist())
 
 
 class _Head:
@@ -362,10 +589,13 @@ def _entry_block(col: Sequence[bytes], n: int) -> Block | None:
         form = None
     if isinstance(form, Coded):
         table = [length_delimited(_TAG_PAYLOAD, v) for v in form.table]
-        if len(table) == 1:  # a constant (ustack's zeros, an empty path): no copy per record
-            row = np.frombuffer(table[0], dtype=np.uint8)
+        codes = form.codes
+        if len(table) == 1 or (len(codes) and bool((codes == codes[0]).all())):
+            # One value for every record (a constant such as ustack's zeros or an empty path,
+            # one process's name): a view, no copy per record.
+            row = np.frombuffer(table[int(codes[0]) if len(codes) else 0], dtype=np.uint8)
             return np.broadcast_to(row, (n, len(row))), None
-        return _coded_block(table, form.codes)
+        return _coded_block(table, codes)
     if isinstance(form, Fixed):
         prefix = bytes([_TAG_PAYLOAD]) + varint(form.matrix.shape[1])
         out = np.empty((n, len(prefix) + form.matrix.shape[1]), dtype=np.uint8)

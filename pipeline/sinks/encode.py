@@ -14,20 +14,23 @@ body that is either a constant or a field.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from json.encoder import encode_basestring_ascii
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from pipeline import wire
 from pipeline.accessors import column, raw_slices, values
 from pipeline.annotations import JSON_SKIP
 from pipeline.batch import Batch
 from pipeline.schema import NUMPY_DTYPE, DataSourceSchema, Field, Kind
+from pipeline.sinks import otlpvec
+from pipeline.sinks.jsonvec import JsonLines
 from pipeline.wire import length_delimited as _ld
 from pipeline.wire import varint as _varint
 
@@ -37,6 +40,7 @@ __all__ = [
     "PerSchema",
     "leaf_fields",
     "logs_requests",
+    "logs_requests_flat",
     "otlp_resource",
     "otlp_scope",
     "time_field",
@@ -234,7 +238,9 @@ def _json_template(schema: DataSourceSchema, constants: Mapping[str, str]) -> _T
 
 class JsonEncoder:
     """One JSON object per record of a data source, as UTF-8 bytes; fields annotated
-    ``json.skip`` are left out.
+    ``json.skip`` are left out. Built for the whole batch at once by
+    :class:`pipeline.sinks.jsonvec.JsonLines` (this module's per-value encoders are its
+    fallback for kinds it has no vectorised form of).
 
     Example (trace_exec)::
 
@@ -249,17 +255,20 @@ class JsonEncoder:
                  ) -> None:
         self.schema = schema
         self._template = _json_template(schema, constants or {})
+        self._lines = JsonLines(self._template.pieces, self._template.fields, _json_column)
+
+    def encode_lines(self, batch: Batch) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
+        """Every record's JSON and a newline, concatenated, and where each line ends."""
+        return self._lines.encode(batch)
 
     def encode(self, batch: Batch) -> list[bytes]:
-        n = len(batch)
-        if n == 0:
+        """Each record's JSON (no newline)."""
+        data, ends = self._lines.encode(batch)
+        if not len(ends):
             return []
-        fields = iter(self._template.fields)
-        cols: list[Iterable[str]] = []
-        for p in self._template.pieces:
-            cols.append(repeat(p, n) if p is not None else _json_column(batch, next(fields)))
-        # Non-ASCII is escaped (encode_basestring_ascii), so str.encode is a plain copy.
-        return [s.encode() for s in map("".join, zip(*cols, strict=False))]
+        flat = bytes(data)
+        starts = [0, *ends[:-1].tolist()]
+        return [flat[a: b - 1] for a, b in zip(starts, ends.tolist(), strict=True)]
 
     def encode_array(self, batch: Batch) -> bytes:
         """The batch as one JSON array of its objects."""
@@ -270,26 +279,7 @@ class JsonEncoder:
 # Protobuf helpers (OTLP)
 
 
-_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
 
-
-def _varint_lengths(v: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
-    return np.searchsorted(_VARINT_LIMITS, v, side="right") + 1
-
-
-def _varint_matrix(v: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint8],
-                                                        npt.NDArray[np.intp]]:
-    """Each value's varint in a row of 10 bytes, and its length."""
-    lens = _varint_lengths(v)
-    mat = np.zeros((v.shape[0], 10), dtype=np.uint8)
-    for k in range(int(lens.max(initial=1))):
-        byte = (v >> np.uint64(7 * k)) & np.uint64(0x7F)
-        more = lens > k + 1
-        mat[:, k] = byte | (more.astype(np.uint64) << np.uint64(7))
-    return mat, lens
-
-
-# AnyValue field tags
 _AV_STRING = 0x0A
 _AV_BOOL = 0x10
 _AV_INT = 0x18
@@ -377,6 +367,39 @@ def logs_requests(resource: bytes, scope: bytes, records: Sequence[bytes],
     return out
 
 
+def logs_requests_flat(resource: bytes, scope: bytes, records: bytes | bytearray,
+                       lens: npt.NDArray[np.int64], max_bytes: int = 0
+                       ) -> list[tuple[bytes, int]]:
+    """:func:`logs_requests` for records given one after the other in ``records`` with their
+    lengths (what :meth:`OtlpLogEncoder.encode_flat` returns): the split points are found on
+    the running total, and each request copies its run of records once."""
+    head = _ld(_SCOPE_LOGS_SCOPE, scope)
+    res = _ld(_RESOURCE_LOGS_RESOURCE, resource)
+    n = len(lens)
+    if n == 0:
+        return []
+    ends = np.cumsum(lens)
+    budget = max_bytes - len(head) - len(res) - 32 if max_bytes else 0
+    cuts = [0]
+    while cuts[-1] < n:
+        start = cuts[-1]
+        if not budget:
+            cuts.append(n)
+            continue
+        base = int(ends[start - 1]) if start else 0
+        # the last record that still fits, but at least one per request
+        stop = int(np.searchsorted(ends, base + budget, side="right"))
+        cuts.append(max(stop, start + 1))
+    view = memoryview(records)
+    out = []
+    for a, b in itertools.pairwise(cuts):
+        lo = int(ends[a - 1]) if a else 0
+        scope_logs = head + view[lo: int(ends[b - 1])]
+        rl = res + _ld(_RESOURCE_LOGS_SCOPE_LOGS, scope_logs)
+        out.append((_ld(_REQUEST_RESOURCE_LOGS, rl), b - a))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # OTLP LogRecords
 
@@ -405,29 +428,6 @@ def _kv_prefix(key: bytes, value_len: int) -> bytes:
             + key + bytes([_KV_VALUE]) + _varint(value_len))
 
 
-def _int_prefixes(key: bytes) -> dict[int, bytes]:
-    """An int attribute's bytes before its varint, by varint length."""
-    return {L: _kv_prefix(key, 1 + L) + bytes([_AV_INT]) for L in range(1, 11)}
-
-
-def _int_block(col: npt.NDArray[Any], prefixes: dict[int, bytes]) -> Block:
-    # int_value is an int64: negative numbers are sign-extended to 10 bytes, uint64 values
-    # keep their bits (above 2^63 they read back negative, as in any OTLP exporter).
-    v = col.astype(np.int64).view(np.uint64) if col.dtype.kind == "i" else col.astype(np.uint64)
-    mat, lens = _varint_matrix(v)
-    width = max(len(p) for p in prefixes.values()) + 10
-    n = v.shape[0]
-    out = np.zeros((n, width), dtype=np.uint8)
-    used = np.empty(n, dtype=np.intp)
-    for L in np.unique(lens).tolist():
-        rows = np.flatnonzero(lens == L)
-        p = prefixes[L]
-        out[rows, : len(p)] = np.frombuffer(p, dtype=np.uint8)
-        out[rows, len(p): len(p) + L] = mat[rows, :L]
-        used[rows] = len(p) + L
-    return out, used
-
-
 def _double_block(key: bytes, col: npt.NDArray[Any]) -> Block:
     n = col.shape[0]
     p = _kv_prefix(key, 9) + bytes([_AV_DOUBLE])
@@ -444,50 +444,6 @@ def _bool_block(key: bytes, col: npt.NDArray[Any]) -> Block:
     m[:, : len(p)] = np.frombuffer(p, dtype=np.uint8)
     m[:, len(p)] = col.astype(np.uint8)
     return m, None
-
-
-def _join_blocks(blocks: list[Block], n: int) -> list[bytes]:
-    """Each record's bytes of all blocks, concatenated in block order."""
-    if not blocks:
-        return [b""] * n
-    mats = []
-    masks = []
-    total = np.zeros(n, dtype=np.intp)
-    for m, used in blocks:
-        mats.append(m)
-        if used is None:
-            masks.append(np.ones(m.shape, dtype=np.bool_))
-            total += m.shape[1]
-        else:
-            masks.append(np.arange(m.shape[1])[None, :] < used[:, None])
-            total += used
-    # Boolean indexing walks the matrix row by row, so each record's bytes come out
-    # contiguous and in order.
-    flat = np.concatenate(mats, axis=1)[np.concatenate(masks, axis=1)].tobytes()
-    ends = np.cumsum(total).tolist()
-    starts = [0, *ends[:-1]]
-    return [flat[a:b] for a, b in zip(starts, ends, strict=True)]
-
-
-class _StringAttr:
-    """Encodes one string attribute; prefixes are cached by value length."""
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-        self._cache: dict[int, bytes] = {}
-
-    def prefix(self, length: int) -> bytes:
-        p = self._cache.get(length)
-        if p is None:
-            p = _kv_prefix(self._key, 1 + len(_varint(length)) + length) + bytes(
-                [_AV_STRING]) + _varint(length)
-            if len(self._cache) < 8192:
-                self._cache[length] = p
-        return p
-
-    def encode(self, strings: list[bytes]) -> list[bytes]:
-        pre = self.prefix
-        return [pre(len(s)) + s for s in strings]
 
 
 class OtlpLogEncoder:
@@ -514,50 +470,8 @@ class OtlpLogEncoder:
         self._attrs: list[tuple[Field, bytes]] = [
             (f, f.annotations.get(ANNOTATION_LOGS_NAME, f.full_name).encode())
             for f in leaf_fields(schema)]
-        self._strings = {f.index: _StringAttr(key) for f, key in self._attrs
+        self._strings = {f.index for f, _ in self._attrs
                          if not f.is_array and f.base_kind in _STRING_KINDS}
-        self._record_prefix: dict[int, bytes] = {}
-        self._int_prefixes = {f.index: _int_prefixes(key) for f, key in self._attrs
-                              if not f.is_array and f.base_kind in _INT_KINDS}
-
-    def _head_blocks(self, batch: Batch) -> list[Block]:
-        """Time (field 1), then severity and, for a constant body, the body (fields 2, 3, 5)."""
-        blocks: list[Block] = []
-        if self._time is not None:
-            blocks.append(_fixed64_block(_LR_TIME, column(batch, self._time)))
-        blocks.append(_fixed_block(len(batch), self._const_head))
-        return blocks
-
-    def _numeric_blocks(self, batch: Batch) -> list[Block]:
-        """The fixed-size attributes (ints, doubles, bools), in schema order."""
-        blocks: list[Block] = []
-        for f, key in self._attrs:
-            if f.is_array:
-                continue
-            kind = f.base_kind
-            if kind in _INT_KINDS:
-                blocks.append(_int_block(column(batch, f), self._int_prefixes[f.index]))
-            elif kind in _FLOAT_KINDS:
-                blocks.append(_double_block(key, column(batch, f)))
-            elif kind is Kind.BOOL:
-                blocks.append(_bool_block(key, column(batch, f)))
-        return blocks
-
-    def _body_column(self, batch: Batch, f: Field) -> list[bytes]:
-        return [_ld(_LR_BODY, _ld(_AV_STRING, v) if isinstance(v, bytes) else any_value(v))
-                for v in self._body_values(batch, f)]
-
-    def _other_columns(self, batch: Batch) -> list[list[bytes]]:
-        """The other attributes (strings, arrays, raw bytes), in schema order."""
-        cols: list[list[bytes]] = []
-        for f, key in self._attrs:
-            if f.index in self._strings:
-                cols.append(self._strings[f.index].encode(cstring_bytes(batch, f)))
-            elif f.is_array or f.base_kind not in NUMPY_DTYPE:
-                vals = values(batch, f) if f.is_array else raw_slices(batch, f)
-                cols.append([_ld(_LR_ATTRIBUTE, _ld(_KV_KEY, key) + _ld(_KV_VALUE, any_value(v)))
-                             for v in vals])
-        return cols
 
     @staticmethod
     def _body_values(batch: Batch, f: Field) -> list[Any]:
@@ -565,14 +479,52 @@ class OtlpLogEncoder:
             return list(cstring_bytes(batch, f))
         return values(batch, f)
 
-    def _framed(self, rec: bytes) -> bytes:
-        n = len(rec)
-        p = self._record_prefix.get(n)
-        if p is None:
-            p = bytes([_SCOPE_LOGS_RECORD]) + _varint(n)
-            if len(self._record_prefix) < 16384:
-                self._record_prefix[n] = p
-        return p + rec
+    def encode_flat(self, batch: Batch, observed_ns: int
+                    ) -> tuple[bytearray, npt.NDArray[np.int64]]:
+        """Every record as a framed ``LogRecord`` (see :meth:`encode`), one after the other,
+        and each one's length: built as blocks of the whole batch (pipeline/sinks/otlpvec.py).
+        """
+        n = len(batch)
+        payloads: dict[int, npt.NDArray[np.uint8]] = {}
+        parts: list[otlpvec.Part] = []
+        if self._time is not None:
+            parts.append([_fixed64_block(_LR_TIME, otlpvec.column(batch, self._time, payloads))])
+        parts.append([_fixed_block(n, self._const_head)])
+        if self._body_field is not None:
+            parts.append(self._body_part(batch, self._body_field, payloads))
+        for f, key in self._attrs:
+            if f.is_array:
+                continue
+            kind = f.base_kind
+            if kind in _INT_KINDS:
+                parts.append(otlpvec.int_attribute(key)(otlpvec.column(batch, f, payloads)))
+            elif kind in _FLOAT_KINDS:
+                parts.append([_double_block(key, otlpvec.column(batch, f, payloads))])
+            elif kind is Kind.BOOL:
+                parts.append([_bool_block(key, otlpvec.column(batch, f, payloads))])
+        for f, key in self._attrs:
+            if f.index in self._strings:
+                parts.append(otlpvec.string_attribute(key, batch, f, payloads))
+            elif f.is_array or f.base_kind not in NUMPY_DTYPE:
+                vals = values(batch, f) if f.is_array else raw_slices(batch, f)
+                entries = [_ld(_LR_ATTRIBUTE, _ld(_KV_KEY, key) + _ld(_KV_VALUE, any_value(v)))
+                           for v in vals]
+                parts.append([otlpvec.bytes_block(entries)])
+        parts.append([_fixed_block(n, bytes([_LR_OBSERVED]) + observed_ns.to_bytes(8, "little"))])
+        return otlpvec.record_blocks(parts, n)
+
+    def _body_part(self, batch: Batch, f: Field,
+                   payloads: dict[int, npt.NDArray[np.uint8]]) -> otlpvec.Part:
+        """``LogRecord.body`` from a field: a string as blocks, anything else per record."""
+        n = len(batch)
+        if not f.is_array and f.base_kind in _STRING_KINDS:
+            value = otlpvec.string_value(batch, f, payloads)
+            av_len = np.zeros(n, dtype=np.int64)
+            for m, used in value:
+                av_len += m.shape[1] if used is None else used
+            return [_fixed_block(n, bytes([_LR_BODY])), wire.varint_block(av_len), *value]
+        entries = [_ld(_LR_BODY, any_value(v)) for v in self._body_values(batch, f)]
+        return [otlpvec.bytes_block(entries)]
 
     def encode(self, batch: Batch, observed_ns: int) -> list[bytes]:
         """Each record as a framed ``LogRecord``; ``observed_ns`` is when the batch was read.
@@ -582,20 +534,9 @@ class OtlpLogEncoder:
         severity number and text, body, the attributes (the fixed-size ones first, then the
         others, each group in schema order), observed time.
         """
-        n = len(batch)
-        if n == 0:
+        if not len(batch):
             return []
-        observed = bytes([_LR_OBSERVED]) + observed_ns.to_bytes(8, "little")
-        others = self._other_columns(batch)
-        if self._body_field is None:
-            numeric = self._head_blocks(batch) + self._numeric_blocks(batch)
-            if not others:  # the observed time joins the numeric blocks: one numpy pass
-                numeric.append(_fixed_block(n, observed))
-                return list(map(self._framed, _join_blocks(numeric, n)))
-            columns = [_join_blocks(numeric, n), *others]
-        else:
-            columns = [_join_blocks(self._head_blocks(batch), n),
-                       self._body_column(batch, self._body_field),
-                       _join_blocks(self._numeric_blocks(batch), n), *others]
-        framed: Callable[[bytes], bytes] = self._framed
-        return list(map(framed, map(b"".join, zip(*columns, repeat(observed)))))
+        data, lens = self.encode_flat(batch, observed_ns)
+        flat = bytes(data)
+        ends = np.cumsum(lens).tolist()
+        return [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]

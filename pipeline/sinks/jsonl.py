@@ -1,7 +1,8 @@
 """The ``jsonl`` sink: one JSON object per record and line, to stdout or a rotated file.
 
-Records are encoded per batch (pipeline.sinks.encode) and each batch is written with one
-``write`` in a worker thread, so a slow disk or a full stdout pipe never stalls the event loop.
+Records are encoded per batch (pipeline.sinks.jsonvec, a few numpy passes per batch) and each
+batch is encoded and written with one ``write`` in a worker thread, so neither the encoding nor
+a slow disk or a full stdout pipe holds up the event loop (and with it the gRPC streams).
 Runs that name the same path share one writer (a daemon-wide table owned by the sink type), so
 their lines never interleave mid-line and size-based rotation sees every byte.
 
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -74,7 +75,7 @@ class RotatingFile:
             os.unlink(self.path)
         self._size = 0
 
-    def _write_sync(self, data: bytes) -> None:
+    def _write_sync(self, data: bytes | bytearray) -> None:
         f = self._open()
         if (self.path != STDOUT and self.max_bytes and self._size
                 and self._size + len(data) > self.max_bytes):
@@ -84,9 +85,10 @@ class RotatingFile:
         f.flush()
         self._size += len(data)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, produce: Callable[[], bytes | bytearray]) -> None:
+        """Writes what ``produce`` returns; both run in a worker thread, in call order."""
         async with self._lock:
-            await asyncio.to_thread(self._write_sync, data)
+            await asyncio.to_thread(lambda: self._write_sync(produce()))
 
     def close(self) -> None:
         if self._file is not None and self.path != STDOUT:
@@ -108,9 +110,9 @@ class JsonlSink:
         return None
 
     async def write(self, batch: Batch) -> int:
-        lines = self._encoders.get(batch.schema).encode(batch)
+        encoder = self._encoders.get(batch.schema)
         try:
-            await self._out.write(b"\n".join(lines) + b"\n")
+            await self._out.write(lambda: encoder.encode_lines(batch)[0])
         except OSError as e:
             raise SinkError(f"writing {self._out.path}: {e}") from e
         return 0

@@ -342,7 +342,8 @@ class KafkaSink:
             if self._pending is not None:
                 _logger.warning("kafka: a batch of %d records was given up while its delivery "
                                 "was unknown", len(self._pending.batch))
-            self._pending = self._encode(batch)
+            # Encoded in a worker thread (numpy passes mostly, which let the event loop run).
+            self._pending = await asyncio.to_thread(self._encode, batch)
         p = self._pending
         try:
             producer = await self._ensure_producer(deadline)

@@ -256,14 +256,20 @@ class OtelLogsSink:
         return (OtlpLogEncoder(schema, body=self._gadget, body_field=body_field),
                 otlp_scope(self._gadget, VERSION, {"gadget.datasource": schema.name}))
 
+    def _requests(self, encoder: OtlpLogEncoder, scope: bytes, batch: Batch,
+                  observed_ns: int) -> list[tuple[bytes, int]]:
+        records = encoder.encode(batch, observed_ns)
+        return container_requests(self._resource_attrs, scope, batch, records,
+                                  self._max_request)
+
     async def write(self, batch: Batch) -> int:
         if self._pending is not None and self._pending[0] is batch:
             _, requests, done, refused = self._pending
         else:
             encoder, scope = self._encoders.get(batch.schema)
-            records = encoder.encode(batch, time.time_ns())
-            requests = container_requests(self._resource_attrs, scope, batch, records,
-                                          self._max_request)
+            # Built in a worker thread (numpy passes mostly, which let the event loop run).
+            requests = await asyncio.to_thread(self._requests, encoder, scope, batch,
+                                               time.time_ns())
             done, refused = 0, 0
         while done < len(requests):
             self._pending = (batch, requests, done, refused)

@@ -170,6 +170,29 @@ class KernelBTF:
                            f"{sorted(sizes)}")
         return sizes.pop()
 
+    def enum_value(self, enum: str, member: str) -> int | None:
+        """The value of ``member`` of ``enum enum``, or None when there is no such enum or
+        member (e.g. ``enum_value("bpf_func_id", "BPF_FUNC_task_pt_regs")``: whether the
+        kernel has that BPF helper)."""
+        endian = "<" if self._type_rec.format.startswith("<") else ">"
+        want = member.encode() + b"\0"
+        for tid in self._named_ids().get(enum, []):
+            _, info, _ = self._read(tid)
+            kind = (info >> 24) & 0x1F
+            if kind not in (_ENUM, _ENUM64):
+                continue
+            width = 8 if kind == _ENUM else 12
+            pos = self._starts[tid] + 12
+            for i in range(info & 0xFFFF):
+                at = pos + width * i
+                (off,) = struct.unpack_from(endian + "I", self._data, at)
+                if self._data.startswith(want, self._str_start + off):
+                    if kind == _ENUM:
+                        return int(struct.unpack_from(endian + "i", self._data, at + 4)[0])
+                    lo, hi = struct.unpack_from(endian + "II", self._data, at + 4)
+                    return int(lo | (hi << 32))
+        return None
+
     def _member_size(self, struct: str, member_path: str) -> int:
         """Byte size of the member at ``member_path`` (for checking what C will read)."""
         sizes = set()
@@ -514,6 +537,39 @@ def _bitfield(btf: KernelBTF, struct_name: str, path: str) -> tuple[int, int] | 
     return None
 
 
+# The user registers a syscall's arguments arrive in, as members of the kernel's pt_regs: the
+# registers are saved at syscall entry and still hold the arguments at sys_exit (arm64 keeps
+# the first argument in orig_x0, since x0 takes the return value).
+_SYSCALL_ARG_REGS: tuple[tuple[str, ...], ...] = (
+    ("di", "si", "dx", "r10"),  # x86_64
+    ("orig_x0", "regs", "regs", "regs"),  # arm64: regs[1], regs[2], regs[3]
+)
+
+
+def syscall_arg_offsets(btf: KernelBTF) -> dict[str, int]:
+    """``GADGET_OFF_SYSCALL_ARG0..3`` (offsets in ``struct pt_regs`` of a syscall's first four
+    arguments) and ``GADGET_SYSCALL_ARGS_AT_EXIT``, when the kernel has the helpers that reach
+    the current task's saved registers (``bpf_get_current_task_btf``, ``bpf_task_pt_regs``:
+    Linux 5.15) and its pt_regs is one of the known layouts; else nothing, and programs keep the
+    arguments from sys_enter in a map (see bpf/gadget_syscall.h)."""
+    if (btf.enum_value("bpf_func_id", "BPF_FUNC_task_pt_regs") is None
+            or btf.enum_value("bpf_func_id", "BPF_FUNC_get_current_task_btf") is None):
+        return {}
+    for names in _SYSCALL_ARG_REGS:
+        try:
+            offs = [btf.offsetof("pt_regs", n) for n in names]
+            if any(btf._member_size("pt_regs", n) != 8 for n in set(names) - {"regs"}):
+                continue
+        except BTFError:
+            continue
+        if names[1] == "regs":  # an array: the arguments are its elements 1..3
+            offs = [offs[0], offs[1] + 8, offs[2] + 16, offs[3] + 24]
+        out = {f"GADGET_OFF_SYSCALL_ARG{i}": o for i, o in enumerate(offs)}
+        out["GADGET_SYSCALL_ARGS_AT_EXIT"] = 1
+        return out
+    return {}
+
+
 def task_offsets(btf: KernelBTF) -> dict[str, int]:
     """Offsets ``bpf/gadget_types.h`` needs, keyed by the macro name it expects.
 
@@ -555,6 +611,7 @@ def task_offsets(btf: KernelBTF) -> dict[str, int]:
         bit = _bitfield(btf, struct_name, path)
         if bit is not None:
             offsets[f"GADGET_BIT_{suffix}"], offsets[f"GADGET_BITS_{suffix}"] = bit
+    offsets.update(syscall_arg_offsets(btf))
     return offsets
 
 

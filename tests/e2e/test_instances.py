@@ -349,7 +349,9 @@ def test_slow_attacher_loses_only_its_own_events_and_is_told(node: DaemonProcess
     binary = unique_binary(tmp_path)
     total = 4000
     with node.client() as c:
-        gi = create(c, binary.name[:15], name="slowfast")
+        # A queue shorter than the run (the default holds far more than 4000 packets).
+        gi = create(c, binary.name[:15], name="slowfast",
+                    params={"operator.grpc.attach-queue": "256"})
         try:
             wait_ready(c, gi.id)
             fast = attach(c, gi.id)

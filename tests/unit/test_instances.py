@@ -48,63 +48,145 @@ def demo_batch(pids: list[int]) -> Batch:
     return Batch(demo_schema(), rows)
 
 
-def chunk(pids: list[int]) -> Chunk:
-    return Chunk(0, 0, batch=demo_batch(pids))
+def chunk(pids: list[int], seq: int = 0) -> Chunk:
+    c = Chunk.from_records(demo_batch(pids), 0)
+    if seq:
+        c.number(seq)
+    return c
+
+
+def events_of(chunks: list[Chunk], base: int = 0) -> list[pb.GadgetEvent]:
+    return [pb.GadgetEvent.FromString(f) for c in chunks
+            for f in split_frames(bytes(c.frame(base)))]
 
 
 def pids_of(chunks: list[Chunk]) -> list[int]:
-    out: list[int] = []
-    for c in chunks:
-        assert c.batch is not None
-        out += c.batch.rows[:, :4].copy().view("<u4").reshape(-1).tolist()
-    return out
+    return [int.from_bytes(pb.GadgetData.FromString(e.payload).data.payload[0][:4], "little")
+            for e in events_of(chunks)]
 
 
 def test_ring_numbers_packets_and_keeps_the_newest() -> None:
     ring = PacketRing(5)
     for pids in ([1, 2, 3], [4, 5], [6, 7, 8]):
-        c = chunk(pids)
-        c.seq = ring.next_seq
-        ring.append(c)
+        ring.append(chunk(pids, ring.next_seq))
     assert len(ring) == 5
     assert ring.first_seq == 4 and ring.next_seq == 9
     assert pids_of(ring.since(0)) == [4, 5, 6, 7, 8]
     assert [c.seq for c in ring.since(0)] == [4, 6]
+    assert [e.seq for e in events_of(ring.since(0))] == [4, 5, 6, 7, 8]
     assert pids_of(ring.since(7)) == [7, 8]
     assert ring.since(9) == []
 
 
 def test_ring_trims_a_chunk_bigger_than_itself_and_does_not_pin_it() -> None:
     ring = PacketRing(2)
-    c = chunk(list(range(1, 101)))
-    c.seq = 1
+    c = chunk(list(range(1, 101)), 1)
     ring.append(c)
     [kept] = ring.since(0)
     assert pids_of([kept]) == [99, 100] and kept.seq == 99
-    assert kept.batch is not None and kept.batch.rows.base is None  # a copy, not a view
+    assert kept.encoded is not c.encoded and len(kept.encoded) == kept.nbytes  # a copy
 
 
 def test_chunk_frames_decode_with_the_spec_decoder_and_carry_stream_seqs() -> None:
-    c = chunk([10, 11, 12])
-    c.seq = 101
-    frames = split_frames(c.frame(base=100))
-    events = [pb.GadgetEvent.FromString(f) for f in frames]
+    c = chunk([10, 11, 12], 101)
+    events = events_of([c], base=100)
     assert [e.seq for e in events] == [1, 2, 3]
     assert [pb.GadgetData.FromString(e.payload).data.payload[0][:4] for e in events] == \
         [(p).to_bytes(4, "little") for p in (10, 11, 12)]
-    p = Chunk(7, 2, payloads=[node_field("n1") + b"\x1a\x00"])
-    [ev] = [pb.GadgetEvent.FromString(f) for f in split_frames(p.frame(base=0))]
+    assert [e.seq for e in events_of([c.slice(1)], base=100)] == [2, 3]
+    p = Chunk.from_payloads([node_field("n1") + b"\x1a\x00"], 2)
+    p.number(7)
+    [ev] = events_of([p])
     assert (ev.seq, ev.dataSourceID) == (7, 2)
     assert pb.GadgetData.FromString(ev.payload).node == "n1"
+
+
+def test_seqs_wrap_at_32_bits_and_stay_five_bytes() -> None:
+    c = chunk([1, 2, 3], 0xFFFFFFFF)
+    assert [e.seq for e in events_of([c])] == [0xFFFFFFFF, 0, 1]
+    assert [e.seq for e in events_of([c], base=0xFFFFFFFE)] == [1, 2, 3]
+    sizes = {len(f) for f in split_frames(bytes(c.frame(0)))}
+    assert len(sizes) == 1  # every seq takes five bytes, so every frame has one length
+
+
+def test_every_client_shares_the_one_encoding_of_a_batch() -> None:
+    ledger = Ledger()
+    ring = PacketRing(100)
+    clients = [Attacher(f"attach-{i}", 100, ledger, "instance:x") for i in range(4)]
+    c = chunk([1, 2, 3], ring.next_seq)
+    ring.append(c)
+    for a in clients:
+        a.offer(c)
+    queued = [a._items[0] for a in clients]
+    assert all(q is c for q in queued)  # references, not copies
+    [replayed] = ring.since(0)
+    assert replayed is c
+    # A client numbered from base 0 gets the encoded bytes themselves (a view, no copy).
+    view = c.frame(0)
+    assert isinstance(view, memoryview) and view.obj is c.encoded
+    # A client with another base gets the same packets with its own seqs.
+    assert [e.payload for e in events_of([c], 0)] == [e.payload for e in events_of([c], 1)]
+
+
+def test_a_long_trailing_string_is_kept_compact_and_sent_at_full_size() -> None:
+    s = DataSourceSchema("big", DataSourceType.SINGLE, (
+        Field("pid", "pid", 0, Kind.UINT32, 0, 0, 4, FieldFlag.STATIC_MEMBER),
+        Field("args", "args", 1, Kind.CSTRING, 0, 4, 5120, FieldFlag.STATIC_MEMBER),
+    ), 5124)
+    rows = np.full((3, 5124), 0xEE, dtype=np.uint8)  # stale ring bytes after each string
+    for i, text in enumerate([b"ls\xc2\xa0-l", b"", b"x" * 5120]):
+        rows[i, :4] = np.frombuffer((i + 1).to_bytes(4, "little"), dtype=np.uint8)
+        rows[i, 4: 4 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+        if len(text) < 5120:
+            rows[i, 4 + len(text)] = 0
+    c = Chunk.from_records(Batch(s, rows), 1)
+    c.number(1)
+    assert c.nbytes < 5124 + 3 * 40  # the first two records are a few bytes each
+    for base in (0, 5):
+        payloads = [pb.GadgetData.FromString(e.payload).data.payload[0]
+                    for e in events_of([c], base)]
+        assert [len(p) for p in payloads] == [5124] * 3
+        assert payloads[0][4:] == b"ls\xc2\xa0-l" + bytes(5120 - 6)
+        assert payloads[1][4:] == bytes(5120)
+        assert payloads[2][4:] == b"x" * 5120
+        assert [e.seq for e in events_of([c], base)] == [1 - base & 0xFFFFFFFF,
+                                                          2 - base & 0xFFFFFFFF,
+                                                          3 - base & 0xFFFFFFFF]
+    assert [len(p) for p in split_frames(bytes(c.slice(1).frame(0)))] == [len(
+        split_frames(bytes(c.frame(0)))[1])] * 2
+    ring = PacketRing(1)
+    ring.append(c)
+    [kept] = ring.since(0)
+    assert len(kept.encoded) == kept.nbytes and len(split_frames(bytes(kept.frame(0)))) == 1
+
+
+def test_trace_exec_records_are_kept_at_their_used_size() -> None:
+    schema = Catalog().resolve("trace_exec").datasources[0]
+    strings = [f for f in schema.fields if f.payload_index == 0 and f.size >= 512]
+    assert {f.full_name for f in strings} >= {"args", "cwd", "file", "exepath"}
+    rows = np.full((4, schema.record_size), 0xEE, dtype=np.uint8)  # stale ring bytes
+    expected = rows.copy()
+    for i, f in enumerate(strings):
+        text = f"/v{i}".encode() + b"\0"
+        rows[:, f.offs: f.offs + len(text)] = np.frombuffer(text, dtype=np.uint8)
+        expected[:, f.offs: f.offs + f.size] = 0
+        expected[:, f.offs: f.offs + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    c = Chunk.from_records(Batch(schema, rows), 0)
+    c.number(1)
+    assert c.nbytes < 4 * (schema.record_size - sum(f.size for f in strings) + 200)
+    for base in (0, 3):
+        payloads = [pb.GadgetData.FromString(e.payload).data.payload[0]
+                    for e in events_of([c], base)]
+        assert payloads == [expected[i].tobytes() for i in range(4)]
+    assert [len(f) for f in split_frames(bytes(c.slice(2).frame(0)))] == [
+        len(f) for f in split_frames(bytes(c.frame(0)))][2:]
 
 
 def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
     ledger = Ledger()
     a = Attacher("attach-1", 4, ledger, "instance:x")
     for pids in ([1, 2, 3], [4, 5, 6], [7]):
-        c = chunk(pids)
-        c.seq = pids[0]
-        a.offer(c)
+        a.offer(chunk(pids, pids[0]))
     assert a.dropped == 3
     assert pids_of(list(a._items)) == [1, 2, 3, 4]
     produced = ledger.get("instance:x", "attach", PRODUCED)
@@ -115,6 +197,16 @@ def test_client_queue_is_drop_newest_and_the_ledger_balances() -> None:
     assert ledger.get("instance:x", "attach", DELIVERED) == 0
     a.offer(chunk([9]))  # closed: ignored
     assert ledger.get("instance:x", "attach", PRODUCED) == 7
+
+
+def test_client_queue_is_bounded_in_bytes_too() -> None:
+    ledger = Ledger()
+    one = chunk([1]).nbytes
+    a = Attacher("attach-1", 1000, ledger, "instance:x", max_bytes=3 * one)
+    a.offer(chunk([1, 2], 1))
+    a.offer(chunk([3, 4], 3))  # one of these fits
+    assert pids_of(list(a._items)) == [1, 2, 3] and a.dropped == 1
+    assert ledger.get("instance:x", "attach", DROPPED, "queue_full") == 1
 
 
 def test_random_names_are_valid_and_unique() -> None:
