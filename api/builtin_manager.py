@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from api._gen import gadget_service_grpc as svc
-from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
+from pipeline._gen import gadget_service_grpc as svc
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.version import VERSION
 
 

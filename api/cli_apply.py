@@ -28,7 +28,6 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import GadgetClient
 from api.reconcile import (
     OWNER_APPLY,
@@ -42,6 +41,7 @@ from api.reconcile import (
 )
 from config.loader import ConfigError, ConfigLoader, DeclaredInstance, LoadedConfig, Reachability
 from config.schema import schema_text
+from pipeline._gen import gadget_service_pb2 as pb
 
 ClientFactory = Callable[[argparse.Namespace], GadgetClient]
 AddRemote = Callable[[argparse.ArgumentParser], None]

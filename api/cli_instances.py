@@ -18,10 +18,10 @@ from typing import Any, cast
 import grpc
 from google.protobuf import json_format
 
-from api._gen import gadget_service_pb2 as pb
 from api.cli_output import Printer, consume
 from api.client import GadgetClient, RunStream
 from api.instance import FROM_SEQ_METADATA, SEQ_BASE_METADATA
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.params import parse_duration
 
 ClientFactory = Callable[[argparse.Namespace], GadgetClient]

@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 
-from api._gen import gadget_service_pb2 as pb
-from api._gen import gadget_service_pb2_grpc as rpc
 from api.decode import DataSourceDecoder
 from api.ready import is_ready
+from pipeline._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2_grpc as rpc
 
 DEFAULT_ADDRESS = "unix:///var/run/gadgetpipe/gadgetpipe.sock"
 EVENT_INFO = 4

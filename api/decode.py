@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 
 KIND_FLAG_ARRAY = 0x10000000
 FLAG_EMPTY, FLAG_HAS_PARENT, FLAG_UNREFERENCED, FLAG_HIDDEN = 1, 8, 32, 4

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.gadget import GadgetSpec
 from pipeline.params import ParamSpec
 from pipeline.schema import DataSourceSchema, DataSourceType

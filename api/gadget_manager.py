@@ -9,8 +9,6 @@ from typing import Any
 
 from grpclib import GRPCError, Status
 
-from api._gen import gadget_service_grpc as svc
-from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import field_table, gadget_info, sorted_datasources
 from api.ready import READY_SEVERITY
@@ -24,6 +22,8 @@ from api.run_stream import (
 )
 from api.stream_writer import FramedWriter
 from pipeline import wire
+from pipeline._gen import gadget_service_grpc as svc
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.gadget import GadgetError, GadgetSpec, UnknownGadget
 from pipeline.graph import Overflow
 from pipeline.ledger import GRPC_STAGE_PREFIX, grpc_stage

@@ -46,8 +46,6 @@ from typing import Any
 from grpclib import GRPCError, Status
 from grpclib.client import Channel
 
-from api._gen import gadget_service_grpc as svc
-from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import gadget_info
 from api.gadget_manager import check_version
@@ -65,6 +63,8 @@ from api.run_session import REMOVED_INSTANCES, RunSession, new_run
 from api.run_stream import MAX_MESSAGE, StreamLayout, info_event
 from api.stream_writer import FramedWriter
 from pipeline import wire
+from pipeline._gen import gadget_service_grpc as svc
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.batch import Batch
 from pipeline.gadget import GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow

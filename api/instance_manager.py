@@ -16,8 +16,6 @@ from typing import Any
 
 from grpclib import GRPCError, Status
 
-from api._gen import gadget_service_grpc as svc
-from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.instance import (
     FROM_SEQ_METADATA,
@@ -29,6 +27,8 @@ from api.instance import (
 from api.peers import PeerPool
 from api.run_session import REMOVED_INSTANCES
 from api.store import InstanceStore, StoreProblem
+from pipeline._gen import gadget_service_grpc as svc
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.run import GadgetRun
 
 __all__ = ["ID_RE", "NAME_RE", "GadgetInstanceManager", "InstanceManager", "random_name"]

@@ -50,8 +50,6 @@ from typing import Any
 import orjson
 from grpclib import GRPCError, Status
 
-from api._gen import gadget_service_grpc as svc
-from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.peers import PeerPool, peer_problem
 from api.ready import READY_SEVERITY, is_ready, ready_message
@@ -59,6 +57,8 @@ from api.run_session import CLIENT_DROP_REASONS, DIRECT_RUNS, RunSession, client
 from api.run_stream import LogForwarder, read_control
 from api.stream_writer import FramedWriter
 from pipeline import wire
+from pipeline._gen import gadget_service_grpc as svc
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.gadget import RUNTIME_PREFIX, GadgetError, GadgetSpec
 from pipeline.graph import Edge, EdgeClosed, Overflow
 from pipeline.ledger import REASON_CLIENT_GONE

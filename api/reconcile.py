@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from api._gen import gadget_service_pb2 as pb
 from config.loader import ConfigError, ConfigLoader, LoadedConfig, Reachability
 from config.schema import RESERVED_TAG_PREFIX
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.params import REDACTED
 
 if TYPE_CHECKING:

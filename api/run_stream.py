@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from api._gen import gadget_service_pb2 as pb
 from api.gadget_info import as_array, sorted_datasources
 from api.stream_writer import FramedWriter
 from pipeline import wire
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.batch import Batch
 from pipeline.graph import Edge, EdgeClosed
 from pipeline.schema import DataSourceSchema, DataSourceType

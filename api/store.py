@@ -32,7 +32,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 
 __all__ = ["GADGETS_DIR", "SUFFIX", "InstanceStore", "StoreError", "StoreProblem"]
 

@@ -22,8 +22,8 @@ from bench.session import Bench
 
 
 def run_fanout(bench: Bench) -> None:
-    from api._gen import gadget_service_pb2 as pb
     from api.client import GadgetClient
+    from pipeline._gen import gadget_service_pb2 as pb
 
     d = bench.need_daemon()
     p = bench.profile

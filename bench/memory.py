@@ -43,9 +43,9 @@ def _anon_mb(pid: int, samples: int = 5) -> tuple[float, float]:
 
 
 def run_memory(bench: Bench) -> None:
-    from api._gen import gadget_service_pb2 as pb
     from api.client import GadgetClient
     from bench.peers import exec_loop_path
+    from pipeline._gen import gadget_service_pb2 as pb
 
     tmp = bench.tmp / "memory"
     tmp.mkdir(exist_ok=True)

@@ -15,8 +15,8 @@ def pyclient_main(argv: list[str]) -> None:
     """``_pyclient ADDRESS STOP_AFTER K=V...``: api.client (grpcio) reads a run, counting records
     (GadgetDataArray elements or GadgetData) and seq gaps; stops after STOP_AFTER records (or on
     SIGINT); prints a JSON summary in goclient's shape."""
-    from api._gen import gadget_service_pb2 as pb
     from api.client import GadgetClient
+    from pipeline._gen import gadget_service_pb2 as pb
 
     address, stop_after = argv[0], int(argv[1])
     params = dict(kv.split("=", 1) for kv in argv[2:])

@@ -14,10 +14,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from api._gen import gadget_service_pb2 as pb
 from config.results import DeclaredInstance, Issue, KeyPath, format_path, suggest
 from config.schema import DaemonSection, InstanceSection, InstanceSpecManifest
 from config.yaml_doc import Document
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.operators import fields as fields_op
 from pipeline.operators import filter as filter_op
 from pipeline.params import ParamSpec

@@ -11,8 +11,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from api._gen import gadget_service_pb2 as pb
 from config.schema import DaemonSection
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.params import redact
 
 __all__ = [

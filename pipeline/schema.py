@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum, IntFlag
 from types import MappingProxyType
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 
 KIND_FLAG_ARRAY = 0x10000000
 """Set on ``Field.kind`` for arrays of the base kind (an open enum on the wire)."""

@@ -2,8 +2,9 @@
 
 Two schemas:
 
-- ``proto/gadget_service.proto`` -> ``api/_gen`` (protobuf, grpcio and grpclib modules), compiled
-  as if it lived at api/_gen/, so the generated modules import each other as ``api._gen.…``.
+- ``proto/gadget_service.proto`` -> ``pipeline/_gen`` (protobuf, grpcio and grpclib modules),
+  compiled as if it lived at pipeline/_gen/, so the generated modules import each other as
+  ``pipeline._gen.…``.
 - ``proto/containerd/`` -> ``pipeline/containers/_gen`` (protobuf and grpclib modules): the
   subset of containerd's own API protos the container collection speaks, copied verbatim from
   the Go module ``github.com/containerd/containerd/api`` (version in
@@ -54,7 +55,7 @@ class Schema:
 
 
 SCHEMAS = (
-    Schema(ROOT / "proto" / "gadget_service.proto", "api._gen", True,
+    Schema(ROOT / "proto" / "gadget_service.proto", "pipeline._gen", True,
            "Generated from proto/gadget_service.proto."),
     Schema(ROOT / "proto" / "containerd", "pipeline.containers._gen", False,
            "Generated from containerd's API protos in proto/containerd/."),

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
 
-from api._gen import gadget_service_pb2 as pb  # noqa: E402
 from api.client import GadgetClient  # noqa: E402
+from pipeline._gen import gadget_service_pb2 as pb  # noqa: E402
 from tests.peers.upstream import UPSTREAM_GADGETS, IgDaemon, upstream_paths  # noqa: E402
 
 OUT = ROOT / "tests" / "data" / "upstream"

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import GadgetClient
+from pipeline._gen import gadget_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -148,14 +148,11 @@ def cycles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
 def layer(module: str) -> str:
     """The layer a module belongs to.
 
-    ``engine`` is ``pipeline`` outside ``sources`` and ``sinks``; ``proto`` is the generated
-    protobuf modules, which every layer may import; ``dev`` is what is not shipped (``bench``,
+    ``engine`` is ``pipeline`` outside ``sources`` and ``sinks``, the generated protobuf modules
+    (``pipeline._gen``: the wire types the engine's records are) included; ``dev`` is what is not
+    shipped (``bench``,
     ``tests`` and ``scripts``, which share the peer fixtures and the load generators).
     """
-    # TODO(_gen move): api._gen moves to pipeline/_gen (the engine's wire types); then this
-    # special case goes and the engine may import it as its own.
-    if module == "api._gen" or module.startswith("api._gen."):
-        return "proto"
     top = module.split(".")[0]
     if top in ("bench", "tests", "scripts"):
         return "dev"
@@ -166,14 +163,12 @@ def layer(module: str) -> str:
 
 
 ALLOWED: dict[str, frozenset[str]] = {
-    "proto": frozenset(),
-    "engine": frozenset({"proto"}),
-    "pipeline.sources": frozenset({"engine", "proto"}),
-    "pipeline.sinks": frozenset({"engine", "proto"}),
-    "config": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "proto"}),
-    "api": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config", "proto"}),
-    "dev": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config", "api",
-                      "proto"}),
+    "engine": frozenset(),
+    "pipeline.sources": frozenset({"engine"}),
+    "pipeline.sinks": frozenset({"engine"}),
+    "config": frozenset({"engine", "pipeline.sources", "pipeline.sinks"}),
+    "api": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config"}),
+    "dev": frozenset({"engine", "pipeline.sources", "pipeline.sinks", "config", "api"}),
 }
 """Which layers each layer may import (besides itself): dependencies point one way, from the
 daemon (``api``) through ``config`` to the sources and sinks and on to the engine."""

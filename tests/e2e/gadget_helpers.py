@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.specdecode import field_value
 
 READY_TIMEOUT = 120.0

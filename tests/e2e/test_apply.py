@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import GadgetClient, RunStream
 from api.reconcile import OWNER_APPLY, OWNER_CONFIG
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import ROOT, DaemonProcess
 from tests.e2e.helpers import unique_binary
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
 from api.decode import DataSourceDecoder, flatten
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.containers.collection import ContainerCollection
 from pipeline.containers.watcher import RuntimeWatcher
 from pipeline.graph import EdgeClosed, Overflow

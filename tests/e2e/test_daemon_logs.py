@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.peers.otelcol import LogRecord, OtelCollector
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
 from bench.peers import goclient_path, open_loop_path
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.e2e.helpers import unique_binary
 from tests.specdecode import field_value

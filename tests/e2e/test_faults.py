@@ -22,9 +22,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import GadgetClient, RunStream
 from bench.peers import exec_loop_path
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.e2e.helpers import bpf_programs_of, keep_running, unique_binary
 from tests.peers.ports import free_port

@@ -35,8 +35,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import channel_target
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.e2e.helpers import bpf_programs_of, keep_running, unique_binary
 

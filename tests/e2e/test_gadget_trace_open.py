@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_run import Record, collect
 from tests.e2e.upstream_fields import upstream_field_diff

@@ -43,7 +43,7 @@ def test_fields_both_announce_have_the_same_kind(daemon: DaemonProcess, gadget: 
 def test_the_diff_sees_a_difference() -> None:
     # The comparison itself: a GadgetInfo built from upstream's own list matches it, and one
     # field renamed, retyped, hidden or re-annotated shows up as exactly that.
-    from api._gen import gadget_service_pb2 as pb
+    from pipeline._gen import gadget_service_pb2 as pb
 
     up = load_upstream("trace_open")
     ds = up["dataSources"][0]

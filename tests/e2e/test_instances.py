@@ -25,12 +25,12 @@ from typing import Any
 import grpc
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
-from api._gen import gadget_service_pb2_grpc as rpc
 from api.cli_instances import open_attach
 from api.client import GadgetClient
 from api.ready import is_ready
 from bench.peers import exec_loop_path, goclient_path
+from pipeline._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2_grpc as rpc
 from tests.daemon import ROOT, DaemonProcess, instance_tracing
 from tests.e2e.helpers import bpf_programs_of, info_fields, unique_binary
 from tests.specdecode import field_value

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import GadgetClient, RunStream, TLSFiles
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess, instance_tracing
 from tests.e2e.helpers import keep_running, unique_binary
 from tests.e2e.pki import Certs, make_certs

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.reconcile import OWNER_CONFIG, ActionKind, plan, stamp
 from config.loader import ConfigLoader
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.params import REDACTED
 from tests.daemon import DaemonProcess
 

@@ -21,8 +21,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
-from api._gen import gadget_service_pb2 as pb
 from api.selfmetrics import SelfMetricsCollector
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.batch import Batch
 from pipeline.gadget import GadgetSpec
 from pipeline.ledger import Ledger

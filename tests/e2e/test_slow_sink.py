@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from bench.peers import open_loop_path
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_run import READY_TIMEOUT
 

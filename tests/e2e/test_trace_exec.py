@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.client import RunStream
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 from tests.e2e.gadget_run import Record, collect
 from tests.e2e.helpers import bpf_programs_of, info_fields, keep_running, unique_binary

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from api._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "upstream"

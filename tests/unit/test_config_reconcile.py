@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.reconcile import (
     DIGEST_TAG,
     OWNER_APPLY,
@@ -24,6 +23,7 @@ from api.reconcile import (
     stamp,
 )
 from config.loader import ConfigLoader
+from pipeline._gen import gadget_service_pb2 as pb
 
 
 def req(name: str, params: dict[str, str] | None = None, buffer: int = 0,

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api._gen import gadget_service_pb2 as pb
 from pipeline import wire
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.accessors import column, values
 from pipeline.batch import Batch, Coded, Fixed, LazyColumn
 from pipeline.derive import DeclaredField, DeriveEnv, DeriveSpec, EnumSpec, build_plan, net

@@ -16,7 +16,7 @@ def test_generated_stubs_are_fresh() -> None:
 
 
 def test_rpc_paths_are_upstreams() -> None:
-    from api._gen import gadget_service_pb2 as pb
+    from pipeline._gen import gadget_service_pb2 as pb
 
     services = {s.full_name: [m.name for m in s.methods]
                 for s in pb.DESCRIPTOR.services_by_name.values()}

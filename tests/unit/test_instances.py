@@ -13,7 +13,6 @@ import orjson
 import pytest
 from grpclib import GRPCError, Status
 
-from api._gen import gadget_service_pb2 as pb
 from api.cli_instances import ResolveError, resolve
 from api.context import ServiceContext
 from api.instance import NOT_TRACING_YET, Instance
@@ -22,6 +21,7 @@ from api.instance_packets import Attacher, Chunk, PacketRing, node_field
 from api.legacy_run import legacy_json_encoder, legacy_params, select_nodes
 from api.peers import PeerPool
 from api.store import InstanceStore
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.batch import Batch
 from pipeline.ledger import DELIVERED, DROPPED, PRODUCED, Ledger
 from pipeline.operators.derive import Derive

@@ -13,10 +13,10 @@ from collections import Counter
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.context import ServiceContext
 from api.gadget_info import gadget_info, sorted_datasources
 from api.run_session import new_run
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.gadget import GadgetSpec
 from pipeline.ledger import Ledger
 from pipeline.params import resolve

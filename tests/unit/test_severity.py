@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from api._gen import gadget_service_pb2 as pb
 from pipeline import wire
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.severity import Severity
 
 

@@ -11,8 +11,8 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from api._gen import gadget_service_pb2 as pb
 from pipeline import wire
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.batch import Batch
 from pipeline.layout import StructRegistry
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from api.store import InstanceStore
+from pipeline._gen import gadget_service_pb2 as pb
 
 ID_A = "61c8" + "0" * 24 + "f854"
 ID_B = "b" * 32

@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 from grpclib.server import Server, Stream
 
-from api._gen import gadget_service_grpc as svc
-from api._gen import gadget_service_pb2 as pb
-from api._gen import gadget_service_pb2_grpc as rpc
 from api.stream_writer import FramedWriter
 from pipeline import wire
+from pipeline._gen import gadget_service_grpc as svc
+from pipeline._gen import gadget_service_pb2 as pb
+from pipeline._gen import gadget_service_pb2_grpc as rpc
 
 
 class _Manager(svc.GadgetManagerBase):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from api._gen import gadget_service_pb2 as pb
 from pipeline import wire
+from pipeline._gen import gadget_service_pb2 as pb
 from pipeline.batch import Batch, Coded, Fixed, FormColumn
 from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 from tests.specdecode import split_frames

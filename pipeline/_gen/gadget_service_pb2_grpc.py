@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from api._gen import gadget_service_pb2 as api_dot___gen_dot_gadget__service__pb2
+from pipeline._gen import gadget_service_pb2 as pipeline_dot___gen_dot_gadget__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in api/_gen/gadget_service_pb2_grpc.py depends on'
+        + ' but the generated code in pipeline/_gen/gadget_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class BuiltInGadgetManagerStub:
         """
         self.GetInfo = channel.unary_unary(
                 '/api.BuiltInGadgetManager/GetInfo',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.InfoRequest.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.InfoResponse.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.InfoRequest.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.RunBuiltInGadget = channel.stream_stream(
                 '/api.BuiltInGadgetManager/RunBuiltInGadget',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.BuiltInGadgetControlRequest.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.BuiltInGadgetControlRequest.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_BuiltInGadgetManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.InfoRequest.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.InfoRequest.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.InfoResponse.SerializeToString,
             ),
             'RunBuiltInGadget': grpc.stream_stream_rpc_method_handler(
                     servicer.RunBuiltInGadget,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.BuiltInGadgetControlRequest.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.GadgetEvent.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.BuiltInGadgetControlRequest.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,8 +103,8 @@ class BuiltInGadgetManager:
             request,
             target,
             '/api.BuiltInGadgetManager/GetInfo',
-            api_dot___gen_dot_gadget__service__pb2.InfoRequest.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.InfoResponse.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.InfoRequest.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -130,8 +130,8 @@ class BuiltInGadgetManager:
             request_iterator,
             target,
             '/api.BuiltInGadgetManager/RunBuiltInGadget',
-            api_dot___gen_dot_gadget__service__pb2.BuiltInGadgetControlRequest.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.BuiltInGadgetControlRequest.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -154,13 +154,13 @@ class GadgetManagerStub:
         """
         self.GetGadgetInfo = channel.unary_unary(
                 '/api.GadgetManager/GetGadgetInfo',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.GetGadgetInfoRequest.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.GetGadgetInfoResponse.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GetGadgetInfoRequest.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GetGadgetInfoResponse.FromString,
                 _registered_method=True)
         self.RunGadget = channel.stream_stream(
                 '/api.GadgetManager/RunGadget',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.GadgetControlRequest.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetControlRequest.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
                 _registered_method=True)
 
 
@@ -184,13 +184,13 @@ def add_GadgetManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetGadgetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGadgetInfo,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.GetGadgetInfoRequest.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.GetGadgetInfoResponse.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GetGadgetInfoRequest.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GetGadgetInfoResponse.SerializeToString,
             ),
             'RunGadget': grpc.stream_stream_rpc_method_handler(
                     servicer.RunGadget,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.GadgetControlRequest.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.GadgetEvent.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetControlRequest.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,8 +218,8 @@ class GadgetManager:
             request,
             target,
             '/api.GadgetManager/GetGadgetInfo',
-            api_dot___gen_dot_gadget__service__pb2.GetGadgetInfoRequest.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.GetGadgetInfoResponse.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GetGadgetInfoRequest.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GetGadgetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,8 +245,8 @@ class GadgetManager:
             request_iterator,
             target,
             '/api.GadgetManager/RunGadget',
-            api_dot___gen_dot_gadget__service__pb2.GadgetControlRequest.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GadgetControlRequest.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GadgetEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,23 +269,23 @@ class GadgetInstanceManagerStub:
         """
         self.CreateGadgetInstance = channel.unary_unary(
                 '/api.GadgetInstanceManager/CreateGadgetInstance',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceRequest.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceResponse.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceRequest.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceResponse.FromString,
                 _registered_method=True)
         self.ListGadgetInstances = channel.unary_unary(
                 '/api.GadgetInstanceManager/ListGadgetInstances',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.ListGadgetInstancesRequest.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.ListGadgetInstanceResponse.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.ListGadgetInstancesRequest.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.ListGadgetInstanceResponse.FromString,
                 _registered_method=True)
         self.GetGadgetInstance = channel.unary_unary(
                 '/api.GadgetInstanceManager/GetGadgetInstance',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.GadgetInstance.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstance.FromString,
                 _registered_method=True)
         self.RemoveGadgetInstance = channel.unary_unary(
                 '/api.GadgetInstanceManager/RemoveGadgetInstance',
-                request_serializer=api_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
-                response_deserializer=api_dot___gen_dot_gadget__service__pb2.StatusResponse.FromString,
+                request_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
+                response_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.StatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -321,23 +321,23 @@ def add_GadgetInstanceManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateGadgetInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateGadgetInstance,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceRequest.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceResponse.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceRequest.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceResponse.SerializeToString,
             ),
             'ListGadgetInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListGadgetInstances,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.ListGadgetInstancesRequest.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.ListGadgetInstanceResponse.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.ListGadgetInstancesRequest.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.ListGadgetInstanceResponse.SerializeToString,
             ),
             'GetGadgetInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGadgetInstance,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.GadgetInstance.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstance.SerializeToString,
             ),
             'RemoveGadgetInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveGadgetInstance,
-                    request_deserializer=api_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.FromString,
-                    response_serializer=api_dot___gen_dot_gadget__service__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.FromString,
+                    response_serializer=pipeline_dot___gen_dot_gadget__service__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,8 +365,8 @@ class GadgetInstanceManager:
             request,
             target,
             '/api.GadgetInstanceManager/CreateGadgetInstance',
-            api_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceRequest.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceResponse.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceRequest.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.CreateGadgetInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,8 +392,8 @@ class GadgetInstanceManager:
             request,
             target,
             '/api.GadgetInstanceManager/ListGadgetInstances',
-            api_dot___gen_dot_gadget__service__pb2.ListGadgetInstancesRequest.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.ListGadgetInstanceResponse.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.ListGadgetInstancesRequest.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.ListGadgetInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -419,8 +419,8 @@ class GadgetInstanceManager:
             request,
             target,
             '/api.GadgetInstanceManager/GetGadgetInstance',
-            api_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.GadgetInstance.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstance.FromString,
             options,
             channel_credentials,
             insecure,
@@ -446,8 +446,8 @@ class GadgetInstanceManager:
             request,
             target,
             '/api.GadgetInstanceManager/RemoveGadgetInstance',
-            api_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
-            api_dot___gen_dot_gadget__service__pb2.StatusResponse.FromString,
+            pipeline_dot___gen_dot_gadget__service__pb2.GadgetInstanceId.SerializeToString,
+            pipeline_dot___gen_dot_gadget__service__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
