@@ -41,6 +41,19 @@ def _proc_table() -> dict[int, tuple[bytes, int]]:
     return out
 
 
+def _wait_exec(comm: str, pids: list[int], timeout: float = 30.0) -> None:
+    """Until every child has exec'd: before that its comm is still its parent's."""
+    deadline = time.monotonic() + timeout
+    want = comm.encode()
+    while True:
+        seen = [Path(f"/proc/{pid}/comm").read_bytes().rstrip(b"\n") for pid in pids]
+        if all(c == want for c in seen):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"children did not exec {comm} within {timeout}s: {seen}")
+        time.sleep(0.01)  # polling /proc
+
+
 @contextlib.contextmanager
 def sleepers(tmp: Path, n: int) -> Iterator[tuple[str, list[int]]]:
     """``n`` children running a copy of sleep under a unique name."""
@@ -48,6 +61,7 @@ def sleepers(tmp: Path, n: int) -> Iterator[tuple[str, list[int]]]:
     shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
     procs = [subprocess.Popen([str(binary), "60"]) for _ in range(n)]
     try:
+        _wait_exec(binary.name[:15], [p.pid for p in procs])
         yield binary.name[:15], [p.pid for p in procs]
     finally:
         for p in procs:
@@ -59,7 +73,6 @@ def test_snapshot_lists_every_process_with_comm_ppid_uid_and_start_time(
         daemon: DaemonProcess, tmp_path: Path) -> None:
     t0 = time.time()
     with sleepers(tmp_path, 3) as (comm, pids), daemon.client() as c:
-        time.sleep(0.1)  # the children have exec'd: their comm is the copy's name
         before = _proc_table()
         got = collect(c.run("snapshot_process"), lambda g: bool(g.packets), timeout=15)
         after = _proc_table()
