@@ -64,6 +64,14 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
                               Path(d.tls.client_ca) if d.tls.client_ca else None)
         if d.otel_logs is not None:
             s.otel_logs = OtelLogsSettings(d.otel_logs.endpoint, d.otel_logs.level)
+        if d.containerd_socket is not None:
+            s.containerd_socket = d.containerd_socket
+        if d.containerd_namespace is not None:
+            s.containerd_namespace = d.containerd_namespace
+        if d.compile_queue is not None:
+            s.compile_queue = d.compile_queue
+        if d.compile_queue_per_client is not None:
+            s.compile_queue_per_client = d.compile_queue_per_client
     s.sinks = {k: dict(v) for k, v in loaded.sink_defaults.items()}
     if args.listen:
         s.listen = tuple(args.listen)

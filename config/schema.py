@@ -339,6 +339,15 @@ class DaemonSection(_Model):
     """TLS towards TCP peers without their own; a TCP peer without any needs ``insecure``."""
     otel_logs: OtelLogsSection | None = Field(None, alias="otelLogs")
     """Send the daemon's own log to an OpenTelemetry Collector too; none: stderr only."""
+    containerd_socket: str | None = Field(None, alias="containerdSocket")
+    """containerd's API socket the container collection watches; ``""``: no container runtime;
+    none: ``/run/containerd/containerd.sock``."""
+    containerd_namespace: str | None = Field(None, alias="containerdNamespace", min_length=1)
+    """containerd namespace of the containers; none: ``k8s.io`` (Kubernetes' CRI)."""
+    compile_queue: int | None = Field(None, alias="compileQueue", ge=1)
+    """Runs of clients that may wait for their turn to compile, in all; none: 128."""
+    compile_queue_per_client: int | None = Field(None, alias="compileQueuePerClient", ge=1)
+    """Of those, runs of one client (a process on the unix socket, a host over TCP); none: 32."""
     sinks: dict[str, SinkSettings] = Field(default_factory=dict)
     """Daemon-wide sink defaults by sink type, keys as the sink's setting names
     (``brokers``, ``endpoint``); see ``$defs/sink-<type>``."""

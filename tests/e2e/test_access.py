@@ -265,3 +265,23 @@ def test_serve_flags_reach_the_settings(tmp_path: Path) -> None:
         settings("--tls-client-ca", "/ca.pem")
     s = settings("--tls-cert", "/s.pem", "--tls-key", "/s.key", "--tls-client-ca", "/ca.pem")
     assert s.tls is not None and (str(s.tls.cert), str(s.tls.client_ca)) == ("/s.pem", "/ca.pem")
+
+
+def test_daemon_keys_for_containers_and_the_compile_queue_reach_the_settings(
+        tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("daemon:\n  containerdSocket: /tmp/ctd.sock\n  containerdNamespace: ns1\n"
+                      "  compileQueue: 7\n  compileQueuePerClient: 3\ninstances: []\n")
+
+    def settings(*flags: str) -> DaemonSettings:
+        return settings_from_args(build_parser().parse_args(["serve", "--config", str(config),
+                                                              *flags]))
+
+    s = settings()
+    assert (s.containerd_socket, s.containerd_namespace) == ("/tmp/ctd.sock", "ns1")
+    assert (s.compile_queue, s.compile_queue_per_client) == (7, 3)
+    s = settings("--containerd-socket", "", "--compile-queue", "9")
+    assert (s.containerd_socket, s.compile_queue) == ("", 9)  # flags win over the file
+    config.write_text("daemon:\n  compileQueue: 0\ninstances: []\n")
+    with pytest.raises(SystemExit, match="compileQueue"):
+        settings()
