@@ -125,6 +125,7 @@ def test_the_multi_node_example_runs_over_mutual_tls(peers: tuple[Peer, Peer], c
         assert front.socket.stat().st_gid == grp.getgrnam(socket_group).gr_gid
         with front.client() as fc:
             instance_tracing(fc, "exec-cluster")  # traces here and on both peers
+            instance_tracing(fc, "exec-node-b")  # on node-b alone: its own ready event
             here = instances(fc)
             assert {n: gi.state.status for n, gi in here.items()} == {
                 "exec-cluster": pb.StatusRunning, "exec-node-b": pb.StatusRunning}
