@@ -335,8 +335,12 @@ class ContainerCollection:
                         os.close(fd)
                 return Classified.UNKNOWN
             self._hold(c.id, mntns, [mnt_fd, net_fd])
+            # The runtime's task event (which names the init process) may still be on its
+            # way: the init is found from /proc then.
+            init = c.pid or procfs.container_init(pid, cg.path, self.proc)
             self.upsert(c.with_(mntns=mntns, netns=netns, cgroup_path=cg.path,
-                                cgroup_id=cg.id, host_network=netns == self.host_netns))
+                                cgroup_id=cg.id, host_network=netns == self.host_netns,
+                                pid=init))
         return Classified.CONTAINER
 
     def _container_in(self, path: str) -> Container | None:

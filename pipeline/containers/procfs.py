@@ -112,6 +112,34 @@ def cgroup_of(pid: int, proc: str = PROC) -> ProcessCgroup | None:
     return ProcessCgroup(parse_cgroup_file(text).decode(), cg_id)
 
 
+def _is_ns_init(pid: int, proc: str) -> bool:
+    """Whether ``pid`` is pid 1 of its innermost pid namespace (``NSpid`` ends in 1)."""
+    try:
+        with open(f"{proc}/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return line.split()[-1] == "1"
+    except OSError:
+        pass
+    return False
+
+
+def container_init(pid: int, cgroup_path: str, proc: str = PROC) -> int:
+    """The init process of the container ``pid`` runs in: ``pid`` itself when it is pid 1 of
+    its pid namespace, else that member of its cgroup (v2); 0 when none is found. For a
+    container the daemon learns from a record before the runtime's task event names it."""
+    if _is_ns_init(pid, proc):
+        return pid
+    mount = cgroup2_mount()
+    if not mount:
+        return 0
+    try:
+        members = Path(mount + cgroup_path, "cgroup.procs").read_text().split()
+    except OSError:
+        return 0
+    return next((int(m) for m in members if _is_ns_init(int(m), proc)), 0)
+
+
 def start_time_ns(pid: int, proc: str = PROC) -> int:
     """Wall-clock ns at which ``pid`` started (``/proc/<pid>/stat`` start time, in clock
     ticks since boot); 0 when the process is gone."""

@@ -8,7 +8,9 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +159,43 @@ def test_a_pod_sharing_a_network_namespace_is_found_by_it() -> None:
     pod = t.containers[row - 1]
     assert pod.pod_name == "p" and pod.pid == 0  # the pod, not one of its containers
     assert t.rows_by_netns(np.array([1], dtype=np.uint64)).tolist() == [0]
+
+
+def test_the_init_of_a_pid_namespace_is_found_from_proc() -> None:
+    """A container learnt from a record before the runtime's task event still gets its init
+    pid (runtime.containerPid): pid 1 of the process's own pid namespace."""
+    from pipeline.containers import procfs
+
+    outer = subprocess.Popen(["unshare", "-pf", "sh", "-c", "sleep 60 & wait"])
+    cgdir = Path(procfs.cgroup2_mount() + f"/gp-test-{os.getpid()}-{outer.pid}")
+    init = 0
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the forked init and its child appear under unshare
+            inits = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+            grand = (Path(f"/proc/{inits[0]}/task/{inits[0]}/children").read_text().split()
+                     if inits else [])
+            if grand:
+                break
+            assert time.monotonic() < deadline, "unshare did not start its namespace"
+            time.sleep(0.01)  # polling /proc
+        init, sleeper = int(inits[0]), int(grand[0])
+        # Both in a cgroup of their own, as a container's processes are.
+        cgdir.mkdir()
+        for pid in (init, sleeper):
+            (cgdir / "cgroup.procs").write_text(str(pid))
+        path = "/" + cgdir.name
+        assert procfs.container_init(init, path) == init
+        assert procfs.container_init(sleeper, path) == init  # found among its cgroup
+        assert procfs.container_init(outer.pid, "/nonexistent-cgroup") == 0
+    finally:
+        if init:
+            os.kill(init, 9)  # the namespace's init: its processes go with it
+        outer.kill()
+        outer.wait()
+        gone_by = time.monotonic() + 30
+        while cgdir.exists() and time.monotonic() < gone_by:
+            try:
+                cgdir.rmdir()
+            except OSError:  # still populated for a moment after the kill
+                time.sleep(0.01)
