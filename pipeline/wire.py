@@ -349,24 +349,35 @@ def _fold_constants(blocks: list[Block], n: int) -> list[Block]:
     return out
 
 
-def _assemble_by_shape(blocks: list[Block], ragged: list[npt.NDArray[np.int64]],
-                       lens: npt.NDArray[np.int64]) -> bytes | None:
-    """The records of :func:`_assemble` when their shapes alternate: the records of each shape
-    as rows of a matrix, each row one bytes object, joined in order; None when there are more
-    than :data:`_MAX_RUNS` shapes."""
-    n = len(lens)
+def _shape_keys(lengths: list[npt.NDArray[np.int64]], n: int
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.intp]] | None:
+    """The distinct shapes of ``n`` records (their variable parts' lengths) and each record's
+    index into them; None when the mixed-radix key would overflow int64. One int64 key per
+    record (mixed radix over the lengths): a 1-D unique sorts far faster than a row-wise one."""
     key = np.zeros(n, dtype=np.int64)
     radix = 1
-    for used in ragged:
+    for used in lengths:
         top = int(used.max(initial=0)) + 1
         if radix * top >= 1 << 62:
             return None
         key += used * radix
         radix *= top
     ukeys, inv = np.unique(key, return_inverse=True)
+    return ukeys, inv.reshape(-1)
+
+
+def _assemble_by_shape(blocks: list[Block], ragged: list[npt.NDArray[np.int64]],
+                       lens: npt.NDArray[np.int64]) -> bytes | None:
+    """The records of :func:`_assemble` when their shapes alternate: the records of each shape
+    as rows of a matrix, each row one bytes object, joined in order; None when there are more
+    than :data:`_MAX_RUNS` shapes."""
+    n = len(lens)
+    keyed = _shape_keys(ragged, n)
+    if keyed is None:
+        return None
+    ukeys, inv = keyed
     if len(ukeys) > _MAX_RUNS:
         return None
-    inv = inv.reshape(-1)
     order = np.argsort(inv, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=len(ukeys)))])
     objs = np.empty(n, dtype=object)
@@ -675,18 +686,10 @@ class _Parts:
         if varying is not None:
             variable.insert(0, varying)
         if variable and n:
-            # One int64 key per record (mixed radix over the lengths): a 1-D unique sorts
-            # far faster than a row-wise one.
-            key = np.zeros(n, dtype=np.int64)
-            radix = 1
-            for used in variable:
-                top = int(used.max(initial=0)) + 1
-                if radix * top >= 1 << 62:
-                    return None
-                key += used * radix
-                radix *= top
-            ukeys, inv = np.unique(key, return_inverse=True)
-            inv = inv.reshape(-1)
+            keyed = _shape_keys(variable, n)
+            if keyed is None:
+                return None
+            ukeys, inv = keyed
         else:
             ukeys, inv = np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.intp)
         if len(ukeys) > _MAX_SHAPES:

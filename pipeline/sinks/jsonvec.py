@@ -31,7 +31,7 @@ import numpy.typing as npt
 from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, Field, Kind
 
-__all__ = ["JsonLines", "payload_block"]
+__all__ = ["JsonLines", "payload_block", "payload_source"]
 
 Block = npt.NDArray[np.uint8]
 """(n, width) bytes of one slot of every record; NUL bytes are filler."""
@@ -127,13 +127,13 @@ def _column(batch: Batch, f: Field, payloads: dict[int, Block]) -> npt.NDArray[n
     """A fixed-width field of every record as a numpy column: from payload 0, or from a
     further payload holding a struct (``payloads`` caches each payload as a block)."""
     width = KIND_WIDTH[f.base_kind]
-    raw = _source(batch, f, payloads)[:, f.offs: f.offs + width]
+    raw = payload_source(batch, f, payloads)[:, f.offs: f.offs + width]
     if raw.shape[1] < width:  # a short entry reads as zeros, as a decoder pads it
         raw = np.pad(raw, ((0, 0), (0, width - raw.shape[1])))
     return np.ascontiguousarray(raw).view(NUMPY_DTYPE[f.base_kind]).reshape(-1)
 
 
-def _source(batch: Batch, f: Field, payloads: dict[int, Block]) -> Block:
+def payload_source(batch: Batch, f: Field, payloads: dict[int, Block]) -> Block:
     """The block a static member of ``f``'s payload is cut from (cached per payload)."""
     if f.payload_index == 0:
         return batch.rows
@@ -204,7 +204,7 @@ def _string_block(block: Block, lens: npt.NDArray[np.intp]) -> tuple[Block, bool
 
 def _cstring(batch: Batch, f: Field, payloads: dict[int, Block]) -> tuple[Block, bool]:
     """A C string member (of payload 0 or of a struct payload), up to its first NUL."""
-    block = _source(batch, f, payloads)[:, f.offs: f.offs + f.size]
+    block = payload_source(batch, f, payloads)[:, f.offs: f.offs + f.size]
     return _string_block(block, _nul_cut(block))
 
 

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, Field, Kind
-from pipeline.sinks.jsonvec import payload_block
+from pipeline.sinks.jsonvec import payload_source
 from pipeline.wire import Block, assemble, const_block, varint, varint_block, varint_lengths
 
 __all__ = ["Part", "bytes_block", "column", "int_attribute", "record_blocks",
@@ -68,17 +68,6 @@ def _wrap(key: bytes, value: Part, n: int) -> Part:
             const_block(n, head), varint_block(av_len), *value]
 
 
-def _source(batch: Batch, f: Field, payloads: dict[int, npt.NDArray[np.uint8]]
-            ) -> npt.NDArray[np.uint8]:
-    """The block a static member of ``f``'s payload is cut from (cached per payload)."""
-    if f.payload_index == 0:
-        return batch.rows
-    block = payloads.get(f.payload_index)
-    if block is None:
-        block = payloads[f.payload_index] = payload_block(batch, f.payload_index)
-    return block
-
-
 def _form(col: Sequence[bytes]) -> Coded | Fixed | None:
     if isinstance(col, LazyColumn):
         return col.form()
@@ -91,7 +80,7 @@ def column(batch: Batch, f: Field, payloads: dict[int, npt.NDArray[np.uint8]]
            ) -> npt.NDArray[Any]:
     """A fixed-width member as a numpy column (payload 0 or a struct payload)."""
     width = KIND_WIDTH[f.base_kind]
-    raw = _source(batch, f, payloads)[:, f.offs: f.offs + width]
+    raw = payload_source(batch, f, payloads)[:, f.offs: f.offs + width]
     if raw.shape[1] < width:
         raw = np.pad(raw, ((0, 0), (0, width - raw.shape[1])))
     col = np.ascontiguousarray(raw).view(NUMPY_DTYPE[f.base_kind]).reshape(-1)
@@ -196,7 +185,7 @@ def string_value(batch: Batch, f: Field, payloads: dict[int, npt.NDArray[np.uint
     n = len(batch)
     cstring = f.base_kind is Kind.CSTRING
     if f.payload_index == 0 or f.size:
-        block = np.ascontiguousarray(_source(batch, f, payloads)[:, f.offs: f.offs + f.size])
+        block = np.ascontiguousarray(payload_source(batch, f, payloads)[:, f.offs: f.offs + f.size])
         lens = _nul_cut(block) if cstring else np.full(n, block.shape[1], dtype=np.int64)
         return _string_value(text_block(block, lens), n)
     col = batch.extra[f.payload_index - 1]
