@@ -53,7 +53,7 @@ class Profile:
 
 QUICK = Profile(repeats=3, count=600_000, step_seconds=2.0,
                 ladder=(25_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 0),
-                ladder_repeats=1, fanout=(1, 4, 16), fanout_count=200_000,
+                ladder_repeats=1, fanout=tuple(int(n) for n in os.environ.get("GADGETPIPE_BENCH_FANOUT", "1,4,16").split(",")), fanout_count=200_000,
                 synthetic_records=1_000_000)
 FULL = Profile(repeats=5, count=2_000_000, step_seconds=4.0,
                ladder=(25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000, 250_000,
@@ -132,6 +132,17 @@ def peers() -> tuple[Path, Path]:
     return goclient_path(), open_loop_path()
 
 
+def _reading_stdin(proc: subprocess.Popen[str]) -> bool:
+    """Whether ``proc`` sits in read(0, ...): loaded, its own opens done, waiting for go."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"the generator exited early ({proc.returncode})")
+    try:
+        fields = Path(f"/proc/{proc.pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] == "0" and int(fields[1], 16) == 0
+
+
 class Generator:
     """bench/loadgen/open_loop under a unique name (the kernel-side comm filter matches it and
     nothing else), started with -w: its loader's own opens happen before tracing starts, so the
@@ -144,6 +155,8 @@ class Generator:
         self.procs = [subprocess.Popen([str(binary), "-w", TARGET, str(n), str(rate // procs)],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for n in shares]
+        for p in self.procs:
+            wait_for(lambda p=p: _reading_stdin(p), 30, "the generator to wait for its go")
 
     def go(self) -> None:
         for p in self.procs:

@@ -4,6 +4,7 @@ client run against it timed from the generator's start."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -46,6 +47,18 @@ class Daemon:
             raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-2000:]}")
         time.sleep(0.3)
         self.pid = self.proc.pid
+        self._profiler = self._start_profiler()
+
+    def _start_profiler(self) -> subprocess.Popen[bytes] | None:
+        """py-spy on the daemon for the whole bench when ``GADGETPIPE_BENCH_PROFILE`` names an
+        output file (raw collapsed stacks: ``bench/profile_top.py`` sums them per function)."""
+        out = os.environ.get("GADGETPIPE_BENCH_PROFILE")
+        if not out:
+            return None
+        spy = Path(PYTHON).parent / "py-spy"
+        return subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", "200",
+                                 "--format", "raw", "--output", out, "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def metrics(self) -> dict[str, float]:
         """Sums over runs: kernel losses, drops at gRPC stages, delivered to gRPC stages."""
@@ -73,6 +86,9 @@ class Daemon:
         return out
 
     def stop(self) -> None:
+        if self._profiler is not None:
+            self._profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            self._profiler.wait(60)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

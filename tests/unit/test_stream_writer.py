@@ -110,3 +110,44 @@ async def test_flow_control_stops_the_writer_when_the_client_does_not_read(
         channel.close()
         server.close()
         await server.wait_closed()
+
+
+def test_the_h2_internals_the_writer_accounts_in_are_where_it_expects_them() -> None:
+    from h2.config import H2Configuration
+    from h2.connection import ConnectionInputs, H2Connection
+    from h2.stream import StreamInputs
+
+    conn = H2Connection(H2Configuration(client_side=False))
+    assert isinstance(conn.outbound_flow_control_window, int)
+    assert isinstance(conn.max_outbound_frame_size, int)
+    assert hasattr(conn.state_machine, "process_input")
+    assert isinstance(conn.streams, dict)
+    assert ConnectionInputs.SEND_DATA and StreamInputs.SEND_DATA
+    source = inspect.getsource(__import__("h2.stream").stream.H2Stream.send_data)
+    assert "outbound_flow_control_window -=" in source  # the accounting the writer repeats
+    from grpclib import protocol
+
+    init = inspect.getsource(protocol.Stream.__init__)
+    for name in ("self._transport", "self._h2_connection", "self.connection",
+                 "self.window_updated"):
+        assert name in init, name
+    assert protocol.Stream.data_sent == 0 and protocol.Connection.data_sent == 0
+    assert "data_send_process" in dir(protocol.Connection)
+
+
+def test_data_frames_are_valid_http2_frames_of_at_most_the_peers_size() -> None:
+    from hyperframe.frame import DataFrame, Frame
+
+    from api.stream_writer import data_frames
+
+    data = bytes(range(256)) * 200  # 51,200 bytes: three full 16 KiB frames and a short one
+    out = bytes(data_frames(memoryview(data), 7, 16384))
+    bodies, pos = [], 0
+    while pos < len(out):
+        frame, length = Frame.parse_frame_header(memoryview(out[pos:pos + 9]))
+        assert isinstance(frame, DataFrame) and frame.stream_id == 7 and not frame.flags
+        assert length <= 16384
+        bodies.append(out[pos + 9:pos + 9 + length])
+        pos += 9 + length
+    assert [len(b) for b in bodies] == [16384, 16384, 16384, 51200 - 3 * 16384]
+    assert b"".join(bodies) == data
