@@ -4,6 +4,7 @@ readings of the daemon, and the load generator."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -39,6 +40,10 @@ RUN = str(ROOT / "bench" / "run")
 """The entry point; the child roles (``_consume``, ``_pyclient``) run through it too."""
 
 
+_FANOUT = tuple(int(n) for n in os.environ.get("GADGETPIPE_BENCH_FANOUT", "1,4,16").split(","))
+"""Clients per fan-out run (scenario f); the environment variable picks a subset to profile."""
+
+
 @dataclass
 class Profile:
     repeats: int
@@ -53,12 +58,12 @@ class Profile:
 
 QUICK = Profile(repeats=3, count=600_000, step_seconds=2.0,
                 ladder=(25_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 0),
-                ladder_repeats=1, fanout=tuple(int(n) for n in os.environ.get("GADGETPIPE_BENCH_FANOUT", "1,4,16").split(",")), fanout_count=200_000,
+                ladder_repeats=1, fanout=_FANOUT, fanout_count=200_000,
                 synthetic_records=1_000_000)
 FULL = Profile(repeats=5, count=2_000_000, step_seconds=4.0,
                ladder=(25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000, 250_000,
                        300_000, 350_000, 0),
-               ladder_repeats=3, fanout=(1, 4, 16), fanout_count=600_000,
+               ladder_repeats=3, fanout=_FANOUT, fanout_count=600_000,
                synthetic_records=4_000_000)
 
 
@@ -156,7 +161,7 @@ class Generator:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for n in shares]
         for p in self.procs:
-            wait_for(lambda p=p: _reading_stdin(p), 30, "the generator to wait for its go")
+            wait_for(functools.partial(_reading_stdin, p), 30, "the generator to wait for its go")
 
     def go(self) -> None:
         for p in self.procs:

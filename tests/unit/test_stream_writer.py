@@ -25,6 +25,7 @@ class _Manager(svc.GadgetManagerBase):
         self.frames = frames
         self.repeat = repeat
         self.writer: FramedWriter | None = None
+        self.parts: list[bytes] = []
         self.blocked = asyncio.Event()
 
     async def GetGadgetInfo(self, stream: Stream[Any, Any]) -> None:
@@ -33,6 +34,8 @@ class _Manager(svc.GadgetManagerBase):
     async def RunGadget(self, stream: Stream[Any, Any]) -> None:
         await stream.recv_message()
         self.writer = FramedWriter(stream)
+        if self.parts:
+            await self.writer.write(self.parts)
         for _ in range(self.repeat):
             await self.writer.write(self.frames)
 
@@ -80,6 +83,23 @@ async def test_one_write_of_many_framed_messages_reaches_grpcio_as_separate_mess
         await server.wait_closed()
     assert [e.seq for e in events] == list(range(1, 1001)) * 3
     assert all(e.payload == b"x" * 300 for e in events)
+
+
+async def test_messages_given_as_many_buffers_arrive_whole_and_in_order(
+        tmp_path: Path) -> None:
+    frames = [wire.grpc_frame(wire.gadget_event(0, i, bytes([i % 251]) * (37 * i % 4000)))
+              for i in range(1, 801)]
+    manager = _Manager(b"", 0)
+    manager.parts = [b"".join(frames[k:k + 50]) for k in range(0, 800, 50)]
+    server = await _serve(tmp_path / "s.sock", manager)
+    try:
+        events = await asyncio.to_thread(_read_all, f"unix://{tmp_path / 's.sock'}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [e.seq for e in events] == list(range(1, 801))
+    assert [e.payload for e in events] == [bytes([i % 251]) * (37 * i % 4000)
+                                           for i in range(1, 801)]
 
 
 async def test_flow_control_stops_the_writer_when_the_client_does_not_read(
@@ -138,10 +158,12 @@ def test_the_h2_internals_the_writer_accounts_in_are_where_it_expects_them() -> 
 def test_data_frames_are_valid_http2_frames_of_at_most_the_peers_size() -> None:
     from hyperframe.frame import DataFrame, Frame
 
-    from api.stream_writer import data_frames
+    from api.stream_writer import _Cursor, data_frames
 
     data = bytes(range(256)) * 200  # 51,200 bytes: three full 16 KiB frames and a short one
-    out = bytes(data_frames(memoryview(data), 7, 16384))
+    # Given as three uneven buffers: frames cross their boundaries.
+    parts = [memoryview(data[:1000]), memoryview(data[1000:30000]), memoryview(data[30000:])]
+    out = b"".join(bytes(b) for b in data_frames(_Cursor(parts), len(data), 7, 16384))
     bodies, pos = [], 0
     while pos < len(out):
         frame, length = Frame.parse_frame_header(memoryview(out[pos:pos + 9]))
