@@ -26,6 +26,8 @@ socket transport's ``_sock`` (written to only while the transport has nothing bu
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,12 @@ from h2.stream import StreamInputs
 SPAN = 256 * 1024
 """Most bytes of messages written at once: the transport may buffer up to one span per client
 beyond its high-water mark, so this bounds a stalled client's memory."""
+
+SEND_BUFFER = 1 << 20
+"""Socket send buffer asked for on a connection once it streams records (the kernel doubles
+it, capped by net.core.wmem_max). The default (~208 KiB) took a 256 KiB span in parts: a
+second syscall from the transport's buffer and a wake-up of the client per part. Measured with
+16 attached Go clients (bench f): daemon CPU per record 7.9 -> 6.2 µs."""
 
 _DATA_FRAME = 0x0
 
@@ -87,6 +95,14 @@ def _views(framed: Buffer | Sequence[Buffer]) -> list[memoryview]:
     return [memoryview(p) for p in framed if len(p)]
 
 
+def _grow_send_buffer(transport: Any) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
 def _gather_write(transport: Any, iov: list[Buffer], size: int) -> None:
     """Writes ``iov`` in order: straight to the socket with one ``sendmsg`` when the transport
     has nothing buffered (no copy in user space), the rest through the transport (which buffers
@@ -131,6 +147,7 @@ class FramedWriter:
         s = self._stream
         if not s._send_initial_metadata_done:
             await s.send_initial_metadata()
+            _grow_send_buffer(s._stream._transport)
         proto = s._stream
         cursor = _Cursor(parts)
         pos, total = 0, sum(len(p) for p in parts)
