@@ -108,7 +108,7 @@ def _element_prefix(record_size: int) -> bytes:
     return bytes([_TAG_PAYLOAD]) + varint(record_size)
 
 
-def per_record_events(batch: Batch, first_seq: int, ds_id: int) -> bytes:
+def per_record_events(batch: Batch, first_seq: int, ds_id: int) -> bytes | bytearray:
     """One framed ``GadgetEvent{seq, GadgetData}`` per record, concatenated.
 
     ``first_seq`` is the seq of the first record; record ``i`` gets ``first_seq + i`` (mod 2^32).
@@ -154,11 +154,11 @@ def per_record_events(batch: Batch, first_seq: int, ds_id: int) -> bytes:
     return b"".join(parts)
 
 
-def _per_record_events_general(batch: Batch, first_seq: int, ds_id: int) -> bytes:
+def _per_record_events_general(batch: Batch, first_seq: int, ds_id: int) -> bytearray:
     """Framed events of records with further payloads (derived fields, enrichment)."""
     n = len(batch)
     seqs = np.arange(first_seq, first_seq + n, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
-    return bytes(framed_records(batch, seqs, ds_id)[0])
+    return framed_records(batch, seqs, ds_id)[0]
 
 
 SEQ_PLACEHOLDER = b"\x80\x80\x80\x80\x00"

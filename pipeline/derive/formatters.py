@@ -25,12 +25,24 @@ from pipeline.derive.tables import ERRNO_NAMES, SIGNAL_NAMES
 Column = npt.NDArray[Any]
 
 
+def distinct(col: Column) -> tuple[list[Any], npt.NDArray[np.intp]]:
+    """The distinct values of ``col`` and each record's index into them.
+
+    A batch usually holds one value of a column (one process's flags, mode, user): that case
+    is one comparison pass, not the sort ``np.unique`` needs."""
+    n = len(col)
+    if n and bool((col == col[0]).all()):
+        return [col[0].item()], np.zeros(n, dtype=np.intp)
+    uniq, codes = np.unique(col, return_inverse=True)
+    return uniq.tolist(), codes.reshape(-1)
+
+
 def by_unique(col: Column, fmt: Callable[[int], bytes]) -> Coded:
     """``fmt`` applied to each distinct value of ``col`` once."""
     if len(col) == 0:
         return Coded([], np.zeros(0, dtype=np.intp))
-    uniq, codes = np.unique(col, return_inverse=True)
-    return Coded([fmt(int(v)) for v in uniq.tolist()], codes.reshape(-1))
+    values, codes = distinct(col)
+    return Coded([fmt(int(v)) for v in values], codes)
 
 
 def by_unique_rows(block: npt.NDArray[np.uint8], fmt: Callable[[bytes], bytes]) -> Coded:
@@ -161,6 +173,25 @@ def _zone(offset: int) -> bytes:
     return f"{sign}{h:02d}:{m:02d}".encode()
 
 
+_THREE_DIGITS = np.frombuffer(b"".join(b"%03d" % k for k in range(1000)),
+                              dtype=np.uint8).reshape(1000, 3)
+"""``k`` -> its three ASCII digits: a fraction's nine digits are three lookups."""
+
+
+def _seconds(secs: npt.NDArray[np.int64]) -> tuple[list[int], npt.NDArray[np.intp]]:
+    """Distinct seconds and each record's index into them. A drained batch is in time order
+    (one ring, one CPU's order at most a little off), so its distinct seconds are where the
+    value changes; a sort is needed only when the batch is not ordered."""
+    if bool((secs[1:] >= secs[:-1]).all()):
+        change = np.flatnonzero(secs[1:] != secs[:-1]) + 1
+        inv = np.zeros(len(secs), dtype=np.intp)
+        inv[change] = 1
+        np.cumsum(inv, out=inv)
+        return secs[np.concatenate(([0], change))].tolist(), inv
+    uniq, inv = np.unique(secs, return_inverse=True)
+    return uniq.tolist(), inv.reshape(-1)
+
+
 def timestamps(ns: Column) -> Fixed | list[bytes]:
     """Wall-clock ns as upstream's timestamp formatter writes them, in the local zone:
     ``2006-01-02T15:04:05.000000000Z07:00`` in Go's layout (``…Z`` in UTC).
@@ -174,19 +205,21 @@ def timestamps(ns: Column) -> Fixed | list[bytes]:
         return Fixed(np.zeros((0, 0), dtype=np.uint8))
     v = ns.astype(np.int64)
     secs, frac = np.divmod(v, _SECOND)
-    uniq, inv = np.unique(secs, return_inverse=True)
-    inv = inv.reshape(-1)
+    uniq, inv = _seconds(secs)
     heads: list[bytes] = []
     zones: list[bytes] = []
-    for sec in uniq.tolist():
+    for sec in uniq:
         lt = time.localtime(sec)
         heads.append(time.strftime("%Y-%m-%dT%H:%M:%S", lt).encode().rjust(19, b"0"))
         zones.append(_zone(lt.tm_gmtoff))
     head = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), 19)
     digits = np.empty((n, 10), dtype=np.uint8)
     digits[:, 0] = ord(".")
-    for k in range(9):
-        digits[:, 1 + k] = 48 + (frac // 10 ** (8 - k)) % 10
+    high, low = np.divmod(frac, 1_000_000)
+    mid, low = np.divmod(low, 1000)
+    digits[:, 1:4] = _THREE_DIGITS[high]
+    digits[:, 4:7] = _THREE_DIGITS[mid]
+    digits[:, 7:10] = _THREE_DIGITS[low]
     distinct = sorted(set(zones))
 
     def block(sel: npt.NDArray[np.intp] | slice, zone: bytes) -> npt.NDArray[np.uint8]:
