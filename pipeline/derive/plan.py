@@ -379,8 +379,8 @@ def _ids(b: _Builder, type_name: str, fallback: str, env: DeriveEnv) -> None:
             col = _num(batch, f)
             if len(col) == 0:
                 return Coded([], np.zeros(0, dtype=np.intp))
-            uniq, codes = np.unique(col, return_inverse=True)
-            return Coded(names.names(uniq.tolist()), codes.reshape(-1))
+            ids, codes = fmt.distinct(col)
+            return Coded(names.names(ids), codes)
         added = b.add(name, Kind.STRING, _parent_of(b, i), derive)
         b.set_hidden(added, True)
         b.set_hidden(i, True)
