@@ -258,6 +258,33 @@ def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
+def grpc_stages(port: int) -> dict[str, dict[str, float]]:
+    """Per gRPC stream stage: records produced into it, delivered, dropped and queued."""
+    out: dict[str, dict[str, float]] = {}
+    names = {"gadgetpipe_records_produced_total": "produced",
+             "gadgetpipe_records_delivered_total": "delivered",
+             "gadgetpipe_records_dropped_total": "dropped",
+             "gadgetpipe_queue_depth_records": "queued"}
+    for name, labels, v in scrape(port):
+        stage = labels.get("stage", "")
+        if name in names and stage.startswith("grpc:"):
+            row = out.setdefault(stage, dict.fromkeys(names.values(), 0.0))
+            row[names[name]] += v
+    return out
+
+
+def wait_stages(port: int, what: str, pred: Callable[[dict[str, float]], bool],
+                streams: int = 2, timeout: float = 60.0) -> None:
+    """Until ``streams`` gRPC stages exist and ``pred`` holds for each (polling /metrics)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stages = grpc_stages(port)
+        if len(stages) >= streams and all(pred(r) for r in stages.values()):
+            return
+        assert time.monotonic() < deadline, f"{what}: {stages}"
+        time.sleep(0.05)
+
+
 def unique_comm(prefix: str) -> str:
     return f"{prefix}{os.urandom(5).hex()}"[:15]
 
@@ -400,7 +427,8 @@ def test_a_client_that_stops_reading(tmp_path: Path) -> None:
             fast.wait_ready()
             slow.wait_ready()
             open_loop(gen, 1000)  # warm both streams up
-            time.sleep(0.5)
+            wait_stages(port, "warm-up records handed to both streams",
+                        lambda r: r["delivered"] >= 1000)
             rss0 = rss_kb(pid)
             slow.proc.send_signal(signal.SIGSTOP)
             peak = dict(rss0)
@@ -417,9 +445,13 @@ def test_a_client_that_stops_reading(tmp_path: Path) -> None:
             stop_sampling.set()
             sampler.join()
             slow.proc.send_signal(signal.SIGCONT)
-            time.sleep(1.0)
-            open_loop(gen, tail)  # after the gap, so every drop is followed by a record
-            time.sleep(1.0)
+            # The frozen client's queue empties into its stream before the tail is made, so
+            # the tail is not dropped and follows every gap.
+            wait_stages(port, "both streams' queues drained", lambda r: r["queued"] == 0)
+            open_loop(gen, tail)
+            total = 1000 + load + tail
+            wait_stages(port, "every record handed on or dropped",
+                        lambda r: r["delivered"] + r["dropped"] >= total and r["queued"] == 0)
             fast_summary = fast.finish()
             slow_summary = slow.finish()
         finally:
