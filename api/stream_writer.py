@@ -138,6 +138,8 @@ class FramedWriter:
         self._stream = stream
         self.bytes_written = 0
         self.writes = 0
+        self.waiting = False
+        """True while a write waits for the client (its flow-control window or the socket)."""
 
     async def write(self, framed: Buffer | Sequence[Buffer]) -> None:
         """Writes one or more complete gRPC messages (flag, length, body each), given as one
@@ -154,7 +156,10 @@ class FramedWriter:
         pos, total = 0, sum(len(p) for p in parts)
         while pos < total:
             conn = proto.connection
-            await conn.write_ready.wait()
+            if not conn.write_ready.is_set():
+                self.waiting = True
+                await conn.write_ready.wait()
+                self.waiting = False
             h2c = proto._h2_connection
             stream = h2c.streams.get(proto.id)
             if stream is None:  # reset or closed under us: let grpclib raise its error
@@ -165,7 +170,9 @@ class FramedWriter:
             window = min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
             if window <= 0:
                 proto.window_updated.clear()
+                self.waiting = True
                 await proto.window_updated.wait()
+                self.waiting = False
                 continue  # other streams may have used the connection window meanwhile
             n = min(window, total - pos, SPAN)
             max_frame = h2c.max_outbound_frame_size
