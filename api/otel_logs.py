@@ -23,7 +23,6 @@ import traceback
 from dataclasses import dataclass
 
 from opentelemetry._logs import Logger, SeverityNumber
-from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
@@ -121,6 +120,10 @@ class DaemonLogExport:
 
     def start(self) -> None:
         """Attaches to the root logger; records flow from here on."""
+        # Imported here: the exporter pulls in grpcio (~6 MB), which a daemon that exports
+        # nothing does not need.
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
         endpoint = otlp_grpc_url(self.settings.endpoint)
         exporter = OTLPLogExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"),
                                    timeout=EXPORT_TIMEOUT)

@@ -27,12 +27,10 @@ import logging
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
-import grpc
-import grpc.aio
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from google.rpc import status_pb2  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 
 from pipeline.batch import Batch
@@ -58,13 +56,7 @@ __all__ = ["OtelLogsSink", "OtelLogsSinkType", "resource_attributes"]
 
 _logger = logging.getLogger(__name__)
 
-EXPORT_METHOD = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
 HTTP_PATH = "/v1/logs"
-RETRYABLE_GRPC = frozenset({
-    grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
-})
 RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 DEFAULT_MAX_REQUEST = 4 << 20
 """The Collector's OTLP gRPC receiver refuses messages over 4 MiB by default."""
@@ -92,19 +84,14 @@ def _parse_headers(text: str) -> dict[str, str]:
     return out
 
 
-def _retry_info(e: grpc.aio.AioRpcError) -> float | None:
-    """The server's RetryInfo delay from the status details, if it sent one."""
-    for key, value in e.trailing_metadata() or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        with contextlib.suppress(Exception):
-            status = status_pb2.Status.FromString(value)
-            for d in status.details:
-                if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    info = error_details_pb2.RetryInfo()
-                    d.Unpack(info)
-                    return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
+class Transport(Protocol):
+    """Sends one serialized ``ExportLogsServiceRequest``; returns (rejected, message)."""
+
+    async def start(self) -> None: ...
+
+    async def send(self, request: bytes) -> tuple[int, str]: ...
+
+    async def close(self) -> None: ...
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -126,50 +113,6 @@ def _rejected(body: bytes) -> tuple[int, str]:
     except Exception:  # a proxy's HTML answer with a 200: nothing to count
         return 0, ""
     return int(resp.partial_success.rejected_log_records), resp.partial_success.error_message
-
-
-class _GrpcTransport:
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float,
-                 gzip_: bool) -> None:
-        u = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-        self.target = u.netloc or u.path
-        self._secure = u.scheme == "https"
-        self._metadata = tuple(headers.items())
-        self._timeout = timeout
-        self._compression = grpc.Compression.Gzip if gzip_ else grpc.Compression.NoCompression
-        self._channel: grpc.aio.Channel | None = None
-        self._call: Any = None
-
-    async def start(self) -> None:
-        # Reconnect fast after a peer restart instead of grpc's default backoff of up to 2 min;
-        # the runner owns the backoff.
-        opts = [("grpc.max_reconnect_backoff_ms", 1000), ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100)]
-        self._channel = (grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(),
-                                                 options=opts)
-                         if self._secure else grpc.aio.insecure_channel(self.target, options=opts))
-        self._call = self._channel.unary_unary(
-            EXPORT_METHOD, request_serializer=None,
-            response_deserializer=ExportLogsServiceResponse.FromString)
-
-    async def send(self, request: bytes) -> tuple[int, str]:
-        if self._call is None:
-            raise SinkError("OTLP gRPC transport used before start()", retryable=False)
-        try:
-            resp: ExportLogsServiceResponse = await self._call(
-                request, timeout=self._timeout, metadata=self._metadata,
-                compression=self._compression, wait_for_ready=False)
-        except grpc.aio.AioRpcError as e:
-            code = e.code()
-            raise SinkError(f"OTLP gRPC export to {self.target}: {code.name} {e.details()}",
-                            retryable=code in RETRYABLE_GRPC, retry_after=_retry_info(e)) from e
-        return (int(resp.partial_success.rejected_log_records),
-                resp.partial_success.error_message)
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
 
 
 class _HttpTransport:
@@ -237,7 +180,7 @@ class OtelLogsSink:
 
     name = "otel-logs"
 
-    def __init__(self, transport: _GrpcTransport | _HttpTransport, resource: dict[str, Any],
+    def __init__(self, transport: Transport, resource: dict[str, Any],
                  gadget: str, body_field: str, max_request: int) -> None:
         self._transport = transport
         self._resource_attrs = resource
@@ -341,9 +284,14 @@ class OtelLogsSinkType(SinkTypeBase):
         endpoint = str(own.get("endpoint") or "127.0.0.1:4317")
         timeout = float(own.get("timeout") or 10.0)
         gz = own.get("compression") == "gzip"
-        transport: _GrpcTransport | _HttpTransport = (
-            _HttpTransport(endpoint, headers, timeout, gz) if own.get("protocol") == "http"
-            else _GrpcTransport(endpoint, headers, timeout, gz))
+        transport: Transport
+        if own.get("protocol") == "http":
+            transport = _HttpTransport(endpoint, headers, timeout, gz)
+        else:
+            # Imported only for a gRPC sink: grpcio is ~6 MB of a daemon that never uses it.
+            from pipeline.sinks._otlp_grpc import GrpcTransport
+
+            transport = GrpcTransport(endpoint, headers, timeout, gz)
         resource = {**resource_attributes(context),
                     "host.name": context.node or socket.gethostname()}
         return OtelLogsSink(transport, resource, context.gadget, body,
