@@ -22,13 +22,14 @@ the same way, so every record's line is the same either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn
+from pipeline.batch import Batch, Coded, CodedColumn, Fixed, FormColumn, LazyColumn
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, Field, Kind
 
 __all__ = ["JsonLines", "payload_block", "payload_source"]
@@ -143,12 +144,36 @@ def payload_source(batch: Batch, f: Field, payloads: dict[int, Block]) -> Block:
     return block
 
 
+def column_form(col: Sequence[bytes]) -> Coded | Fixed | None:
+    """A payload column's coded or fixed-width form (computing a derived column), or None for
+    a plain list: encoders that have the form work per distinct value or per block."""
+    if isinstance(col, LazyColumn):
+        return col.form()
+    if isinstance(col, FormColumn):
+        return col.form
+    if isinstance(col, CodedColumn):
+        return col.form()
+    return None
+
+
+def used_only(form: Coded, limit: int = 32) -> Coded:
+    """``form`` with its table cut to the values its codes use, when the table is longer than
+    ``limit`` (a container table holds every known container; a batch uses a few)."""
+    if len(form.table) <= limit or not len(form.codes):
+        return form
+    used = np.flatnonzero(np.bincount(form.codes, minlength=len(form.table)))
+    if len(used) == len(form.table):
+        return form
+    remap = np.zeros(len(form.table), dtype=np.intp)
+    remap[used] = np.arange(len(used), dtype=np.intp)
+    return Coded([form.table[u] for u in used.tolist()], remap[form.codes])
+
+
 def payload_block(batch: Batch, index: int) -> Block:
     """Payload ``index`` of every record as a NUL-padded block (a struct a source keeps beside
     payload 0: one row per record, without an object per record for coded and fixed forms)."""
     col = batch.extra[index - 1]
-    form = col.form() if isinstance(col, LazyColumn) else \
-        col.form if isinstance(col, FormColumn) else None
+    form = column_form(col)
     n = len(batch)
     if isinstance(form, Fixed):
         return form.matrix
@@ -213,22 +238,14 @@ def _payload_string(batch: Batch, f: Field) -> tuple[Block, bool]:
     columns encode each distinct value once, fixed-width ones are one block, a plain list
     becomes one NUL-padded block."""
     col = batch.extra[f.payload_index - 1]
-    form = col.form() if isinstance(col, LazyColumn) else \
-        col.form if isinstance(col, FormColumn) else None
+    form = column_form(col)
     cstring = f.base_kind is Kind.CSTRING
     n = len(batch)
     if isinstance(form, Coded):
+        form = used_only(form)
         texts = [encode_basestring_ascii(_utf8(v.partition(b"\0")[0] if cstring else v))[1:-1]
                  for v in form.table]
-        table, _ = _text_block(texts) if texts else (np.zeros((0, 1), np.uint8), True)
-        tlens = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
-        codes = form.codes
-        if n == 0:
-            return np.zeros((0, 1), dtype=np.uint8), True
-        if len(texts) == 1 or bool((codes == codes[0]).all()):
-            one = int(codes[0])
-            return np.broadcast_to(table[one, : tlens[one]], (n, int(tlens[one]))), True
-        return table[codes], bool((tlens[codes] == table.shape[1]).all())
+        return _coded_texts(texts, form.codes)
     if isinstance(form, Fixed):
         block = form.matrix
         lens = _nul_cut(block) if cstring else np.full(n, block.shape[1], dtype=np.intp)
@@ -239,6 +256,59 @@ def _payload_string(batch: Batch, f: Field) -> tuple[Block, bool]:
     block = np.frombuffer(np.array(values, dtype=f"S{width}").tobytes(),
                           dtype=np.uint8).reshape(n, width)
     return _string_block(block, lens)
+
+
+def _coded_texts(texts: Sequence[str], codes: npt.NDArray[np.intp]) -> tuple[Block, bool]:
+    """The block of a coded column given each distinct value's JSON text: one value for the
+    whole batch is a broadcast row (it joins the template)."""
+    n = len(codes)
+    if n == 0 or not texts:
+        return np.zeros((n, 1), dtype=np.uint8), True
+    table, _ = _text_block(texts)
+    tlens = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
+    if len(texts) == 1 or bool((codes == codes[0]).all()):
+        one = int(codes[0])
+        return np.broadcast_to(table[one, : tlens[one]], (n, int(tlens[one]))), True
+    return table[codes], bool((tlens[codes] == table.shape[1]).all())
+
+
+def _number_texts(values: npt.NDArray[np.generic], kind: Kind) -> list[str]:
+    """JSON texts of a few numbers (a coded column's distinct values), as the per-value
+    encoder writes them."""
+    if kind is Kind.BOOL:
+        return ["true" if v == 1 else "false" for v in values.tolist()]
+    return [str(v) for v in values.tolist()]
+
+
+def _payload_number(batch: Batch, f: Field) -> tuple[Block, bool] | None:
+    """An integer or bool field that is a whole further payload (an enrichment's
+    ``containerPid``, ``hostnetwork``): per distinct value when coded, else as one column.
+    None when an entry is not exactly the kind's width (the per-value path reports it)."""
+    col = batch.extra[f.payload_index - 1]
+    form = column_form(col)
+    kind = f.base_kind
+    width = KIND_WIDTH[kind]
+    dtype = NUMPY_DTYPE[kind]
+    n = len(batch)
+    if isinstance(form, Coded):
+        form = used_only(form)
+        if any(len(v) != width for v in form.table):
+            return None
+        table = np.frombuffer(b"".join(form.table), dtype=dtype)
+        return _coded_texts(_number_texts(table, kind), form.codes)
+    if isinstance(form, Fixed):
+        if form.matrix.shape[1] != width:
+            return None
+        values = np.ascontiguousarray(form.matrix).view(dtype).reshape(-1)
+    else:
+        data = b"".join(col)
+        if len(data) != n * width or any(len(v) != width for v in col):
+            return None
+        values = np.frombuffer(data, dtype=dtype)
+    if kind is Kind.BOOL:
+        block = _TRUE_FALSE[(values == 1).astype(np.intp)]
+        return block, bool(block[:, 4].all())
+    return _ints(values)
 
 
 def _text_block(texts: Sequence[str]) -> tuple[Block, bool]:
@@ -268,8 +338,39 @@ def _utf8(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A field of the template and how it is encoded."""
+
+    field: Field
+    kind: str
+    """``int``, ``bool``, ``cstring`` (a C string member), ``payload-string``,
+    ``payload-number`` (a whole further payload), or ``other`` (the per-value fallback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """The lines' layout for one set of batch-constant values: constant text before each
+    varying slot, and the text after the last one."""
+
+    heads: tuple[bytes, ...]
+    slots: tuple[_Slot, ...]
+    tail: bytes
+
+
+TEMPLATE_CACHE = 16
+"""Templates kept per data source (a few sets of constant values alternate: one per busy
+process, say)."""
+
+
 class JsonLines:
     """Encodes batches of one data source as JSON lines.
+
+    Most fields of a batch hold one value for all its records (one process's records share
+    its name, ids, user, container; a struct nobody fills is zeros). Those are found with one
+    comparison of every row to the first (and a look at each coded column's codes), written
+    once into the line's template, and the template is kept for the next batches with the same
+    constant values; only the fields that vary are encoded over the batch.
 
     Args:
         pieces: the template: constant text, or None where the next field's value goes.
@@ -280,20 +381,31 @@ class JsonLines:
     def __init__(self, pieces: Sequence[str | None], fields: Sequence[Field],
                  fallback: Fallback) -> None:
         self._fallback = fallback
-        self._plan: list[bytes | Field] = []
+        self._plan: list[bytes | _Slot] = []
         it = iter(fields)
         for p in pieces:
             if p is None:
                 f = next(it)
-                if self._vector_kind(f) in ("cstring", "payload-string"):
+                slot = _Slot(f, self._vector_kind(f))
+                if slot.kind in ("cstring", "payload-string"):
                     self._const(b'"')
-                    self._plan.append(f)
+                    self._plan.append(slot)
                     self._const(b'"')
                 else:
-                    self._plan.append(f)
+                    self._plan.append(slot)
             else:
                 self._const(p.encode())
         self._const(b"\n")
+        self._slots = [item for item in self._plan if isinstance(item, _Slot)]
+        # Payload-0 members: their byte ranges in a row, to tell from which bytes vary
+        # whether they do.
+        self._row_slots = [k for k, sl in enumerate(self._slots)
+                           if sl.field.payload_index == 0 and sl.kind != "other"]
+        self._row_starts = np.array([self._slots[k].field.offs for k in self._row_slots],
+                                    dtype=np.intp)
+        self._row_stops = self._row_starts + np.array(
+            [_width(self._slots[k]) for k in self._row_slots], dtype=np.intp)
+        self._templates: dict[tuple[Any, ...], _Template] = {}
 
     def _const(self, data: bytes) -> None:
         if self._plan and isinstance(self._plan[-1], bytes):
@@ -310,7 +422,7 @@ class JsonLines:
             if kind in (Kind.STRING, Kind.CSTRING) and not f.size:
                 return "payload-string"
             if not f.size:
-                return "other"
+                return "payload-number" if kind in _INT_KINDS or kind is Kind.BOOL else "other"
         if kind in _INT_KINDS:
             return "int"
         if kind is Kind.BOOL:
@@ -319,40 +431,132 @@ class JsonLines:
             return "cstring"
         return "other"
 
+    def _block(self, batch: Batch, slot: _Slot, payloads: dict[int, Block]
+               ) -> tuple[Block, bool]:
+        """One field of every record as a block, and whether every row fills it."""
+        f, kind = slot.field, slot.kind
+        if kind == "int":
+            return _ints(_column(batch, f, payloads))
+        if kind == "bool":
+            block = _TRUE_FALSE[(_column(batch, f, payloads) == 1).astype(np.intp)]
+            return block, bool(block[:, 4].all())
+        if kind == "cstring":
+            return _cstring(batch, f, payloads)
+        if kind == "payload-string":
+            return _payload_string(batch, f)
+        got = _payload_number(batch, f) if kind == "payload-number" else None
+        return got if got is not None else _text_block(self._fallback(batch, f))
+
+    def _constants(self, batch: Batch, payloads: dict[int, Block]
+                   ) -> tuple[list[bool], tuple[Any, ...]]:
+        """Which slots hold one value in every record of a batch of two or more, and a key of
+        those values' bytes (equal keys: equal texts)."""
+        slots = self._slots
+        const = [False] * len(slots)
+        key: list[Any] = []
+        rows = batch.rows
+        if self._row_slots and rows.shape[1]:
+            varying = _varying_bytes(rows)
+            counts = np.concatenate(([0], np.cumsum(varying)))
+            same = (counts[self._row_stops] == counts[self._row_starts]).tolist()
+            for k, c in zip(self._row_slots, same, strict=True):
+                const[k] = c
+            mask = np.zeros(rows.shape[1], dtype=np.bool_)
+            for k, c in zip(self._row_slots, same, strict=True):
+                if c:
+                    f = slots[k].field
+                    mask[f.offs: f.offs + _width(slots[k])] = True
+            key.append(rows[0][mask].tobytes())
+        struct_varying: dict[int, npt.NDArray[np.bool_] | None] = {}
+        codes_same: dict[int, bool] = {}
+        for k, slot in enumerate(slots):
+            f = slot.field
+            if f.payload_index == 0 or slot.kind == "other":
+                continue
+            if f.size:  # a member of a struct payload
+                block = payload_source(batch, f, payloads)
+                if f.payload_index not in struct_varying:
+                    struct_varying[f.payload_index] = None if block.strides[0] == 0 else \
+                        _varying_bytes(block)
+                v = struct_varying[f.payload_index]
+                width = _width(slot)
+                if v is None or not v[f.offs: f.offs + width].any():
+                    const[k] = True
+                    key.append(block[0, f.offs: f.offs + width].tobytes())
+                continue
+            form = column_form(batch.extra[f.payload_index - 1])
+            if isinstance(form, Coded):
+                codes = form.codes
+                same_codes = codes_same.get(id(codes))
+                if same_codes is None:
+                    same_codes = codes_same[id(codes)] = bool(
+                        codes[0] == codes[-1] and (codes == codes[0]).all())
+                if same_codes:
+                    const[k] = True
+                    key.append(form.table[int(codes[0])])
+            elif isinstance(form, Fixed):
+                m = form.matrix
+                if m.strides[0] == 0 or (bool((m[0] == m[-1]).all())
+                                         and not _varying_bytes(m).any()):
+                    const[k] = True
+                    key.append(m[0].tobytes())
+        return const, (tuple(const), *key)
+
+    def _compile(self, batch: Batch, const: list[bool], payloads: dict[int, Block]
+                 ) -> _Template:
+        """The template with the constant slots' texts (taken from the first record)."""
+        first = batch if len(batch) == 1 else _first_record(batch)
+        one: dict[int, Block] = {}
+        heads: list[bytes] = []
+        slots: list[_Slot] = []
+        text = bytearray()
+        k = 0
+        for item in self._plan:
+            if isinstance(item, bytes):
+                text += item
+                continue
+            if const[k]:
+                block, _ = self._block(first, item, one)
+                text += block[0].tobytes().replace(b"\0", b"")  # JSON text has no raw NUL
+            else:
+                heads.append(bytes(text))
+                slots.append(item)
+                text = bytearray()
+            k += 1
+        return _Template(tuple(heads), tuple(slots), bytes(text))
+
     def encode(self, batch: Batch) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
         """Every record's JSON followed by a newline, concatenated, and where each line ends
         (exclusive offsets into the bytes, newline included)."""
         n = len(batch)
         if n == 0:
             return b"", np.zeros(0, dtype=np.intp)
+        payloads: dict[int, Block] = {}
+        if n == 1:  # every value is constant: the template is the line (not kept)
+            tmpl = self._compile(batch, [True] * len(self._slots), payloads)
+            return tmpl.tail, np.array([len(tmpl.tail)], dtype=np.intp)
+        const, key = self._constants(batch, payloads)
+        tmpl = self._templates.get(key)
+        if tmpl is None:
+            tmpl = self._compile(batch, const, payloads)
+            if len(self._templates) >= TEMPLATE_CACHE:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[key] = tmpl
         template = bytearray()
         blocks: list[tuple[int, Block]] = []
-        payloads: dict[int, Block] = {}
         filler = False
-        for item in self._plan:
-            if isinstance(item, bytes):
-                template += item
-                continue
-            kind = self._vector_kind(item)
-            if kind == "int":
-                block, full = _ints(_column(batch, item, payloads))
-            elif kind == "bool":
-                block = _TRUE_FALSE[(_column(batch, item, payloads) == 1).astype(np.intp)]
-                full = bool(block[:, 4].all())
-            elif kind == "cstring":
-                block, full = _cstring(batch, item, payloads)
-            elif kind == "payload-string":
-                block, full = _payload_string(batch, item)
-            else:
-                block, full = _text_block(self._fallback(batch, item))
+        for head, slot in zip(tmpl.heads, tmpl.slots, strict=True):
+            template += head
+            block, full = self._block(batch, slot, payloads)
             if full and (block.strides[0] == 0 or bool((block == block[0]).all())):
-                # One value for the whole batch (zeros, one process's ids): it joins the
-                # template row instead of being written row by row.
+                # One value for the whole batch after all (a varying raw form with one text):
+                # it joins the template row instead of being written row by row.
                 template += block[0].tobytes()
                 continue
             filler = filler or not full
             blocks.append((len(template), block))
             template += bytes(block.shape[1])
+        template += tmpl.tail
         width = len(template)
         out = bytearray(n * width)
         matrix = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
@@ -366,3 +570,41 @@ class JsonLines:
         data = out.translate(None, b"\0")
         ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == _NEWLINE) + 1
         return data, ends
+
+
+def _width(slot: _Slot) -> int:
+    """Bytes of its record a member slot reads."""
+    f = slot.field
+    return f.size if slot.kind == "cstring" else KIND_WIDTH[f.base_kind]
+
+
+def _varying_bytes(block: Block) -> npt.NDArray[np.bool_]:
+    """For each byte position of a block's rows, whether some row differs from the first
+    (compared as 64-bit words when the rows allow it: 8 bytes per comparison)."""
+    n, width = block.shape
+    if n < 2:
+        return np.zeros(width, dtype=np.bool_)
+    if width % 8 == 0 and block.strides[1] == 1 and block.strides[0] % 8 == 0 \
+            and block.ctypes.data % 8 == 0:
+        words = block.view("<u8")
+        differ = (words[1:] != words[0]).any(axis=0)
+        return np.repeat(differ, 8)
+    out: npt.NDArray[np.bool_] = (block[1:] != block[0]).any(axis=0)
+    return out
+
+
+def _first_record(batch: Batch) -> Batch:
+    """Record 0 alone, its payload columns in the forms they have (nothing derived again)."""
+    extra: list[Sequence[bytes]] = []
+    for col in batch.extra:
+        if isinstance(col, LazyColumn) and not col.computed:
+            extra.append(col)  # not read by a constant slot
+            continue
+        form = column_form(col)
+        if isinstance(form, Coded):
+            extra.append(FormColumn(Coded(form.table, form.codes[:1])))
+        elif isinstance(form, Fixed):
+            extra.append(FormColumn(Fixed(form.matrix[:1])))
+        else:
+            extra.append([col[0]])
+    return Batch(batch.schema, batch.rows[:1], tuple(extra))
