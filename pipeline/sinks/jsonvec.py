@@ -533,11 +533,13 @@ class JsonLines:
             return b"", np.zeros(0, dtype=np.intp)
         payloads: dict[int, Block] = {}
         if n == 1:  # every value is constant: the template is the line (not kept)
-            tmpl = self._compile(batch, [True] * len(self._slots), payloads)
-            return tmpl.tail, np.array([len(tmpl.tail)], dtype=np.intp)
+            line = self._compile(batch, [True] * len(self._slots), payloads).tail
+            return line, np.array([len(line)], dtype=np.intp)
         const, key = self._constants(batch, payloads)
-        tmpl = self._templates.get(key)
-        if tmpl is None:
+        cached = self._templates.get(key)
+        if cached is not None:
+            tmpl = cached
+        else:
             tmpl = self._compile(batch, const, payloads)
             if len(self._templates) >= TEMPLATE_CACHE:
                 self._templates.pop(next(iter(self._templates)))
