@@ -399,12 +399,35 @@ class JsonLines:
         self._slots = [item for item in self._plan if isinstance(item, _Slot)]
         # Payload-0 members: their byte ranges in a row, to tell from which bytes vary
         # whether they do.
-        self._row_slots = [k for k, sl in enumerate(self._slots)
-                           if sl.field.payload_index == 0 and sl.kind != "other"]
+        # Payload-0 members: their byte ranges in a row, to tell from which bytes vary
+        # whether they do (and the bytes of the constant ones, for the template's key).
+        self._row_slots = np.array([k for k, sl in enumerate(self._slots)
+                                    if sl.field.payload_index == 0 and sl.kind != "other"],
+                                   dtype=np.intp)
         self._row_starts = np.array([self._slots[k].field.offs for k in self._row_slots],
                                     dtype=np.intp)
         self._row_stops = self._row_starts + np.array(
             [_width(self._slots[k]) for k in self._row_slots], dtype=np.intp)
+        size = int(self._row_stops.max(initial=0))
+        # Compared as 64-bit words (rows are as wide as their record: whole words when the
+        # record is, and payload 0 of a BPF struct is padded to its alignment).
+        self._row_width = -(-size // 8) * 8
+        self._row_cover = np.zeros((len(self._row_slots), size), dtype=np.bool_)
+        for r, (a, b) in enumerate(zip(self._row_starts.tolist(), self._row_stops.tolist(),
+                                       strict=True)):
+            self._row_cover[r, a:b] = True
+        # Members of struct payloads, by payload; whole further payloads.
+        self._struct_slots: dict[int, tuple[Field, list[tuple[int, int, int]]]] = {}
+        self._column_slots: list[tuple[int, int]] = []
+        for k, sl in enumerate(self._slots):
+            f = sl.field
+            if f.payload_index == 0 or sl.kind == "other":
+                continue
+            if f.size:
+                self._struct_slots.setdefault(f.payload_index, (f, []))[1].append(
+                    (k, f.offs, f.offs + _width(sl)))
+            else:
+                self._column_slots.append((k, f.payload_index))
         self._templates: dict[tuple[Any, ...], _Template] = {}
 
     def _const(self, data: bytes) -> None:
@@ -451,40 +474,34 @@ class JsonLines:
                    ) -> tuple[list[bool], tuple[Any, ...]]:
         """Which slots hold one value in every record of a batch of two or more, and a key of
         those values' bytes (equal keys: equal texts)."""
-        slots = self._slots
-        const = [False] * len(slots)
+        const = [False] * len(self._slots)
         key: list[Any] = []
         rows = batch.rows
-        if self._row_slots and rows.shape[1]:
-            varying = _varying_bytes(rows)
+        if len(self._row_slots):
+            varying = _varying_bytes(rows[:, : self._row_width])
             counts = np.concatenate(([0], np.cumsum(varying)))
-            same = (counts[self._row_stops] == counts[self._row_starts]).tolist()
-            for k, c in zip(self._row_slots, same, strict=True):
-                const[k] = c
-            mask = np.zeros(rows.shape[1], dtype=np.bool_)
-            for k, c in zip(self._row_slots, same, strict=True):
-                if c:
-                    f = slots[k].field
-                    mask[f.offs: f.offs + _width(slots[k])] = True
-            key.append(rows[0][mask].tobytes())
-        struct_varying: dict[int, npt.NDArray[np.bool_] | None] = {}
-        codes_same: dict[int, bool] = {}
-        for k, slot in enumerate(slots):
-            f = slot.field
-            if f.payload_index == 0 or slot.kind == "other":
-                continue
-            if f.size:  # a member of a struct payload
-                block = payload_source(batch, f, payloads)
-                if f.payload_index not in struct_varying:
-                    struct_varying[f.payload_index] = None if block.strides[0] == 0 else \
-                        _varying_bytes(block)
-                v = struct_varying[f.payload_index]
-                width = _width(slot)
-                if v is None or not v[f.offs: f.offs + width].any():
+            same = counts[self._row_stops] == counts[self._row_starts]
+            for k in self._row_slots[same].tolist():
+                const[k] = True
+            mask = self._row_cover[same].any(axis=0)
+            key.append(rows[0, : len(mask)][mask].tobytes())
+        for f, members in self._struct_slots.values():
+            block = payload_source(batch, f, payloads)
+            if block.strides[0] == 0:  # one value for all (a payload the source left out)
+                for k, _, _ in members:
                     const[k] = True
-                    key.append(block[0, f.offs: f.offs + width].tobytes())
+                key.append(block[0].tobytes())
                 continue
-            form = column_form(batch.extra[f.payload_index - 1])
+            v = _varying_bytes(block)
+            parts: list[bytes | None] = []
+            for k, a, b in members:
+                same_member = not v[a:b].any()
+                const[k] = same_member
+                parts.append(block[0, a:b].tobytes() if same_member else None)
+            key.append(tuple(parts))
+        codes_same: dict[int, bool] = {}
+        for k, index in self._column_slots:
+            form = column_form(batch.extra[index - 1])
             if isinstance(form, Coded):
                 codes = form.codes
                 same_codes = codes_same.get(id(codes))
@@ -544,34 +561,83 @@ class JsonLines:
             if len(self._templates) >= TEMPLATE_CACHE:
                 self._templates.pop(next(iter(self._templates)))
             self._templates[key] = tmpl
-        template = bytearray()
-        blocks: list[tuple[int, Block]] = []
-        filler = False
+        # The line as constant pieces and, between them, the blocks of the varying values.
+        pieces: list[bytes] = []
+        blocks: list[Block] = []
+        nuls: list[npt.NDArray[np.intp]] = []  # NULs after the values, per filler block
+        text = bytearray()
         for head, slot in zip(tmpl.heads, tmpl.slots, strict=True):
-            template += head
+            text += head
             block, full = self._block(batch, slot, payloads)
-            if full and (block.strides[0] == 0 or bool((block == block[0]).all())):
+            if full and (block.strides[0] == 0 or (bool((block[0] == block[-1]).all())
+                                                   and bool((block == block[0]).all()))):
                 # One value for the whole batch after all (a varying raw form with one text):
                 # it joins the template row instead of being written row by row.
-                template += block[0].tobytes()
+                text += block[0].tobytes()
                 continue
-            filler = filler or not full
-            blocks.append((len(template), block))
-            template += bytes(block.shape[1])
-        template += tmpl.tail
-        width = len(template)
-        out = bytearray(n * width)
-        matrix = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
-        matrix[:] = np.frombuffer(bytes(template), dtype=np.uint8)
-        for off, block in blocks:
-            matrix[:, off: off + block.shape[1]] = block
-        if not filler:
+            pieces.append(bytes(text))
+            text = bytearray()
+            blocks.append(block)
+            if not full:
+                nuls.append(np.count_nonzero(block == 0, axis=1))
+        text += tmpl.tail
+        pieces.append(bytes(text))
+        if not nuls:
             # Every value as wide as its slot (one process's records, say): the rows are the
             # lines already.
+            out, width = _lay_out(n, pieces, blocks)
             return out, np.arange(width, (n + 1) * width, width, dtype=np.intp)
-        data = out.translate(None, b"\0")
-        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == _NEWLINE) + 1
-        return data, ends
+        return _compact(n, pieces, blocks, nuls)
+
+
+def _lay_out(n: int, pieces: list[bytes], blocks: list[Block]) -> tuple[bytearray, int]:
+    """The rows pieces[0], blocks[0], pieces[1], ..., pieces[-1] of n records, one after the
+    other, and their width: the pieces written once as a template row, then each block into
+    its columns."""
+    template = bytearray()
+    offsets = []
+    for piece, block in zip(pieces, blocks, strict=False):
+        template += piece
+        offsets.append(len(template))
+        template += bytes(block.shape[1])
+    template += pieces[-1]
+    width = len(template)
+    out = bytearray(n * width)
+    matrix = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
+    matrix[:] = np.frombuffer(bytes(template), dtype=np.uint8)
+    for off, block in zip(offsets, blocks, strict=True):
+        matrix[:, off: off + block.shape[1]] = block
+    return out, width
+
+
+LONG_PIECE = 24
+"""Constant text this long is written as one marker byte until the NULs are deleted."""
+_MARKERS = [bytes([b]) for b in range(0x80, 0x100)]
+"""Bytes that never occur in the encoded lines (they are ASCII: everything else is escaped)."""
+
+
+def _compact(n: int, pieces: list[bytes], blocks: list[Block],
+             nuls: list[npt.NDArray[np.intp]]) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
+    """The lines when some values are narrower than their slots (NULs after them; ``nuls``
+    counts them per row of each such block).
+
+    Deleting the NULs is one C loop over every byte (``bytes.translate``); most of a line is
+    constant text, so each long constant piece is laid out as one marker byte, the NULs are
+    deleted from that narrow matrix, and each marker is then replaced by its text
+    (``bytes.replace``: a ``memchr`` and a ``memcpy`` per line). Where each line ends follows
+    from the values' lengths.
+    """
+    long = sorted((k for k, p in enumerate(pieces) if len(p) >= LONG_PIECE),
+                  key=lambda k: len(pieces[k]))[-len(_MARKERS):]
+    marked = list(pieces)
+    for j, k in enumerate(long):
+        marked[k] = _MARKERS[j]
+    out, _ = _lay_out(n, marked, blocks)
+    data: bytes | bytearray = out.translate(None, b"\0")
+    for j, k in enumerate(long):  # shortest first: the longest is copied once
+        data = data.replace(_MARKERS[j], pieces[k])
+    size = sum(map(len, pieces)) + sum(b.shape[1] for b in blocks)
+    return data, np.cumsum(size - sum(nuls), dtype=np.intp)
 
 
 def _width(slot: _Slot) -> int:
