@@ -9,6 +9,8 @@ run) and then through what each sink does per batch, timed per record:
   where the sink is the first reader;
 - ``jsonl (derived done)``: the same with the derived columns already computed (a run where
   the gRPC stream read them first);
+- ``jsonl (2 coalesced)``: two halves of such batches merged first, as the sink runner
+  merges what queued while the sink was busy (pipeline/sinks/base.py ``coalesce``);
 - ``prometheus``: the sink's per-batch count (a counter by ``proc.comm``, as bench h declares);
 - ``baseline: grpc framing``: :func:`pipeline.wire.per_record_events` of the same batch, the
   gRPC stream's per-record encoding; every ratio is against it, measured in the same process;
@@ -36,6 +38,7 @@ from pipeline.batch import Batch
 from pipeline.ledger import Ledger
 from pipeline.run import GadgetRun
 from pipeline.schema import DataSourceSchema
+from pipeline.sinks.base import coalesce
 from pipeline.sinks.encode import JsonEncoder
 from pipeline.sinks.prometheus import GadgetMetricsStore, parse_counters
 from pipeline.sources.catalog import Catalog
@@ -157,6 +160,15 @@ def workload(chain: Chain, batch_size: int, mixed: bool, seconds: float, profile
         i += 1
         encoder.encode_lines(batches[i % len(batches)])
 
+    halves = [b.slice(0, len(b) // 2) for b in batches] + \
+        [b.slice(len(b) // 2) for b in batches]
+
+    def coalesced_json() -> None:
+        nonlocal i
+        i += 1
+        encoder.encode_lines(coalesce([halves[i % len(halves)],
+                                       halves[(i + 3) % len(halves)]]))
+
     def prom() -> None:
         nonlocal i
         i += 1
@@ -180,6 +192,7 @@ def workload(chain: Chain, batch_size: int, mixed: bool, seconds: float, profile
         ("baseline: copy", per_record(copy, n, seconds)),
         ("jsonl", per_record(fresh_json, n, seconds) - chain_cost),
         ("jsonl (derived done)", per_record(done_json, n, seconds)),
+        ("jsonl (2 coalesced)", per_record(coalesced_json, n, seconds)),
         ("prometheus", per_record(prom, n, seconds)),
     ]
     name = "mixed" if mixed else "one-process"

@@ -264,6 +264,11 @@ def _coded_texts(texts: Sequence[str], codes: npt.NDArray[np.intp]) -> tuple[Blo
     n = len(codes)
     if n == 0 or not texts:
         return np.zeros((n, 1), dtype=np.uint8), True
+    distinct: dict[str, int] = {}
+    remap = [distinct.setdefault(t, len(distinct)) for t in texts]
+    if len(distinct) < len(texts):  # tables appended when batches were merged
+        codes = np.array(remap, dtype=np.intp)[codes]
+        texts = list(distinct)
     table, _ = _text_block(texts)
     tlens = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
     if len(texts) == 1 or bool((codes == codes[0]).all()):
@@ -416,6 +421,11 @@ class JsonLines:
         for r, (a, b) in enumerate(zip(self._row_starts.tolist(), self._row_stops.tolist(),
                                        strict=True)):
             self._row_cover[r, a:b] = True
+        # C strings: after the NUL a member holds stale ring memory, so one that varies
+        # there is still constant when every row has row 0's bytes up to its NUL.
+        self._row_cstrings = [(r, int(k), self._slots[k].field.offs, self._slots[k].field.size)
+                              for r, k in enumerate(self._row_slots.tolist())
+                              if self._slots[k].kind == "cstring"]
         # Members of struct payloads, by payload; whole further payloads.
         self._struct_slots: dict[int, tuple[Field, list[tuple[int, int, int]]]] = {}
         self._column_slots: list[tuple[int, int]] = []
@@ -485,6 +495,14 @@ class JsonLines:
                 const[k] = True
             mask = self._row_cover[same].any(axis=0)
             key.append(rows[0, : len(mask)][mask].tobytes())
+            for r, k, offs, size in self._row_cstrings:
+                if same[r]:
+                    continue
+                nul = np.flatnonzero(rows[0, offs: offs + size] == 0)
+                end = offs + (int(nul[0]) + 1 if len(nul) else size)
+                if counts[end] == counts[offs]:
+                    const[k] = True
+                    key.append((k, rows[0, offs:end].tobytes()))
         for f, members in self._struct_slots.values():
             block = payload_source(batch, f, payloads)
             if block.strides[0] == 0:  # one value for all (a payload the source left out)
@@ -610,7 +628,7 @@ def _lay_out(n: int, pieces: list[bytes], blocks: list[Block]) -> tuple[bytearra
     return out, width
 
 
-LONG_PIECE = 24
+LONG_PIECE = 128
 """Constant text this long is written as one marker byte until the NULs are deleted."""
 _MARKERS = [bytes([b]) for b in range(0x80, 0x100)]
 """Bytes that never occur in the encoded lines (they are ASCII: everything else is escaped)."""
