@@ -500,7 +500,8 @@ class JsonLines:
                     continue
                 nul = np.flatnonzero(rows[0, offs: offs + size] == 0)
                 end = offs + (int(nul[0]) + 1 if len(nul) else size)
-                if counts[end] == counts[offs]:
+                part = rows[:, offs:end]  # bytes, not the words compared above
+                if bool((part[-1] == part[0]).all()) and bool((part == part[0]).all()):
                     const[k] = True
                     key.append((k, rows[0, offs:end].tobytes()))
         for f, members in self._struct_slots.values():
