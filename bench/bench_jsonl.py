@@ -19,15 +19,20 @@ run) and then through what each sink does per batch, timed per record:
 Workloads: ``one-process`` (bench h: one generator opening one file, so most columns are
 constant within a batch) and ``mixed`` (8 commands, 64 processes, several files, errors).
 
-Usage: ``.venv/bin/python -m bench.bench_jsonl [--batch 2048] [--seconds 1.0] [--profile]``
-(``--profile``: cProfile of the jsonl encoding, top entries by own time).
+Usage: ``.venv/bin/python -m bench.bench_jsonl [--batch 2048] [--seconds 1.0] [--profile]
+[--write DIR]`` (``--profile``: cProfile of the jsonl encoding, top entries by own time;
+``--write``: the system CPU per record of appending a batch's lines to a file in DIR, in one
+``write`` and in the sink's pieces of ``WRITE_CHUNK``).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import resource
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -40,6 +45,7 @@ from pipeline.run import GadgetRun
 from pipeline.schema import DataSourceSchema
 from pipeline.sinks.base import coalesce
 from pipeline.sinks.encode import JsonEncoder
+from pipeline.sinks.jsonl import WRITE_CHUNK
 from pipeline.sinks.prometheus import GadgetMetricsStore, parse_counters
 from pipeline.sources.catalog import Catalog
 
@@ -218,12 +224,39 @@ def run(batch_size: int, seconds: float, profile: bool) -> None:
     print("\na record:", JsonEncoder(chain.schema).encode(line)[0].decode())
 
 
+def write_cost(directory: str, batch_size: int, rounds: int = 40) -> None:
+    """System and wall time per record of appending encoded batches to a file."""
+    chain = Chain()
+    batch = chain.process(raw_batch(chain.raw_schema, batch_size, False))
+    data = memoryview(bytes(JsonEncoder(chain.schema).encode_lines(batch)[0]))
+    for label, chunk in (("one write per batch", len(data)),
+                         (f"pieces of {WRITE_CHUNK >> 10} KiB", WRITE_CHUNK)):
+        fd, path = tempfile.mkstemp(dir=directory, suffix=".jsonl")
+        os.close(fd)
+        with open(path, "ab") as f:
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            for _ in range(rounds):
+                for start in range(0, len(data), chunk):
+                    f.write(data[start: start + chunk])
+                f.flush()
+            r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        os.unlink(path)
+        n = rounds * batch_size
+        print(f"write to {directory}, {label}: {(r1.ru_stime - r0.ru_stime) / n * 1e6:.2f} µs "
+              f"system, {(t1 - t0) / n * 1e6:.2f} µs wall per record "
+              f"({len(data) // batch_size} B)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=2048, help="records per batch")
     ap.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     ap.add_argument("--profile", action="store_true", help="cProfile the jsonl encoding")
+    ap.add_argument("--write", metavar="DIR", help="measure appending the lines to a file")
     args = ap.parse_args()
+    if args.write:
+        write_cost(args.write, args.batch)
+        return
     run(args.batch, args.seconds, args.profile)
 
 
