@@ -89,20 +89,10 @@ class Batch:
         if len(batches) == 1:
             return first
         rows = np.concatenate([b.rows for b in batches])
-        out: list[Sequence[bytes]] = []
         groups: dict[tuple[int, ...], DerivedGroup] = {}
-        for i in range(len(first.extra)):
-            cols = [b.extra[i] for b in batches]
-            if all(isinstance(c, LazyColumn) for c in cols):
-                out.append(LazyColumn.joined([c for c in cols if isinstance(c, LazyColumn)],
-                                             rows, groups))
-            elif all(isinstance(c, CodedColumn) for c in cols):
-                out.append(CodedColumn.joined([c for c in cols if isinstance(c, CodedColumn)]))
-            elif all(isinstance(c, FormColumn) for c in cols):
-                out.append(FormColumn.joined([c for c in cols if isinstance(c, FormColumn)]))
-            else:
-                out.append([x for c in cols for x in c])
-        return Batch(first.schema, rows, tuple(out))
+        out = tuple(_joined([b.extra[i] for b in batches], rows, groups)
+                    for i in range(len(first.extra)))
+        return Batch(first.schema, rows, out)
 
     def with_schema(self, schema: DataSourceSchema) -> Batch:
         return Batch(schema, self.rows, self.extra)
@@ -126,6 +116,45 @@ class Batch:
     def empty(cls, schema: DataSourceSchema) -> Batch:
         return cls(schema, np.zeros((0, schema.record_size), dtype=np.uint8),
                    tuple([] for _ in range(schema.payload_count - 1)))
+
+
+def _joined(cols: Sequence[Sequence[bytes]], rows: Rows,
+            groups: dict[tuple[int, ...], DerivedGroup]) -> Sequence[bytes]:
+    """One payload column of several batches, one after the other, in the form the parts
+    share (lazy, coded, fixed-width): a list of every entry only when they share none."""
+    if all(isinstance(c, LazyColumn) for c in cols):
+        return LazyColumn.joined([c for c in cols if isinstance(c, LazyColumn)], rows, groups)
+    if all(isinstance(c, CodedColumn) for c in cols):
+        return CodedColumn.joined([c for c in cols if isinstance(c, CodedColumn)])
+    if all(isinstance(c, FormColumn) for c in cols):
+        return FormColumn.joined([c for c in cols if isinstance(c, FormColumn)])
+    return [x for c in cols for x in c]
+
+
+def join_forms(forms: Sequence[Coded | Fixed | None]) -> Coded | Fixed | None:
+    """Columns in coded or fixed-width form, one after the other, in that form: coded ones
+    sharing a table keep it (else the tables are appended), fixed-width ones of one width
+    are stacked. None when the parts have no common form."""
+    if not forms:
+        return None
+    first = forms[0]
+    if isinstance(first, Coded) and all(isinstance(f, Coded) for f in forms):
+        coded = [f for f in forms if isinstance(f, Coded)]
+        if all(f.table is first.table or (len(f.table) == len(first.table) <= 64
+                                          and list(f.table) == list(first.table))
+               for f in coded):
+            return Coded(first.table, np.concatenate([f.codes for f in coded]))
+        table: list[bytes] = []
+        codes = []
+        for f in coded:
+            codes.append(f.codes + len(table))
+            table += list(f.table)
+        return Coded(table, np.concatenate(codes))
+    if isinstance(first, Fixed) and all(isinstance(f, Fixed) and
+                                        f.matrix.shape[1] == first.matrix.shape[1]
+                                        for f in forms):
+        return Fixed(np.concatenate([f.matrix for f in forms if isinstance(f, Fixed)]))
+    return None
 
 
 def _take(col: Sequence[bytes], idx: npt.NDArray[np.intp]) -> Sequence[bytes]:
@@ -222,12 +251,10 @@ class CodedColumn(Sequence[bytes]):
     @staticmethod
     def joined(parts: Sequence[CodedColumn]) -> CodedColumn:
         """``parts`` one after the other (their value tables appended)."""
-        values: list[bytes] = []
-        codes = []
-        for p in parts:
-            codes.append(p.codes + len(values))
-            values += p.values
-        return CodedColumn(values, np.concatenate(codes) if codes else np.zeros(0, np.intp))
+        form = join_forms([p.form() for p in parts])
+        if not isinstance(form, Coded):  # no parts
+            return CodedColumn([], np.zeros(0, np.intp))
+        return CodedColumn(form.table, form.codes)
 
     @classmethod
     def constant(cls, value: bytes, n: int) -> CodedColumn:
@@ -282,14 +309,9 @@ class FormColumn(Sequence[bytes]):
 
     @staticmethod
     def joined(parts: Sequence[FormColumn]) -> Sequence[bytes]:
-        forms = [p.form for p in parts]
-        first = forms[0]
-        if all(isinstance(f, Coded) and f.table is first.table for f in forms):  # type: ignore[union-attr]
-            return FormColumn(Coded(first.table, np.concatenate(  # type: ignore[union-attr]
-                [f.codes for f in forms])))  # type: ignore[union-attr]
-        if all(isinstance(f, Fixed) for f in forms) and \
-                len({f.matrix.shape[1] for f in forms}) == 1:  # type: ignore[union-attr]
-            return FormColumn(Fixed(np.concatenate([f.matrix for f in forms])))  # type: ignore[union-attr]
+        form = join_forms([p.form for p in parts])
+        if form is not None:
+            return FormColumn(form)
         return [x for p in parts for x in p.values()]
 
 
@@ -460,10 +482,15 @@ class LazyColumn(Sequence[bytes]):
         g = groups.get(key)
         if g is None:
             first = parts[0].group
-            stored = tuple([x for p in parts for x in p.group.base.extra[i]]
+            stored = tuple(_joined([p.group.base.extra[i] for p in parts], rows, {})
                            for i in range(len(first.base.extra)))
             g = groups[key] = first.rebased(rows, stored)
         if all(p._done for p in parts):
+            # Computed parts stay in their form (coded, fixed-width): a sink that merges
+            # queued batches gets blocks, not an object per record.
+            form = join_forms([p._form for p in parts])
+            if form is not None:
+                return LazyColumn._computed(parts[0], g, None, form)
             return LazyColumn._computed(parts[0], g, [x for p in parts for x in p._compute()],
                                         None)
         return LazyColumn(parts[0].derive, g, parts[0].key)

@@ -8,6 +8,16 @@ their lines never interleave mid-line and size-based rotation sees every byte.
 
 Params (prefix ``operator.jsonl.``): ``path`` (``-`` for stdout), ``max-bytes`` (rotate when
 the file would grow past it; 0 never), ``backups`` (rotated files kept: ``path.1`` newest).
+
+The queue in front of the sink (``queue-capacity``) holds 131072 records by default, eight times
+the other sinks' 16384: the sink shares the machine with the source and the streams, so a
+thread switch, the GIL's 5 ms switch interval or a page-cache writeback holds it up for tens of
+milliseconds now and then, and 16384 records are 14 ms of a trace_open source at 1.2M
+records/s (the floor of bench/run's ``sinks`` line). 131072 are 0.1 s of that, so a sink as
+fast as its source on average keeps every record of such stalls and of short bursts. A queued
+record costs its batch's row and its computed derived columns (trace_open: 344 bytes of row,
+about 90 of derived columns), so the queue holds at most about 57 MB for trace_open and less
+for most gadgets; the queue shares those batches with the other consumers of the run.
 """
 
 from __future__ import annotations
@@ -31,6 +41,12 @@ __all__ = ["JsonlSink", "JsonlSinkType", "RotatingFile"]
 _logger = logging.getLogger(__name__)
 
 STDOUT = "-"
+
+WRITE_CHUNK = 256 << 10
+"""Bytes handed to one ``write`` call. A batch's lines are megabytes (4096 trace_open records
+are 4.9 MB), and appending them to an ext4 file in one call cost the kernel 30 times more than
+in pieces of up to 1 MiB on the 2-core test machine (about 9 µs against 0.3 µs of system time
+per 1.2 KB record, bench/bench_jsonl.py ``--write``)."""
 
 
 class RotatingFile:
@@ -81,7 +97,9 @@ class RotatingFile:
                 and self._size + len(data) > self.max_bytes):
             self._rotate()
             f = self._open()
-        f.write(data)
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_CHUNK):
+            f.write(view[start: start + WRITE_CHUNK])
         f.flush()
         self._size += len(data)
 
@@ -128,6 +146,7 @@ class JsonlSink:
 class JsonlSinkType(SinkTypeBase):
     description = "a JSON-lines file or stdout"
     default_retry_timeout = "30s"
+    default_capacity = 131072  # why: the module's docstring
 
     def __init__(self) -> None:
         self._files: dict[str, RotatingFile] = {}

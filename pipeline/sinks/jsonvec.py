@@ -22,13 +22,14 @@ the same way, so every record's line is the same either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.batch import Batch, Coded, Fixed, FormColumn, LazyColumn
+from pipeline.batch import Batch, Coded, CodedColumn, Fixed, FormColumn, LazyColumn
 from pipeline.schema import KIND_WIDTH, NUMPY_DTYPE, Field, Kind
 
 __all__ = ["JsonLines", "payload_block", "payload_source"]
@@ -143,12 +144,36 @@ def payload_source(batch: Batch, f: Field, payloads: dict[int, Block]) -> Block:
     return block
 
 
+def column_form(col: Sequence[bytes]) -> Coded | Fixed | None:
+    """A payload column's coded or fixed-width form (computing a derived column), or None for
+    a plain list: encoders that have the form work per distinct value or per block."""
+    if isinstance(col, LazyColumn):
+        return col.form()
+    if isinstance(col, FormColumn):
+        return col.form
+    if isinstance(col, CodedColumn):
+        return col.form()
+    return None
+
+
+def used_only(form: Coded, limit: int = 32) -> Coded:
+    """``form`` with its table cut to the values its codes use, when the table is longer than
+    ``limit`` (a container table holds every known container; a batch uses a few)."""
+    if len(form.table) <= limit or not len(form.codes):
+        return form
+    used = np.flatnonzero(np.bincount(form.codes, minlength=len(form.table)))
+    if len(used) == len(form.table):
+        return form
+    remap = np.zeros(len(form.table), dtype=np.intp)
+    remap[used] = np.arange(len(used), dtype=np.intp)
+    return Coded([form.table[u] for u in used.tolist()], remap[form.codes])
+
+
 def payload_block(batch: Batch, index: int) -> Block:
     """Payload ``index`` of every record as a NUL-padded block (a struct a source keeps beside
     payload 0: one row per record, without an object per record for coded and fixed forms)."""
     col = batch.extra[index - 1]
-    form = col.form() if isinstance(col, LazyColumn) else \
-        col.form if isinstance(col, FormColumn) else None
+    form = column_form(col)
     n = len(batch)
     if isinstance(form, Fixed):
         return form.matrix
@@ -213,22 +238,14 @@ def _payload_string(batch: Batch, f: Field) -> tuple[Block, bool]:
     columns encode each distinct value once, fixed-width ones are one block, a plain list
     becomes one NUL-padded block."""
     col = batch.extra[f.payload_index - 1]
-    form = col.form() if isinstance(col, LazyColumn) else \
-        col.form if isinstance(col, FormColumn) else None
+    form = column_form(col)
     cstring = f.base_kind is Kind.CSTRING
     n = len(batch)
     if isinstance(form, Coded):
+        form = used_only(form)
         texts = [encode_basestring_ascii(_utf8(v.partition(b"\0")[0] if cstring else v))[1:-1]
                  for v in form.table]
-        table, _ = _text_block(texts) if texts else (np.zeros((0, 1), np.uint8), True)
-        tlens = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
-        codes = form.codes
-        if n == 0:
-            return np.zeros((0, 1), dtype=np.uint8), True
-        if len(texts) == 1 or bool((codes == codes[0]).all()):
-            one = int(codes[0])
-            return np.broadcast_to(table[one, : tlens[one]], (n, int(tlens[one]))), True
-        return table[codes], bool((tlens[codes] == table.shape[1]).all())
+        return _coded_texts(texts, form.codes)
     if isinstance(form, Fixed):
         block = form.matrix
         lens = _nul_cut(block) if cstring else np.full(n, block.shape[1], dtype=np.intp)
@@ -239,6 +256,64 @@ def _payload_string(batch: Batch, f: Field) -> tuple[Block, bool]:
     block = np.frombuffer(np.array(values, dtype=f"S{width}").tobytes(),
                           dtype=np.uint8).reshape(n, width)
     return _string_block(block, lens)
+
+
+def _coded_texts(texts: Sequence[str], codes: npt.NDArray[np.intp]) -> tuple[Block, bool]:
+    """The block of a coded column given each distinct value's JSON text: one value for the
+    whole batch is a broadcast row (it joins the template)."""
+    n = len(codes)
+    if n == 0 or not texts:
+        return np.zeros((n, 1), dtype=np.uint8), True
+    distinct: dict[str, int] = {}
+    remap = [distinct.setdefault(t, len(distinct)) for t in texts]
+    if len(distinct) < len(texts):  # tables appended when batches were merged
+        codes = np.array(remap, dtype=np.intp)[codes]
+        texts = list(distinct)
+    table, _ = _text_block(texts)
+    tlens = np.fromiter(map(len, texts), dtype=np.intp, count=len(texts))
+    if len(texts) == 1 or bool((codes == codes[0]).all()):
+        one = int(codes[0])
+        return np.broadcast_to(table[one, : tlens[one]], (n, int(tlens[one]))), True
+    return table[codes], bool((tlens[codes] == table.shape[1]).all())
+
+
+def _number_texts(values: npt.NDArray[np.generic], kind: Kind) -> list[str]:
+    """JSON texts of a few numbers (a coded column's distinct values), as the per-value
+    encoder writes them."""
+    if kind is Kind.BOOL:
+        return ["true" if v == 1 else "false" for v in values.tolist()]
+    return [str(v) for v in values.tolist()]
+
+
+def _payload_number(batch: Batch, f: Field) -> tuple[Block, bool] | None:
+    """An integer or bool field that is a whole further payload (an enrichment's
+    ``containerPid``, ``hostnetwork``): per distinct value when coded, else as one column.
+    None when an entry is not exactly the kind's width (the per-value path reports it)."""
+    col = batch.extra[f.payload_index - 1]
+    form = column_form(col)
+    kind = f.base_kind
+    width = KIND_WIDTH[kind]
+    dtype = NUMPY_DTYPE[kind]
+    n = len(batch)
+    if isinstance(form, Coded):
+        form = used_only(form)
+        if any(len(v) != width for v in form.table):
+            return None
+        table = np.frombuffer(b"".join(form.table), dtype=dtype)
+        return _coded_texts(_number_texts(table, kind), form.codes)
+    if isinstance(form, Fixed):
+        if form.matrix.shape[1] != width:
+            return None
+        values = np.ascontiguousarray(form.matrix).view(dtype).reshape(-1)
+    else:
+        data = b"".join(col)
+        if len(data) != n * width or any(len(v) != width for v in col):
+            return None
+        values = np.frombuffer(data, dtype=dtype)
+    if kind is Kind.BOOL:
+        block = _TRUE_FALSE[(values == 1).astype(np.intp)]
+        return block, bool(block[:, 4].all())
+    return _ints(values)
 
 
 def _text_block(texts: Sequence[str]) -> tuple[Block, bool]:
@@ -268,8 +343,39 @@ def _utf8(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A field of the template and how it is encoded."""
+
+    field: Field
+    kind: str
+    """``int``, ``bool``, ``cstring`` (a C string member), ``payload-string``,
+    ``payload-number`` (a whole further payload), or ``other`` (the per-value fallback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """The lines' layout for one set of batch-constant values: constant text before each
+    varying slot, and the text after the last one."""
+
+    heads: tuple[bytes, ...]
+    slots: tuple[_Slot, ...]
+    tail: bytes
+
+
+TEMPLATE_CACHE = 16
+"""Templates kept per data source (a few sets of constant values alternate: one per busy
+process, say)."""
+
+
 class JsonLines:
     """Encodes batches of one data source as JSON lines.
+
+    Most fields of a batch hold one value for all its records (one process's records share
+    its name, ids, user, container; a struct nobody fills is zeros). Those are found with one
+    comparison of every row to the first (and a look at each coded column's codes), written
+    once into the line's template, and the template is kept for the next batches with the same
+    constant values; only the fields that vary are encoded over the batch.
 
     Args:
         pieces: the template: constant text, or None where the next field's value goes.
@@ -280,20 +386,59 @@ class JsonLines:
     def __init__(self, pieces: Sequence[str | None], fields: Sequence[Field],
                  fallback: Fallback) -> None:
         self._fallback = fallback
-        self._plan: list[bytes | Field] = []
+        self._plan: list[bytes | _Slot] = []
         it = iter(fields)
         for p in pieces:
             if p is None:
                 f = next(it)
-                if self._vector_kind(f) in ("cstring", "payload-string"):
+                slot = _Slot(f, self._vector_kind(f))
+                if slot.kind in ("cstring", "payload-string"):
                     self._const(b'"')
-                    self._plan.append(f)
+                    self._plan.append(slot)
                     self._const(b'"')
                 else:
-                    self._plan.append(f)
+                    self._plan.append(slot)
             else:
                 self._const(p.encode())
         self._const(b"\n")
+        self._slots = [item for item in self._plan if isinstance(item, _Slot)]
+        # Payload-0 members: their byte ranges in a row, to tell from which bytes vary
+        # whether they do.
+        # Payload-0 members: their byte ranges in a row, to tell from which bytes vary
+        # whether they do (and the bytes of the constant ones, for the template's key).
+        self._row_slots = np.array([k for k, sl in enumerate(self._slots)
+                                    if sl.field.payload_index == 0 and sl.kind != "other"],
+                                   dtype=np.intp)
+        self._row_starts = np.array([self._slots[k].field.offs for k in self._row_slots],
+                                    dtype=np.intp)
+        self._row_stops = self._row_starts + np.array(
+            [_width(self._slots[k]) for k in self._row_slots], dtype=np.intp)
+        size = int(self._row_stops.max(initial=0))
+        # Compared as 64-bit words (rows are as wide as their record: whole words when the
+        # record is, and payload 0 of a BPF struct is padded to its alignment).
+        self._row_width = -(-size // 8) * 8
+        self._row_cover = np.zeros((len(self._row_slots), size), dtype=np.bool_)
+        for r, (a, b) in enumerate(zip(self._row_starts.tolist(), self._row_stops.tolist(),
+                                       strict=True)):
+            self._row_cover[r, a:b] = True
+        # C strings: after the NUL a member holds stale ring memory, so one that varies
+        # there is still constant when every row has row 0's bytes up to its NUL.
+        self._row_cstrings = [(r, int(k), self._slots[k].field.offs, self._slots[k].field.size)
+                              for r, k in enumerate(self._row_slots.tolist())
+                              if self._slots[k].kind == "cstring"]
+        # Members of struct payloads, by payload; whole further payloads.
+        self._struct_slots: dict[int, tuple[Field, list[tuple[int, int, int]]]] = {}
+        self._column_slots: list[tuple[int, int]] = []
+        for k, sl in enumerate(self._slots):
+            f = sl.field
+            if f.payload_index == 0 or sl.kind == "other":
+                continue
+            if f.size:
+                self._struct_slots.setdefault(f.payload_index, (f, []))[1].append(
+                    (k, f.offs, f.offs + _width(sl)))
+            else:
+                self._column_slots.append((k, f.payload_index))
+        self._templates: dict[tuple[Any, ...], _Template] = {}
 
     def _const(self, data: bytes) -> None:
         if self._plan and isinstance(self._plan[-1], bytes):
@@ -310,7 +455,7 @@ class JsonLines:
             if kind in (Kind.STRING, Kind.CSTRING) and not f.size:
                 return "payload-string"
             if not f.size:
-                return "other"
+                return "payload-number" if kind in _INT_KINDS or kind is Kind.BOOL else "other"
         if kind in _INT_KINDS:
             return "int"
         if kind is Kind.BOOL:
@@ -319,50 +464,234 @@ class JsonLines:
             return "cstring"
         return "other"
 
+    def _block(self, batch: Batch, slot: _Slot, payloads: dict[int, Block]
+               ) -> tuple[Block, bool]:
+        """One field of every record as a block, and whether every row fills it."""
+        f, kind = slot.field, slot.kind
+        if kind == "int":
+            return _ints(_column(batch, f, payloads))
+        if kind == "bool":
+            block = _TRUE_FALSE[(_column(batch, f, payloads) == 1).astype(np.intp)]
+            return block, bool(block[:, 4].all())
+        if kind == "cstring":
+            return _cstring(batch, f, payloads)
+        if kind == "payload-string":
+            return _payload_string(batch, f)
+        got = _payload_number(batch, f) if kind == "payload-number" else None
+        return got if got is not None else _text_block(self._fallback(batch, f))
+
+    def _constants(self, batch: Batch, payloads: dict[int, Block]
+                   ) -> tuple[list[bool], tuple[Any, ...]]:
+        """Which slots hold one value in every record of a batch of two or more, and a key of
+        those values' bytes (equal keys: equal texts)."""
+        const = [False] * len(self._slots)
+        key: list[Any] = []
+        rows = batch.rows
+        if len(self._row_slots):
+            varying = _varying_bytes(rows[:, : self._row_width])
+            counts = np.concatenate(([0], np.cumsum(varying)))
+            same = counts[self._row_stops] == counts[self._row_starts]
+            for k in self._row_slots[same].tolist():
+                const[k] = True
+            mask = self._row_cover[same].any(axis=0)
+            key.append(rows[0, : len(mask)][mask].tobytes())
+            for r, k, offs, size in self._row_cstrings:
+                if same[r]:
+                    continue
+                nul = np.flatnonzero(rows[0, offs: offs + size] == 0)
+                end = offs + (int(nul[0]) + 1 if len(nul) else size)
+                part = rows[:, offs:end]  # bytes, not the words compared above
+                if bool((part[-1] == part[0]).all()) and bool((part == part[0]).all()):
+                    const[k] = True
+                    key.append((k, rows[0, offs:end].tobytes()))
+        for f, members in self._struct_slots.values():
+            block = payload_source(batch, f, payloads)
+            if block.strides[0] == 0:  # one value for all (a payload the source left out)
+                for k, _, _ in members:
+                    const[k] = True
+                key.append(block[0].tobytes())
+                continue
+            v = _varying_bytes(block)
+            parts: list[bytes | None] = []
+            for k, a, b in members:
+                same_member = not v[a:b].any()
+                const[k] = same_member
+                parts.append(block[0, a:b].tobytes() if same_member else None)
+            key.append(tuple(parts))
+        codes_same: dict[int, bool] = {}
+        for k, index in self._column_slots:
+            form = column_form(batch.extra[index - 1])
+            if isinstance(form, Coded):
+                codes = form.codes
+                same_codes = codes_same.get(id(codes))
+                if same_codes is None:
+                    same_codes = codes_same[id(codes)] = bool(
+                        codes[0] == codes[-1] and (codes == codes[0]).all())
+                if same_codes:
+                    const[k] = True
+                    key.append(form.table[int(codes[0])])
+            elif isinstance(form, Fixed):
+                m = form.matrix
+                if m.strides[0] == 0 or (bool((m[0] == m[-1]).all())
+                                         and not _varying_bytes(m).any()):
+                    const[k] = True
+                    key.append(m[0].tobytes())
+        return const, (tuple(const), *key)
+
+    def _compile(self, batch: Batch, const: list[bool], payloads: dict[int, Block]
+                 ) -> _Template:
+        """The template with the constant slots' texts (taken from the first record)."""
+        first = batch if len(batch) == 1 else _first_record(batch)
+        one: dict[int, Block] = {}
+        heads: list[bytes] = []
+        slots: list[_Slot] = []
+        text = bytearray()
+        k = 0
+        for item in self._plan:
+            if isinstance(item, bytes):
+                text += item
+                continue
+            if const[k]:
+                block, _ = self._block(first, item, one)
+                text += block[0].tobytes().replace(b"\0", b"")  # JSON text has no raw NUL
+            else:
+                heads.append(bytes(text))
+                slots.append(item)
+                text = bytearray()
+            k += 1
+        return _Template(tuple(heads), tuple(slots), bytes(text))
+
     def encode(self, batch: Batch) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
         """Every record's JSON followed by a newline, concatenated, and where each line ends
         (exclusive offsets into the bytes, newline included)."""
         n = len(batch)
         if n == 0:
             return b"", np.zeros(0, dtype=np.intp)
-        template = bytearray()
-        blocks: list[tuple[int, Block]] = []
         payloads: dict[int, Block] = {}
-        filler = False
-        for item in self._plan:
-            if isinstance(item, bytes):
-                template += item
+        if n == 1:  # every value is constant: the template is the line (not kept)
+            line = self._compile(batch, [True] * len(self._slots), payloads).tail
+            return line, np.array([len(line)], dtype=np.intp)
+        const, key = self._constants(batch, payloads)
+        cached = self._templates.get(key)
+        if cached is not None:
+            tmpl = cached
+        else:
+            tmpl = self._compile(batch, const, payloads)
+            if len(self._templates) >= TEMPLATE_CACHE:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[key] = tmpl
+        # The line as constant pieces and, between them, the blocks of the varying values.
+        pieces: list[bytes] = []
+        blocks: list[Block] = []
+        nuls: list[npt.NDArray[np.intp]] = []  # NULs after the values, per filler block
+        text = bytearray()
+        for head, slot in zip(tmpl.heads, tmpl.slots, strict=True):
+            text += head
+            block, full = self._block(batch, slot, payloads)
+            if full and (block.strides[0] == 0 or (bool((block[0] == block[-1]).all())
+                                                   and bool((block == block[0]).all()))):
+                # One value for the whole batch after all (a varying raw form with one text):
+                # it joins the template row instead of being written row by row.
+                text += block[0].tobytes()
                 continue
-            kind = self._vector_kind(item)
-            if kind == "int":
-                block, full = _ints(_column(batch, item, payloads))
-            elif kind == "bool":
-                block = _TRUE_FALSE[(_column(batch, item, payloads) == 1).astype(np.intp)]
-                full = bool(block[:, 4].all())
-            elif kind == "cstring":
-                block, full = _cstring(batch, item, payloads)
-            elif kind == "payload-string":
-                block, full = _payload_string(batch, item)
-            else:
-                block, full = _text_block(self._fallback(batch, item))
-            if full and (block.strides[0] == 0 or bool((block == block[0]).all())):
-                # One value for the whole batch (zeros, one process's ids): it joins the
-                # template row instead of being written row by row.
-                template += block[0].tobytes()
-                continue
-            filler = filler or not full
-            blocks.append((len(template), block))
-            template += bytes(block.shape[1])
-        width = len(template)
-        out = bytearray(n * width)
-        matrix = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
-        matrix[:] = np.frombuffer(bytes(template), dtype=np.uint8)
-        for off, block in blocks:
-            matrix[:, off: off + block.shape[1]] = block
-        if not filler:
+            pieces.append(bytes(text))
+            text = bytearray()
+            blocks.append(block)
+            if not full:
+                nuls.append(np.count_nonzero(block == 0, axis=1))
+        text += tmpl.tail
+        pieces.append(bytes(text))
+        if not nuls:
             # Every value as wide as its slot (one process's records, say): the rows are the
             # lines already.
+            out, width = _lay_out(n, pieces, blocks)
             return out, np.arange(width, (n + 1) * width, width, dtype=np.intp)
-        data = out.translate(None, b"\0")
-        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == _NEWLINE) + 1
-        return data, ends
+        return _compact(n, pieces, blocks, nuls)
+
+
+def _lay_out(n: int, pieces: list[bytes], blocks: list[Block]) -> tuple[bytearray, int]:
+    """The rows pieces[0], blocks[0], pieces[1], ..., pieces[-1] of n records, one after the
+    other, and their width: the pieces written once as a template row, then each block into
+    its columns."""
+    template = bytearray()
+    offsets = []
+    for piece, block in zip(pieces, blocks, strict=False):
+        template += piece
+        offsets.append(len(template))
+        template += bytes(block.shape[1])
+    template += pieces[-1]
+    width = len(template)
+    out = bytearray(n * width)
+    matrix = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
+    matrix[:] = np.frombuffer(bytes(template), dtype=np.uint8)
+    for off, block in zip(offsets, blocks, strict=True):
+        matrix[:, off: off + block.shape[1]] = block
+    return out, width
+
+
+LONG_PIECE = 128
+"""Constant text this long is written as one marker byte until the NULs are deleted."""
+_MARKERS = [bytes([b]) for b in range(0x80, 0x100)]
+"""Bytes that never occur in the encoded lines (they are ASCII: everything else is escaped)."""
+
+
+def _compact(n: int, pieces: list[bytes], blocks: list[Block],
+             nuls: list[npt.NDArray[np.intp]]) -> tuple[bytes | bytearray, npt.NDArray[np.intp]]:
+    """The lines when some values are narrower than their slots (NULs after them; ``nuls``
+    counts them per row of each such block).
+
+    Deleting the NULs is one C loop over every byte (``bytes.translate``); most of a line is
+    constant text, so each long constant piece is laid out as one marker byte, the NULs are
+    deleted from that narrow matrix, and each marker is then replaced by its text
+    (``bytes.replace``: a ``memchr`` and a ``memcpy`` per line). Where each line ends follows
+    from the values' lengths.
+    """
+    long = sorted((k for k, p in enumerate(pieces) if len(p) >= LONG_PIECE),
+                  key=lambda k: len(pieces[k]))[-len(_MARKERS):]
+    marked = list(pieces)
+    for j, k in enumerate(long):
+        marked[k] = _MARKERS[j]
+    out, _ = _lay_out(n, marked, blocks)
+    data: bytes | bytearray = out.translate(None, b"\0")
+    for j, k in enumerate(long):  # shortest first: the longest is copied once
+        data = data.replace(_MARKERS[j], pieces[k])
+    size = sum(map(len, pieces)) + sum(b.shape[1] for b in blocks)
+    return data, np.cumsum(size - sum(nuls), dtype=np.intp)
+
+
+def _width(slot: _Slot) -> int:
+    """Bytes of its record a member slot reads."""
+    f = slot.field
+    return f.size if slot.kind == "cstring" else KIND_WIDTH[f.base_kind]
+
+
+def _varying_bytes(block: Block) -> npt.NDArray[np.bool_]:
+    """For each byte position of a block's rows, whether some row differs from the first
+    (compared as 64-bit words when the rows allow it: 8 bytes per comparison)."""
+    n, width = block.shape
+    if n < 2:
+        return np.zeros(width, dtype=np.bool_)
+    if width % 8 == 0 and block.strides[1] == 1 and block.strides[0] % 8 == 0 \
+            and block.ctypes.data % 8 == 0:
+        words = block.view("<u8")
+        differ = (words[1:] != words[0]).any(axis=0)
+        return np.repeat(differ, 8)
+    out: npt.NDArray[np.bool_] = (block[1:] != block[0]).any(axis=0)
+    return out
+
+
+def _first_record(batch: Batch) -> Batch:
+    """Record 0 alone, its payload columns in the forms they have (nothing derived again)."""
+    extra: list[Sequence[bytes]] = []
+    for col in batch.extra:
+        if isinstance(col, LazyColumn) and not col.computed:
+            extra.append(col)  # not read by a constant slot
+            continue
+        form = column_form(col)
+        if isinstance(form, Coded):
+            extra.append(FormColumn(Coded(form.table, form.codes[:1])))
+        elif isinstance(form, Fixed):
+            extra.append(FormColumn(Fixed(form.matrix[:1])))
+        else:
+            extra.append([col[0]])
+    return Batch(batch.schema, batch.rows[:1], tuple(extra))

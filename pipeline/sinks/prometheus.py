@@ -209,13 +209,12 @@ class _LabelReader:
         parts = []
         for f in self.fields:
             if f.base_kind is Kind.CSTRING:
-                block = batch.rows[:, f.offs: f.offs + f.size].copy()
+                block = batch.rows[:, f.offs: f.offs + f.size]
                 # Bytes after the first NUL are stale ring memory: zero them so equal strings
-                # compare equal.
-                nul = block == 0
-                first = np.where(nul.any(axis=1), nul.argmax(axis=1), f.size)
-                block[np.arange(f.size)[None, :] > first[:, None]] = 0
-                parts.append(block)
+                # compare equal (argmin: the first NUL, as 0 is the least byte).
+                first = block.argmin(axis=1)
+                first[block[np.arange(len(block)), first] != 0] = f.size
+                parts.append(block * (np.arange(f.size)[None, :] <= first[:, None]))
             else:
                 w = KIND_WIDTH[f.base_kind]
                 parts.append(batch.rows[:, f.offs: f.offs + w])
@@ -241,11 +240,31 @@ class _LabelReader:
                 pos += w
         return list(zip(*cols, strict=True))
 
+    def _one_set(self, batch: Batch) -> bool:
+        """Whether every record has record 0's labels (one process's records): each field's
+        bytes compared with record 0's, a C string's up to its NUL (after it a record holds
+        stale ring memory)."""
+        rows = batch.rows
+        first = rows[0]
+        for f in self.fields:
+            end = f.offs + (f.size if f.base_kind is Kind.CSTRING else KIND_WIDTH[f.base_kind])
+            if f.base_kind is Kind.CSTRING:
+                nul = np.flatnonzero(first[f.offs: end] == 0)
+                if len(nul):
+                    end = f.offs + int(nul[0]) + 1
+            part = rows[:, f.offs: end]
+            if not (bool((part[-1] == part[0]).all()) and bool((part == part[0]).all())):
+                return False
+        return True
+
     def group(self, batch: Batch) -> tuple[list[tuple[str, ...]], npt.NDArray[np.intp]]:
         """(distinct label sets, each record's index into them)."""
         if not self.fields:
             return [()], np.zeros(len(batch), dtype=np.intp)
         if self._fast:
+            if len(batch) and self._one_set(batch):
+                one = self._matrix(Batch(batch.schema, batch.rows[:1]))
+                return self._decode(one), np.zeros(len(batch), dtype=np.intp)
             keys, inverse = unique_rows(self._matrix(batch))
             return self._decode(keys), inverse
         coded = self._coded(batch)

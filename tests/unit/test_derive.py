@@ -369,3 +369,30 @@ def test_a_coded_column_values() -> None:
     c = Coded([b"a", b"bc"], np.array([1, 0, 1], dtype=np.intp))
     assert c.values() == [b"bc", b"a", b"bc"]
     assert Coded([], np.zeros(0, dtype=np.intp)).values() == []
+
+
+def test_merged_batches_keep_computed_columns_in_their_forms() -> None:
+    from pipeline.batch import CodedColumn, FormColumn
+
+    d, a = open_batch(6)
+    _, b = open_batch(4)
+    want = [wire_values(a), wire_values(b)]  # computes every derived column of both
+    computed = d.stats.columns
+    joined = Batch.concat([a, b])
+    forms = [c.form() for c in joined.extra if isinstance(c, LazyColumn)]
+    assert forms and all(isinstance(f, (Coded, Fixed)) for f in forms)  # no list per record
+    assert all(c.computed for c in joined.extra if isinstance(c, LazyColumn))
+    assert wire_values(joined) == want[0] + want[1]
+    assert d.stats.columns == computed  # nothing derived again
+    # coded columns with equal tables keep one table; others append theirs
+    x = CodedColumn([b"a", b"b"], np.array([1, 0]))
+    y = CodedColumn([b"a", b"b"], np.array([0, 0, 1]))
+    z = CodedColumn([b"c"], np.array([0]))
+    assert Batch.concat([Batch(a.schema, a.rows[:2], (x,)), Batch(a.schema, a.rows[:3], (y,))]
+                        ).extra[0].values == [b"a", b"b"]  # type: ignore[attr-defined]
+    xyz = CodedColumn.joined([x, y, z])
+    assert list(xyz) == [b"b", b"a", b"a", b"a", b"b", b"c"]
+    fixed = FormColumn.joined([FormColumn(Fixed(np.ones((2, 3), np.uint8))),
+                               FormColumn(Fixed(np.zeros((1, 3), np.uint8)))])
+    assert isinstance(fixed, FormColumn) and isinstance(fixed.form, Fixed)
+    assert list(fixed) == [b"\1\1\1", b"\1\1\1", b"\0\0\0"]

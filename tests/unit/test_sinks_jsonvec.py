@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.batch import Batch, Coded, Fixed, FormColumn
 from pipeline.layout import StructRegistry
-from pipeline.schema import DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
+from pipeline.schema import KIND_WIDTH, DataSourceSchema, DataSourceType, Field, FieldFlag, Kind
 from pipeline.sinks.encode import JsonEncoder
 
 REG = StructRegistry(
@@ -163,3 +163,126 @@ def test_payload_strings_in_every_form(form: str, kind: Kind) -> None:
     expected = [json.dumps({"n": i, "s": t}, separators=(",", ":")).encode()
                 for i, t in enumerate(texts)]
     assert JsonEncoder(s).encode(Batch(s, rows, (col,))) == expected
+
+
+# -- trace_open as a run has it: derived columns, container columns, merged batches -----------
+
+
+def _open_run() -> tuple[Any, DataSourceSchema]:
+    from pipeline.ledger import Ledger
+    from pipeline.run import GadgetRun
+    from pipeline.sources.catalog import Catalog
+
+    run = GadgetRun(Catalog().resolve("trace_open"), {}, Ledger(), "json-test")
+    return run, run.spec.datasources[0]
+
+
+def _open_rows(raw: DataSourceSchema, rng: np.random.Generator, n: int, comms: list[bytes],
+               files: list[bytes]) -> Batch:
+    """Raw trace_open records: stale ring bytes everywhere, the given strings and ids."""
+    rows = rng.integers(0, 256, size=(n, raw.record_size), dtype=np.uint8)
+    pick = rng.integers(0, len(comms), n)
+    for name, pool in (("proc.comm", comms), ("fname", files), ("proc.parent.comm", [b"bash"])):
+        f = raw.field(name)
+        for i in range(n):
+            v = pool[pick[i] % len(pool)] + b"\0"
+            rows[i, f.offs: f.offs + len(v)] = np.frombuffer(v, dtype=np.uint8)
+    for name, vals in (("proc.pid", 4000 + pick), ("proc.tid", 4000 + pick),
+                       ("proc.creds.uid", np.where(pick % 2, 1000, 0)),
+                       ("proc.creds.gid", np.zeros(n)), ("error_raw", np.where(pick == 1, 2, 0)),
+                       ("flags_raw", np.full(n, 0o2000000)), ("mode_raw", np.zeros(n)),
+                       ("timestamp_raw", 1_732_540_000 * 10**9 + np.arange(n) * 997)):
+        f = raw.field(name)
+        rows[:, f.offs: f.offs + f.size] = np.asarray(vals).astype(f"<u{f.size}").view(
+            np.uint8).reshape(n, f.size)
+    return Batch(raw, rows)
+
+
+def _expected_lines(batch: Batch) -> list[str]:
+    """Each record as json.dumps of its values (pipeline.accessors), nested as upstream."""
+    from pipeline.accessors import values
+    from pipeline.sinks.encode import json_skipped, leaf_fields
+
+    schema = batch.schema
+    skipped = {f.index for f in schema.fields if json_skipped(f)}
+    fields = [f for f in leaf_fields(schema)
+              if not any(i in skipped for i in _ancestry(schema, f))]
+    cols = {f.index: values(batch, f) for f in fields}
+    out = []
+    for i in range(len(batch)):
+        obj: dict[str, Any] = {}
+        for f in fields:
+            node = obj
+            for parent in _ancestry(schema, f)[:-1]:
+                node = node.setdefault(schema.fields[parent].name, {})
+            v = cols[f.index][i]
+            node[f.name] = bool(v) if f.base_kind is Kind.BOOL else v
+        out.append(json.dumps(obj, separators=(",", ":")))
+    return out
+
+
+def _ancestry(schema: DataSourceSchema, f: Field) -> list[int]:
+    chain = [f.index]
+    while schema.fields[chain[-1]].parent is not None:
+        chain.append(schema.fields[chain[-1]].parent)  # type: ignore[arg-type]
+    return chain[::-1]
+
+
+def _with_containers(batch: Batch, rng: np.random.Generator) -> Batch:
+    """The container columns as the enrich operator fills them for three containers."""
+    from pipeline.batch import CodedColumn
+
+    codes = rng.integers(0, 3, len(batch))
+    extra = list(batch.extra)
+    for f in batch.schema.fields:
+        if not (f.full_name.startswith(("k8s.", "runtime.")) and f.has_value):
+            continue
+        if f.base_kind is Kind.STRING:
+            vals = [b"", b"web-0", b'q"uote\xc3\xa9']
+        elif f.base_kind is Kind.BOOL:
+            vals = [b"\0", b"\1", b"\0"]
+        else:
+            vals = [int(v).to_bytes(KIND_WIDTH[f.base_kind], "little", signed=True)
+                    for v in (0, 4242, -(1 << 40) if f.base_kind is Kind.INT64 else 7)]
+        extra[f.payload_index - 1] = CodedColumn(vals, codes)
+    return Batch(batch.schema, batch.rows, tuple(extra))
+
+
+@pytest.mark.parametrize("shape", ["one-process", "mixed", "containers"])
+def test_trace_open_batches_as_a_run_has_them(shape: str) -> None:
+    from pipeline.sinks.base import coalesce
+
+    run, raw = _open_run()
+    rng = np.random.default_rng(3)
+    comms, files = ([b"gpb1a2b3c4d"], [b"/etc/hostname"]) if shape == "one-process" else \
+        ([b"bash", b"python3", b"sh", b"x" * 16], [b"/etc/ld.so.cache", b"/dev/null", b"/x"])
+
+    def batch(n: int) -> Batch:
+        b = _open_rows(raw, rng, n, comms, files)
+        for op in run._operators:
+            b = op.process(b)
+        return _with_containers(b, rng) if shape == "containers" else b
+
+    enc = JsonEncoder(run.schemas[0])
+    batches = [batch(n) for n in (300, 1, 2, 257)]
+    # merged as a sink merges what queued (derived columns computed in some parts or not)
+    enc.encode_lines(batches[0])
+    batches += [coalesce([batches[0], batch(40), batches[3]]), batches[0].slice(5, 50)]
+    for b in batches * 2:  # twice: the second time from the kept templates
+        expected = _expected_lines(b)
+        data, ends = enc.encode_lines(b)
+        assert bytes(data).decode() == "".join(e + "\n" for e in expected)
+        assert ends.tolist() == np.cumsum([len(e) + 1 for e in expected]).tolist()
+
+
+def test_kept_templates_are_per_constant_values() -> None:
+    run, raw = _open_run()
+    rng = np.random.default_rng(5)
+    enc = JsonEncoder(run.schemas[0])
+    for comm, file in ((b"aaa", b"/a"), (b"bbb", b"/a"), (b"aaa", b"/b"), (b"aaa", b"/a")):
+        b = _open_rows(raw, rng, 64, [comm], [file])
+        for op in run._operators:
+            b = op.process(b)
+        lines = bytes(enc.encode_lines(b)[0]).decode().splitlines()
+        assert lines == _expected_lines(b)
+        assert f'"comm":"{comm.decode()}"' in lines[0] and f'"fname":"{file.decode()}"' in lines[0]

@@ -162,3 +162,19 @@ def test_unique_rows_matches_numpy(width: int, picks: list[int], seed: int) -> N
     assert sorted(map(bytes, keys)) == sorted(map(bytes, want))
     assert len({bytes(k) for k in keys}) == len(keys)
     assert (keys[inverse] == mat).all()
+
+
+def test_one_process_batches_count_as_one_label_set() -> None:
+    store = GadgetMetricsStore()
+    run = store.build("g", "i1", [schema()], parse_counters("by_comm:comm;by_both:comm,uid"),
+                      [], 100)
+    store.add(run)
+    run.count(make([(b"bash", 7, 1, 0)] * 5))  # the stale tails differ, the labels do not
+    run.count(make([(b"bash", 7, 1, 0), (b"bas", 7, 1, 0), (b"bash", 8, 1, 0)]))
+    run.count(make([(b"x" * 16, 7, 1, 0)] * 3))  # no NUL: all 16 bytes are the name
+    get = registry(store).get_sample_value
+    assert get("gadgetpipe_gadget_by_comm_total", {**BASE, "comm": "bash"}) == 7
+    assert get("gadgetpipe_gadget_by_comm_total", {**BASE, "comm": "bas"}) == 1
+    assert get("gadgetpipe_gadget_by_comm_total", {**BASE, "comm": "x" * 16}) == 3
+    assert get("gadgetpipe_gadget_by_both_total", {**BASE, "comm": "bash", "uid": "7"}) == 6
+    assert get("gadgetpipe_gadget_by_both_total", {**BASE, "comm": "bash", "uid": "8"}) == 1
