@@ -13,8 +13,9 @@ _WIDTH_FMT = {1: "?", 2: "b", 3: "h", 4: "i", 5: "q", 6: "B", 7: "H", 8: "I", 9:
               10: "f", 11: "d"}
 
 
-def split_frames(data: bytes) -> list[bytes]:
+def split_frames(data: bytes | bytearray) -> list[bytes]:
     """gRPC length-prefixed messages: 1 byte compressed flag (0), 4 bytes big-endian length."""
+    data = bytes(data)
     out = []
     i = 0
     while i < len(data):
