@@ -40,10 +40,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.common import OPEN_PROGS
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "trace_open"
 TARGET = "/etc/passwd"  # exists in the busybox root filesystem (tests/peers/containerd.py)
-OPEN_PROGS = 6  # trace_open's tracepoints
 PYTHON = sys.executable
 
 
@@ -202,6 +203,7 @@ def chain_run(containerd: Any, daemon: Daemon, goclient: Path, binary: str,
         deadline = time.monotonic() + 60
         while bpf_programs(daemon.proc.pid) < before + OPEN_PROGS:
             if client.poll() is not None or time.monotonic() > deadline:
+                client.kill()  # a client still waiting would never end communicate()
                 raise RuntimeError(f"the run did not attach: {client.communicate()[1][-2000:]}")
             time.sleep(0.01)
         cpu0 = _cpu(daemon.proc.pid)
