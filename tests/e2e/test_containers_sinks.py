@@ -6,7 +6,8 @@ traces opens on the real kernel, and the records of processes inside a container
   container (a template of record fields),
 - a real OpenTelemetry Collector with the container as OTLP resource attributes
   (OpenTelemetry's ``k8s.*`` and ``container.*`` semantic conventions), host records without,
-- a real Prometheus, which scrapes the daemon's gadget counter labelled by pod and namespace.
+- a real Prometheus, which scrapes the daemon's gadget counter labelled by pod and namespace,
+  held to the metric's series cap (``max-series``) like any other label.
 
 Every workload is a fixed number of opens of a file name only this test uses, started once the
 run is tracing (its ready event); tests wait for the records to arrive and then assert exact
@@ -261,3 +262,41 @@ def test_prometheus_counts_a_pods_events_in_a_series_labelled_with_it(env: Env) 
     assert series == {(pod, ns, "counter"): n_box, ("", "", ""): n_host}, got
     labels = next(s["metric"] for s in got if s["metric"].get("podName") == pod)
     assert (labels["gadget"], labels["datasource"]) == ("trace_open", "open")
+
+
+def test_prometheus_pod_labels_are_held_to_the_series_cap(env: Env) -> None:
+    c = env.containerd
+    ns, first, second = unique("ns"), unique("first"), unique("second")
+    path = marker(c, "cap")
+    a = c.run("capa", ["/bin/sleep", "1000"], pod=first, namespace=ns, container="c")
+    b = c.run("capb", ["/bin/sleep", "1000"], pod=second, namespace=ns, container="c")
+    name = f"opens_{uuid.uuid4().hex[:8]}"
+    metric = f"gadgetpipe_gadget_{name}_total"
+    n_a, n_b = 5, 3
+    try:
+        with env.daemon.client() as client:
+            drain = Drain(client.run("trace_open", {
+                "operator.filter.filter": f"fname~{Path(path).name}$",
+                "operator.prometheus.counters": f"{name}:k8s.podName",
+                "operator.prometheus.max-series": "1"}))
+            try:
+                assert drain.ready.wait(120), "not tracing"
+                # The first pod takes the one series; only once it is counted does the second
+                # pod open, so which one is refused is decided by events.
+                open_inside(c, a, path, n_a)
+                env.prometheus.wait_for(f'{metric}{{podName="{first}"}}',
+                                        lambda r: bool(r) and float(r[0]["value"][1]) >= n_a, 60)
+                open_inside(c, b, path, n_b)
+                got = env.prometheus.wait_for(
+                    metric, lambda r: sum(float(s["value"][1]) for s in r) >= n_a + n_b, 60)
+                refused = env.prometheus.wait_for(
+                    f'gadgetpipe_metric_series_refused_total{{metric="gadgetpipe_gadget_{name}"}}',
+                    lambda r: bool(r) and float(r[0]["value"][1]) >= n_b, 60)
+            finally:
+                drain.stop()
+    finally:
+        c.remove(a.id)
+        c.remove(b.id)
+    assert {s["metric"]["podName"]: float(s["value"][1]) for s in got} == \
+        {first: n_a, "__overflow__": n_b}, got
+    assert float(refused[0]["value"][1]) == n_b
