@@ -40,10 +40,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.common import OPEN_PROGS
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "trace_open"
 TARGET = "/etc/passwd"  # exists in the busybox root filesystem (tests/peers/containerd.py)
-OPEN_PROGS = 6  # trace_open's tracepoints
 PYTHON = sys.executable
 
 
@@ -202,6 +203,7 @@ def chain_run(containerd: Any, daemon: Daemon, goclient: Path, binary: str,
         deadline = time.monotonic() + 60
         while bpf_programs(daemon.proc.pid) < before + OPEN_PROGS:
             if client.poll() is not None or time.monotonic() > deadline:
+                client.kill()  # a client still waiting would never end communicate()
                 raise RuntimeError(f"the run did not attach: {client.communicate()[1][-2000:]}")
             time.sleep(0.01)
         cpu0 = _cpu(daemon.proc.pid)
@@ -365,6 +367,31 @@ def memory_with(containerd: Any, n: int, tmp: Path) -> dict[str, float]:
             "rss_mb": many["VmRSS"] / 1024, "fds": fds, "fds_none": base_fds}
 
 
+def measure_enrich(containerd: Any, daemon: Daemon, goclient: Path, binary: str, count: int,
+                   repeats: int) -> list[dict[str, float]]:
+    """``repeats`` times the floor then the chain (so each ratio is against the same moment's
+    floor): one dict per repeat with the chain's results, ``floor`` and ``ratio``.
+    ``binary`` is the static open_loop in ``containerd``'s root filesystem's /bin."""
+    runs = []
+    for i in range(repeats):
+        log(f"repeat {i + 1}/{repeats}")
+        f = asyncio.run(floor_run(containerd, binary, count))
+        c = chain_run(containerd, daemon, goclient, binary, count)
+        log(f"floor {f} ours {c}")
+        runs.append({**c, "floor": f["rate"], "floor_kernel_lost": f["kernel_lost"],
+                     "ratio": c["rate"] / f["rate"], "generated": float(count)})
+    return runs
+
+
+def enrich_line(runs: list[dict[str, float]]) -> str:
+    """The summary line: medians of the repeats (the ratio taken per repeat)."""
+    def med(key: str) -> float:
+        return float(statistics.median([r[key] for r in runs]))
+
+    return (f"enrich {IMAGE}: ours={med('rate'):.0f}/s floor={med('floor'):.0f}/s "
+            f"ratio={med('ratio'):.2f} lost={med('lost'):.0f}")
+
+
 ENRICH_FIELDS = 15
 """The k8s.* and runtime.* payloads the enrich operator adds (pipeline/operators/enrich.py)."""
 
@@ -390,23 +417,12 @@ def main() -> int:
             static_open_loop(containerd.rootfs / "bin" / binary)
             goclient = goclient_path()
             daemon = Daemon(tmp, str(containerd.socket))
-            ours, floors, ratios, lost = [], [], [], []
             try:
-                for i in range(args.repeats):
-                    log(f"repeat {i + 1}/{args.repeats}")
-                    f = asyncio.run(floor_run(containerd, binary, args.count))
-                    c = chain_run(containerd, daemon, goclient, binary, args.count)
-                    floors.append(f["rate"])
-                    ours.append(c["rate"])
-                    ratios.append(c["rate"] / f["rate"])
-                    lost.append(c["lost"])
-                    log(f"floor {f} ours {c}")
+                runs = measure_enrich(containerd, daemon, goclient, binary, args.count,
+                                      args.repeats)
             finally:
                 daemon.stop()
-            print(f"enrich {IMAGE}: ours={statistics.median(ours):.0f}/s "
-                  f"floor={statistics.median(floors):.0f}/s "
-                  f"ratio={statistics.median(ratios):.2f} lost={statistics.median(lost):.0f}",
-                  flush=True)
+            print(enrich_line(runs), flush=True)
             enc = asyncio.run(encode_cost(containerd, binary, min(args.count, 300_000)))
             print(f"enrich encode {IMAGE}: us_per_record={enc['with_us']:.3f} "
                   f"without_fields={enc['without_us']:.3f}", flush=True)

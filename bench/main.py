@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.common import FULL, QUICK, log, make_generator_binary, peers
 from bench.consumer import consume_main
 from bench.core import run_core
+from bench.enrich import run_enrich
 from bench.fanout import run_fanout
 from bench.kcost import run_kcost
 from bench.memory import run_memory
@@ -25,7 +26,7 @@ from bench.sinks import run_sinks, run_sinks_peers
 from bench.synthetic import run_synthetic
 from bench.zero_loss import run_zero_loss
 
-SCENARIOS = "abcdefghikm"
+SCENARIOS = "abcdefghikmn"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps: list[tuple[str, Callable[[Bench], None]]] = [
             ("abcd", lambda b: run_core(b, only)), ("e", run_zero_loss), ("f", run_fanout),
             ("g", run_synthetic), ("h", run_sinks), ("i", run_sinks_peers), ("k", run_kcost),
-            ("m", run_memory)]
+            ("m", run_memory), ("n", run_enrich)]
         try:
             for keys, fn in steps:
                 if only & set(keys):
