@@ -9,15 +9,8 @@ their lines never interleave mid-line and size-based rotation sees every byte.
 Params (prefix ``operator.jsonl.``): ``path`` (``-`` for stdout), ``max-bytes`` (rotate when
 the file would grow past it; 0 never), ``backups`` (rotated files kept: ``path.1`` newest).
 
-The queue in front of the sink (``queue-capacity``) holds 131072 records by default, eight times
-the other sinks' 16384: the sink shares the machine with the source and the streams, so a
-thread switch, the GIL's 5 ms switch interval or a page-cache writeback holds it up for tens of
-milliseconds now and then, and 16384 records are 14 ms of a trace_open source at 1.2M
-records/s (the floor of bench/run's ``sinks`` line). 131072 are 0.1 s of that, so a sink as
-fast as its source on average keeps every record of such stalls and of short bursts. A queued
-record costs its batch's row and its computed derived columns (trace_open: 344 bytes of row,
-about 90 of derived columns), so the queue holds at most about 57 MB for trace_open and less
-for most gadgets; the queue shares those batches with the other consumers of the run.
+The queue in front of the sink (``queue-capacity``) holds 131072 records by default, as every
+sink's (pipeline/sinks/base.py says why).
 """
 
 from __future__ import annotations
@@ -146,7 +139,6 @@ class JsonlSink:
 class JsonlSinkType(SinkTypeBase):
     description = "a JSON-lines file or stdout"
     default_retry_timeout = "30s"
-    default_capacity = 131072  # why: the module's docstring
 
     def __init__(self) -> None:
         self._files: dict[str, RotatingFile] = {}
