@@ -266,7 +266,8 @@ def grpc_stages(port: int) -> dict[str, dict[str, float]]:
              "gadgetpipe_records_dropped_total": "dropped",
              "gadgetpipe_queue_depth_records": "queued"}
     for name, labels, v in scrape(port):
-        stage = labels.get("stage", "")
+        # The ledger's families name the stage ``stage``; the queue gauges name it ``edge``.
+        stage = labels.get("stage") or labels.get("edge") or ""
         if name in names and stage.startswith("grpc:"):
             row = out.setdefault(stage, dict.fromkeys(names.values(), 0.0))
             row[names[name]] += v
@@ -279,6 +280,7 @@ def wait_stages(port: int, what: str, pred: Callable[[dict[str, float]], bool],
     deadline = time.monotonic() + timeout
     while True:
         stages = grpc_stages(port)
+        assert all(name.startswith("grpc:") for name in stages)
         if len(stages) >= streams and all(pred(r) for r in stages.values()):
             return
         assert time.monotonic() < deadline, f"{what}: {stages}"
