@@ -82,8 +82,8 @@ SHED_HIGH = RUNTIME_PREFIX + "shed-high"
 SHED_LOW = RUNTIME_PREFIX + "shed-low"
 SHED_MAX = RUNTIME_PREFIX + "shed-max"
 SHED_STEP = 0.01
-"""Seconds between two changes of the sampling rate: a few drains (2 ms each by default), so N
-follows the queues, not each batch."""
+"""Seconds between two changes of the sampling rate: about one timed drain (10 ms by default;
+a filling ring drains sooner), so N follows the queues, not each batch."""
 
 OPERATOR_PARAMS: tuple[ParamSpec, ...] = (
     # Key and alias as upstream's filter operator (operator.filter.filter, -F).

@@ -101,7 +101,7 @@ class TracerSource:
         self._ts_cols: dict[str, list[int]] = {}
         self._stopping = False
         self._emit: Emit | None = None
-        self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.002)
+        self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.01)
         self._cflags = self._build_cflags()
         self._ts_offset = 0
         self._lost_base = 0

@@ -337,7 +337,7 @@ class DnsSource:
         self._spec = spec
         self._schema = spec.datasources[0]
         self._packer = row_struct(self._schema)
-        self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.002)
+        self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.01)
         ring = _ring_pages(int(values.get(RUNTIME_PREFIX + "ringbuf-size") or 8 << 20))
         fill = int(values.get(RUNTIME_PREFIX + "wakeup-fill") or 25)
         from pipeline.sources.btf import gadget_cflags
