@@ -189,6 +189,8 @@ def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int
         its payload 0 starts.
     """
     n = len(batch)
+    if n <= SMALL_BATCH and not cuts:
+        return _framed_small(batch, seqs, ds_id)
     size = batch.schema.record_size
     element = _element_prefix(size)
     entries = [blk for col in batch.extra for blk in _payload_entry_blocks(col, n)]
@@ -215,6 +217,45 @@ def framed_records(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int
         blocks.append(_const_block(n, tail))
     data, lens = assemble(blocks, n)
     return data, lens, head_len
+
+
+SMALL_BATCH = 8
+"""Batches of at most this many records are framed record by record: the block path costs a
+few numpy calls per payload column whatever the batch's size (~235 µs for one trace_open
+record, 26 payloads), this one ~10 µs per record (what a trickle of events costs on every
+drain)."""
+
+
+def _framed_small(batch: Batch, seqs: npt.NDArray[np.uint64] | None, ds_id: int,
+                  ) -> tuple[bytearray, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """:func:`framed_records` for a few records, without cuts: the same bytes, built with
+    plain bytes operations per record."""
+    n = len(batch)
+    size = batch.schema.record_size
+    element = _element_prefix(size)
+    tail = bytes([_TAG_EVENT_DSID]) + varint(ds_id) if ds_id else b""
+    rows = batch.rows
+    cols = batch.extra
+    out = bytearray()
+    lens = np.empty(n, dtype=np.int64)
+    head_len = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        extra = b"".join(length_delimited(_TAG_PAYLOAD, col[i]) for col in cols)
+        de_len = len(element) + size + len(extra)
+        gd_head = bytes([_TAG_DATA]) + varint(de_len)
+        seq = SEQ_PLACEHOLDER if seqs is None else varint(int(seqs[i]))
+        pre = (bytes([_TAG_EVENT_SEQ]) + seq + bytes([_TAG_EVENT_PAYLOAD])
+               + varint(len(gd_head) + de_len) + gd_head + element)
+        ev_len = len(pre) + size + len(extra) + len(tail)
+        head = b"\x00" + ev_len.to_bytes(4, "big") + pre
+        start = len(out)
+        out += head
+        out += rows[i].tobytes()
+        out += extra
+        out += tail
+        head_len[i] = len(head)
+        lens[i] = len(out) - start
+    return out, lens, head_len
 
 
 def _payload0_blocks(rows: npt.NDArray[np.uint8], cuts: Sequence[Cut]) -> list[Block]:
