@@ -44,3 +44,13 @@ def test_by_unique_maps_every_record_to_its_own_text(values: list[int]) -> None:
     assert isinstance(out, Coded)
     assert out.values() == [b"v%d" % v for v in values]
     assert len(out.table) == len(set(values))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2_100_000_000 * 10**9), min_size=1, max_size=fmt._FEW))
+def test_few_timestamps_read_as_the_batch_path_writes_them(ns: list[int]) -> None:
+    few = _texts(fmt.timestamps(np.array(ns, dtype=np.uint64)))
+    # The batch path, asked directly: the same values repeated past the small size.
+    reps = fmt._FEW // len(ns) + 1
+    many = _texts(fmt.timestamps(np.array(ns * reps, dtype=np.uint64)))
+    assert few == many[: len(ns)]
