@@ -8,7 +8,6 @@ import ipaddress
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -65,7 +64,10 @@ def test_connect_accept_close_carry_endpoints_fds_and_pid(
                                client.fileno(), server.fileno(), accepted.fileno(),
                                threading.get_native_id()))
             client.close()
-            time.sleep(0.02)  # the peer sees the FIN first: a clean close on both sides
+            # The peer closes once the client's FIN reached it (its read sees the end of the
+            # stream): a clean close on both sides, in this order.
+            accepted.settimeout(10)
+            assert accepted.recv(1) == b""
             accepted.close()
 
     def complete(rs: list[Record]) -> Conn | None:

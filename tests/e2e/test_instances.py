@@ -112,7 +112,9 @@ class Attached:
         assert len(self.records) >= n, (len(self.records), n, self.logs, self.error)
 
     def settle(self, quiet: float = 0.7) -> None:
-        """Waits until nothing arrived for ``quiet`` seconds."""
+        """Waits until nothing arrived for ``quiet`` seconds. Not a readiness wait (callers
+        have waited for the records they expect): a quiet period in which a record that should
+        not exist (a duplicate, a replayed one) would show up before the exact assertions."""
         last = -1
         while last != len(self.records) + len(self.logs):
             last = len(self.records) + len(self.logs)

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,14 +275,27 @@ def test_kafka_protobuf_records_are_the_kernel_structs(env: Env, tmp_path: Path)
 # --- outages under a live run (keep these last: they restart the module's peers) -------------
 
 
-def _bounce(stop: Any, start: Any, down_for: float) -> threading.Thread:
-    def run() -> None:
-        stop()
-        time.sleep(down_for)
-        start()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+def wait_samples(url: str, what: str, pred: Callable[[Samples], bool],
+                 timeout: float = 120.0) -> Samples:
+    """Scrapes ``url`` until ``pred`` holds for its samples; returns them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if pred(samples):
+            return samples
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)  # polling /metrics
+
+
+def live_run(url: str, sink: str) -> str:
+    """The one direct run with a live ``sink`` (finished runs have no ``sink_up``)."""
+    def live(samples: Samples) -> set[str]:
+        return {dict(ls)["gadget_instance"] for (n, ls), _ in samples.items()
+                if n == "gadgetpipe_sink_up" and dict(ls)["sink"] == sink
+                and dict(ls)["gadget_instance"].startswith("run-")}
+    (inst,) = live(wait_samples(url, f"a live run with a {sink} sink",
+                                lambda s: len(live(s)) == 1))
+    return inst
 
 
 def test_broker_restart_under_a_live_run_loses_and_duplicates_nothing(env: Env,
@@ -299,12 +312,23 @@ def test_broker_restart_under_a_live_run_loses_and_duplicates_nothing(env: Env,
             "operator.jsonl.enable": "true", "operator.jsonl.path": str(out)}))
         assert drain.ready.wait(120), "not tracing"
         with keep_running([str(binary)], interval=0.02):
-            time.sleep(2)
-            bounce = _bounce(lambda: env.broker.stop(keep_data=True), env.broker.start, 3.0)
-            bounce.join(120)
-            time.sleep(2)
-        time.sleep(0.5)
-        drain.stop()
+            # Ordered by the ledger: records reach Kafka, the broker goes down until the sink
+            # has retried, then more records reach Kafka after it is back.
+            inst = live_run(env.metrics_url, "kafka")
+            lab = {"gadget_instance": inst, "stage": "sink:kafka"}
+            before = wait_samples(env.metrics_url, "records in Kafka", lambda m: sample(
+                m, "gadgetpipe_records_delivered_total", **lab) >= 20)
+            env.broker.stop(keep_data=True)
+            try:
+                wait_samples(env.metrics_url, "the Kafka sink retrying", lambda m: sample(
+                    m, "gadgetpipe_records_retried_total", **lab) > 0)
+            finally:
+                env.broker.start()
+            delivered_before = sample(before, "gadgetpipe_records_delivered_total", **lab)
+            wait_samples(env.metrics_url, "records in Kafka after the restart", lambda m: sample(
+                m, "gadgetpipe_records_delivered_total", **lab) >= delivered_before + 20
+                and sample(m, "gadgetpipe_sink_up", gadget_instance=inst, sink="kafka") == 1)
+        drain.stop()  # a stop drains the ring; the sinks hand on what they hold
     reference = {o["proc"]["pid"] for o in jsonl(out)}
     msgs = asyncio.run(consume(env.broker.bootstrap, topic, len(reference), timeout=60))
     pids = [json.loads(m.value)["proc"]["pid"] for m in msgs]
@@ -341,13 +365,17 @@ def test_collector_down_with_a_tiny_queue_shows_every_drop_in_the_metrics(
                 "operator.prometheus.counters": "n"}))
             assert drain.ready.wait(120), "not tracing"
             with keep_running([str(binary)], interval=0.02):
-                time.sleep(3)
-            time.sleep(0.5)
-            samples = scrape(env.metrics_url)
-            # the live run whose otel-logs sink is retrying (finished runs have no sink_up)
-            (inst,) = {dict(ls)["gadget_instance"] for (n, ls), v in samples.items()
-                       if n == "gadgetpipe_sink_up" and dict(ls)["sink"] == "otel-logs"
-                       and v == 0 and dict(ls)["gadget_instance"].startswith("run-")}
+                # Until the queue of 2 overflowed, sends failed for good, and more than 10
+                # execs were counted: what the assertions below read.
+                inst = live_run(env.metrics_url, "otel-logs")
+                lab = {"gadget_instance": inst, "stage": "sink:otel-logs"}
+                wait_samples(env.metrics_url, "queue_full and send_failed drops", lambda m: all(
+                    sample(m, "gadgetpipe_records_dropped_total", **lab, reason=r) > 0
+                    for r in ("queue_full", "send_failed"))
+                    and sample(m, "gadgetpipe_sink_up", gadget_instance=inst,
+                               sink="otel-logs") == 0
+                    and sample(m, "gadgetpipe_records_delivered_total", gadget_instance=inst,
+                               stage="sink:prometheus") > 10)
             drain.stop()
         samples = scrape(env.metrics_url)
         lab = {"gadget_instance": inst, "stage": "sink:otel-logs"}

@@ -271,8 +271,9 @@ async def test_kafka_broker_restart_mid_stream_loses_and_duplicates_nothing(
     for start in range(0, n, step):
         await s.publish(range(start, start + step), "kout")
         if start == n // 3:
-            # stop mid-stream: the broker goes down (SIGTERM) and comes back on the same data
-            down = asyncio.create_task(asyncio.to_thread(_bounce, broker, 3.0))
+            # stop mid-stream: the broker goes down (SIGTERM) until the sink has retried, and
+            # comes back on the same data
+            down = asyncio.create_task(_bounce_after_a_retry(s, broker))
         await asyncio.sleep(0.004)
     await down
     await s.close(deadline=60)
@@ -289,10 +290,15 @@ async def test_kafka_broker_restart_mid_stream_loses_and_duplicates_nothing(
     assert all(v == sorted(v) for v in by_key.values())  # ordered per key
 
 
-def _bounce(peer: KafkaBroker | OtelCollector, down_for: float) -> None:
-    peer.stop(keep_data=True)
-    time.sleep(down_for)
-    peer.start()
+async def _bounce_after_a_retry(s: Any, broker: KafkaBroker) -> None:
+    await asyncio.to_thread(broker.stop, True)
+    try:
+        deadline = time.monotonic() + 120
+        while not s.ledger.get(s.run.instance, "sink:kafka", "retried"):
+            assert time.monotonic() < deadline, "the Kafka sink never retried"
+            await asyncio.sleep(0.05)  # polling the ledger
+    finally:
+        await asyncio.to_thread(broker.start)
 
 
 async def test_kafka_down_with_a_tiny_queue_counts_every_drop(broker: KafkaBroker,
