@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests: unique binaries to exec, BPF program accounting."""
+"""Helpers for end-to-end tests: unique binaries to exec, BPF program accounting, a run's
+stream read in a thread."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from api.client import RunStream
 from pipeline._gen import gadget_service_pb2 as pb
 
 
@@ -64,3 +66,29 @@ def bpf_programs_of(pid: int) -> list[int]:
 def info_fields(info: pb.GadgetInfo, ds_name: str) -> dict[str, pb.Field]:
     ds = next(d for d in info.dataSources if d.name == ds_name)
     return {f.fullName: f for f in ds.fields}
+
+
+class Drain:
+    """Reads a run's stream in a thread (a stream nobody reads would only fill its queue)."""
+
+    def __init__(self, stream: RunStream) -> None:
+        self.stream = stream
+        self.ready = threading.Event()
+        """Set when the gadget traces (its ready event)."""
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        try:
+            for _ in self.stream.raw():
+                if self.stream.ready:
+                    self.ready.set()
+        except BaseException as e:  # reported by stop()
+            self.error = e
+
+    def stop(self) -> None:
+        self.stream.stop()
+        self._t.join(30)
+        if self.error is not None:
+            raise AssertionError(f"run stream failed: {self.error}")

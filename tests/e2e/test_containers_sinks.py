@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,8 +28,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from api.client import RunStream
 from tests.daemon import DaemonProcess
+from tests.e2e.helpers import Drain
 from tests.peers.containerd import BusyboxContainer, Containerd
 from tests.peers.kafka import KafkaBroker
 from tests.peers.otelcol import LogRecord, OtelCollector
@@ -81,32 +80,6 @@ def open_inside(containerd: Containerd, box: BusyboxContainer, path: str, times:
     done = containerd.exec(box.id, ["/bin/sh", "-c", f"for i in {count}; do /bin/cat {path}; done"])
     assert done.returncode == 0, done.stderr
     assert done.stdout == "gadgetpipe\n" * times
-
-
-class Drain:
-    """Reads a run's stream in a thread (a stream nobody reads would only fill its queue)."""
-
-    def __init__(self, stream: RunStream) -> None:
-        self.stream = stream
-        self.ready = threading.Event()
-        """Set when the gadget traces (its ready event)."""
-        self.error: BaseException | None = None
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        try:
-            for _ in self.stream.raw():
-                if self.stream.ready:
-                    self.ready.set()
-        except BaseException as e:  # reported by stop()
-            self.error = e
-
-    def stop(self) -> None:
-        self.stream.stop()
-        self._t.join(30)
-        if self.error is not None:
-            raise AssertionError(f"run stream failed: {self.error}")
 
 
 async def consume_until(bootstrap: str, topic: str, done: Callable[[list[Any]], bool],

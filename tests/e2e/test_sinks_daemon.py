@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,10 +23,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.client import RunStream
 from pipeline._gen import gadget_service_pb2 as pb
 from tests.daemon import DaemonProcess
-from tests.e2e.helpers import keep_running, unique_binary
+from tests.e2e.helpers import Drain, keep_running, unique_binary
 from tests.peers import peer_paths
 from tests.peers.kafka import KafkaBroker
 from tests.peers.otelcol import OtelCollector
@@ -56,32 +54,6 @@ def env() -> Iterator[Env]:
             DaemonProcess("--metrics-listen", f"127.0.0.1:{port}") as daemon, \
             PrometheusServer([f"127.0.0.1:{port}"], rule_files=[ALERTS]) as prom:
         yield Env(daemon, f"http://127.0.0.1:{port}/metrics", broker, collector, prom)
-
-
-class Drain:
-    """Reads a run's stream in a thread (a stream nobody reads would only fill its queue)."""
-
-    def __init__(self, stream: RunStream) -> None:
-        self.stream = stream
-        self.ready = threading.Event()
-        """Set when the gadget traces (its ready event)."""
-        self.error: BaseException | None = None
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        try:
-            for _ in self.stream.raw():
-                if self.stream.ready:
-                    self.ready.set()
-        except BaseException as e:  # reported by stop()
-            self.error = e
-
-    def stop(self) -> None:
-        self.stream.stop()
-        self._t.join(30)
-        if self.error is not None:
-            raise AssertionError(f"run stream failed: {self.error}")
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
