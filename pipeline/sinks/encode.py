@@ -410,7 +410,7 @@ the whole width)."""
 
 
 def _fixed_block(n: int, data: bytes) -> Block:
-    return np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (n, len(data))), None
+    return wire.repeated(data, n), None
 
 
 def _fixed64_block(tag: int, v: npt.NDArray[Any]) -> Block:
