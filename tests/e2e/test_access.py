@@ -87,8 +87,11 @@ def test_group() -> Iterator[tuple[str, int]]:
 
 
 def connect_as(path: Path, uid: int, gid: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["/usr/bin/python3", "-c", CONNECT, str(path)], user=uid, group=gid,
-                          extra_groups=[], capture_output=True, text=True, timeout=30)
+    # setpriv rather than Popen(user=, group=): those make Popen fork() this
+    # grpcio-threaded process, and grpc's atfork child handler can crash before exec.
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "/usr/bin/python3", "-c", CONNECT, str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
 
 def test_unix_socket_is_0660_root_and_the_socket_group(test_group: tuple[str, int]) -> None:

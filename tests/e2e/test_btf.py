@@ -473,7 +473,11 @@ def test_uid_and_gid_filters(compile_bpf: BPFCompiler) -> None:
     nobody = 65534
     by_uid = compile_bpf(FILTER_PROG, f"-DGADGET_FILTER_UID={nobody}")
     by_gid = compile_bpf(FILTER_PROG, f"-DGADGET_FILTER_GID={nobody}")
-    as_nobody = _run_child(user=nobody, group=nobody, extra_groups=[])
+    # setpriv drops the ids and execs in place (the pid stays the child's). Popen's own
+    # user=/group= would fork() this grpcio-threaded process and run grpc's atfork
+    # handlers in the child, which crashed it once in CI (SIGSEGV before exec).
+    as_nobody = _run_child(prefix=("setpriv", f"--reuid={nobody}", f"--regid={nobody}",
+                                   "--clear-groups"))
     as_us = _run_child()
     for b in (by_uid, by_gid):
         ev = Events(b)
