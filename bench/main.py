@@ -24,9 +24,10 @@ from bench.report import print_report
 from bench.session import Bench, Row
 from bench.sinks import run_sinks, run_sinks_peers
 from bench.synthetic import run_synthetic
+from bench.trickle import run_trickle
 from bench.zero_loss import run_zero_loss
 
-SCENARIOS = "abcdefghikmn"
+SCENARIOS = "abcdefghikmnt"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps: list[tuple[str, Callable[[Bench], None]]] = [
             ("abcd", lambda b: run_core(b, only)), ("e", run_zero_loss), ("f", run_fanout),
             ("g", run_synthetic), ("h", run_sinks), ("i", run_sinks_peers), ("k", run_kcost),
-            ("m", run_memory), ("n", run_enrich)]
+            ("m", run_memory), ("n", run_enrich), ("t", run_trickle)]
         try:
             for keys, fn in steps:
                 if only & set(keys):

@@ -11,7 +11,7 @@ from bench.common import IMAGE, OUT
 from bench.session import Bench
 
 SUMMARY_KEYS = ("a", "b", "c", "d", "g", "sinks", "sinks-peers", "fanout4", "fanout16",
-                "kcost", "kcost trace_exec", "memory", "enrich", "e2")
+                "kcost", "kcost trace_exec", "memory", "enrich", "trickle", "e2")
 """The summary lines in the order they are printed; the zero-loss line comes last."""
 
 

@@ -71,12 +71,26 @@ block per field), so at moderate rates the interval sets the daemon's CPU: measu
 client at 100k (200k) opens/s paced, daemon CPU per record 4.3 (2.4) µs at 2 ms, 2.6 (1.65) at
 5 ms, 1.8 (1.25) at 10 ms; a record then waits at most 10 ms in the ring."""
 
+DRAIN_MIN_BYTES = 65536
+"""Pending ring bytes that make a batch worth its fixed cost at once (~160 trace_open records):
+a tick with less pending lets the records wait, up to ``DRAIN_MAX_WAIT``
+(pipeline/sources/drain_pacer.py says why)."""
+
+DRAIN_MAX_WAIT = "50ms"
+"""The longest a record of a small backlog waits in the ring before a tick drains it."""
+
 RUNTIME_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("ringbuf-size", RUNTIME_PREFIX, "Bytes of each BPF ring buffer (power of two "
               "pages)", str(8 << 20), "uint32", tags=("advanced", "group:eBPF")),
     ParamSpec("drain-interval", RUNTIME_PREFIX, "How often the ring buffer is drained (and "
               "sooner when the ring fills to wakeup-fill)", DRAIN_INTERVAL, "duration",
               tags=("advanced", "group:eBPF")),
+    ParamSpec("drain-min-bytes", RUNTIME_PREFIX, "A tick drains at once when the rings hold "
+              "this many bytes; a smaller backlog waits for more, up to drain-max-wait",
+              str(DRAIN_MIN_BYTES), "uint32", tags=("advanced", "group:eBPF")),
+    ParamSpec("drain-max-wait", RUNTIME_PREFIX, "The longest a record waits in the ring when "
+              "fewer than drain-min-bytes are pending (at most drain-interval: every tick "
+              "drains)", DRAIN_MAX_WAIT, "duration", tags=("advanced", "group:eBPF")),
     ParamSpec("wakeup-fill", RUNTIME_PREFIX, "Ring fill level (percent) at which the BPF side "
               "wakes the reader early", "25", "uint8", tags=("advanced", "group:eBPF")),
     ParamSpec("shed", RUNTIME_PREFIX, "Load shedding: while a subscriber's queue is above "

@@ -21,6 +21,7 @@ from pipeline.gadget import BPF_INCLUDE_DIR, RUNTIME_PREFIX, GadgetSpec
 from pipeline.heap import trim_heap
 from pipeline.schema import DataSourceSchema, FieldFlag
 from pipeline.sources.base import Emit, Log, SourceError, load_in_thread
+from pipeline.sources.drain_pacer import DrainPacer
 from pipeline.sources.ringbuf import RingReader, RingWakeups, read_lost, record_stride
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ class TracerSource:
         self._stopping = False
         self._emit: Emit | None = None
         self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.01)
+        self._pacer = DrainPacer.from_values(self._interval, values)
+        self._woken = False
         self._cflags = self._build_cflags()
         self._ts_offset = 0
         self._lost_base = 0
@@ -251,6 +254,7 @@ class TracerSource:
     def _on_wakeup(self) -> None:
         if self._wakeups is not None:
             self._wakeups.consume()
+        self._woken = True
         self._wake.set()
 
     async def _pump(self) -> None:
@@ -263,6 +267,11 @@ class TracerSource:
             await self._wake.wait()
             handle.cancel()
             self._wake.clear()  # a wake-up while emitting drains again at once
+            woken, self._woken = self._woken, False
+            if woken or self._stopping:
+                self._pacer.drained()
+            elif not self._pacer.due((r for _, r in self._readers), loop.time()):
+                continue
             for batch in self._drain_once():
                 await self._emit(batch)
 
