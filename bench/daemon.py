@@ -56,7 +56,7 @@ class Daemon:
         if not out:
             return None
         spy = Path(PYTHON).parent / "py-spy"
-        return subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", "200",
+        return subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", os.environ.get("GADGETPIPE_BENCH_PROFILE_RATE", "200"),
                                  "--format", "raw", "--output", out, "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
