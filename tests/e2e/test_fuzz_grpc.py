@@ -116,6 +116,7 @@ INVALID_UTF8 = (b"\xff", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x
 KNOWN_KEYS = ("operator.filter.filter", "operator.fields.fields", "operator.grpc.batch-max",
               "operator.grpc.batch-linger", "operator.bcc.ringbuf-size",
               "operator.bcc.drain-interval", "operator.bcc.wakeup-fill",
+              "operator.bcc.drain-min-bytes", "operator.bcc.drain-max-wait",
               "operator.oci.ebpf.comm", "operator.oci.ebpf.pid", "operator.oci.ebpf.mntns",
               "operator.oci.ebpf.ignore-failed", "operator.enrich.node", "operator.bcc.shed",
               "operator.bcc.shed-low", "operator.bcc.shed-max",
