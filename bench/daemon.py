@@ -56,7 +56,8 @@ class Daemon:
         if not out:
             return None
         spy = Path(PYTHON).parent / "py-spy"
-        return subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", os.environ.get("GADGETPIPE_BENCH_PROFILE_RATE", "200"),
+        rate = os.environ.get("GADGETPIPE_BENCH_PROFILE_RATE", "200")  # samples per second
+        return subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", rate,
                                  "--format", "raw", "--output", out, "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
