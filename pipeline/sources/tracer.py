@@ -181,7 +181,7 @@ class TracerSource:
             for ds in self._spec.datasources:
                 self._check_layout(bpf, ds)
                 ring = "events" if len(self._spec.datasources) == 1 else f"events_{ds.name}"
-                self._readers.append((ds, RingReader(bpf[ring].get_fd(),
+                self._readers.append((ds, RingReader(bpf[ring.encode()].get_fd(),
                                                      self.ring_record_size(ds))))
         except Exception:
             free_bpf(bpf)
@@ -199,7 +199,7 @@ class TracerSource:
         """Compares gadget.yaml's layout with the struct clang compiled (bcc's ctypes leaf)."""
         import ctypes
 
-        leaf = bpf[f"gadget_layout_{ds.name}"].Leaf
+        leaf = bpf[f"gadget_layout_{ds.name}".encode()].Leaf
         if ctypes.sizeof(leaf) != ds.record_size:
             raise SourceError(f"gadget {self._spec.name}: struct for {ds.name!r} is "
                               f"{ctypes.sizeof(leaf)} bytes in C but {ds.record_size} in "
@@ -284,7 +284,7 @@ class TracerSource:
         if self._bpf is None:
             return self._lost_base
         try:
-            return sum(read_lost(self._bpf["gadget_lost"], i + 1)
+            return sum(read_lost(self._bpf[b"gadget_lost"], i + 1)
                        for i in range(len(self._readers)))
         except KeyError:
             return 0
@@ -294,7 +294,7 @@ class TracerSource:
         if self._bpf is None:
             return None
         try:
-            return self._bpf[name]
+            return self._bpf[name.encode()]
         except KeyError:
             return None
 
@@ -308,7 +308,7 @@ class TracerSource:
         if self._bpf is None:
             return False
         try:
-            table = self._bpf["gadget_sample"]
+            table = self._bpf[b"gadget_sample"]
         except KeyError:
             return False
         for i in range(len(self._readers)):
@@ -320,7 +320,7 @@ class TracerSource:
         if self._bpf is None:
             return self._shed_base
         try:
-            return sum(read_lost(self._bpf["gadget_shed"], i + 1)
+            return sum(read_lost(self._bpf[b"gadget_shed"], i + 1)
                        for i in range(len(self._readers)))
         except KeyError:
             return 0
@@ -345,10 +345,10 @@ class TracerSource:
                 for batch in self._drain_once():
                     await self._emit(batch)
             with contextlib.suppress(KeyError):
-                self._lost_base = sum(read_lost(bpf["gadget_lost"], i + 1)
+                self._lost_base = sum(read_lost(bpf[b"gadget_lost"], i + 1)
                                       for i in range(len(self._readers)))
             with contextlib.suppress(KeyError):
-                self._shed_base = sum(read_lost(bpf["gadget_shed"], i + 1)
+                self._shed_base = sum(read_lost(bpf[b"gadget_shed"], i + 1)
                                       for i in range(len(self._readers)))
         finally:
             loop = asyncio.get_running_loop()

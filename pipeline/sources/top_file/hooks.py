@@ -36,7 +36,7 @@ from pipeline.sources.tracer import (
 if TYPE_CHECKING:
     from bcc import BPF
 
-MAP = "stats"
+MAP = b"stats"
 MAP_ENTRIES = 10240
 _ATTACH_FAIL = "to tracepoint"
 _SORT_ALIASES = {"rbytes": "rbytes_raw", "wbytes": "wbytes_raw", "t": "t_raw",
@@ -147,7 +147,7 @@ class TopFileSource(TracerSource):
             total += count.value
             if res != 0:
                 if err != errno.ENOENT and -res != errno.ENOENT:
-                    raise OSError(err or -res, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH on {MAP}")
+                    raise OSError(err or -res, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH on {MAP.decode()}")
                 break  # ENOENT: the walk reached the end
             if count.value == 0:
                 break

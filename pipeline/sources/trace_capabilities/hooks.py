@@ -168,8 +168,8 @@ class CapabilitiesSource(TracerSource):
 
         await super().start(derived, log)
         # Kept apart from self._bpf, which stop() clears before its last drain.
-        self._stack_table = self._bpf["kstacks"] if self._bpf is not None else None
-        self._ustack_table = self._bpf["ustacks"] if self._bpf is not None else None
+        self._stack_table = self._bpf[b"kstacks"] if self._bpf is not None else None
+        self._ustack_table = self._bpf[b"ustacks"] if self._bpf is not None else None
 
     def _col(self, rows: npt.NDArray[np.uint8], name: str, dtype: str) -> npt.NDArray[Any]:
         """A writable view of a fixed-width field of every row."""

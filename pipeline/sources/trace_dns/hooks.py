@@ -414,9 +414,9 @@ class DnsSource:
                 raise SourceError(f"gadget {self._spec.name}: hook socket filter: "
                                   f"SO_ATTACH_BPF failed: {e}") from e
             self._sock = sock
-            self._reader = RingReader(bpf["events"].get_fd(), None)
+            self._reader = RingReader(bpf[b"events"].get_fd(), None)
             # Containers' namespaces reach the filter through their dispatchers (netns.py).
-            dispatch = bpf["gadget_dns_dispatch"]
+            dispatch = bpf[b"gadget_dns_dispatch"]
             dispatch[dispatch.Key(0)] = dispatch.Leaf(fn.fd)
             self._dispatch_fd = dispatch.get_fd()
         except BaseException:
@@ -547,7 +547,7 @@ class DnsSource:
     def lost(self) -> int:
         if self._bpf is None:
             return self._lost_base
-        return read_lost(self._bpf["gadget_lost"], 1)
+        return read_lost(self._bpf[b"gadget_lost"], 1)
 
     async def stop(self) -> None:
         if self._stopping:
@@ -572,7 +572,7 @@ class DnsSource:
                     await self._emit(batch)
                 if drained < DRAIN_CHUNK:
                     break
-            self._lost_base = read_lost(bpf["gadget_lost"], 1)
+            self._lost_base = read_lost(bpf[b"gadget_lost"], 1)
         finally:
             if self._wakeups is not None:
                 asyncio.get_running_loop().remove_reader(self._wakeups.fileno())
