@@ -15,7 +15,6 @@ Line: ``trickle trace_open: cpu_pct_100=X baseline_100=Y ratio_100=R cpu_pct_100
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from bench.common import COMM_PARAM, IMAGE, Generator, cpu_seconds, log, median, wait_for
 from bench.daemon import Daemon
@@ -76,7 +75,7 @@ def run_trickle(bench: Bench) -> None:
     seconds = 5.0 if bench.profile.repeats <= 3 else 10.0
     tmp = bench.tmp / "trickle"
     tmp.mkdir(exist_ok=True)
-    d = Daemon(Path(tmp))
+    d = Daemon(tmp)
     got: dict[tuple[str, int], list[float]] = {}
     try:
         for i in range(bench.profile.repeats):

@@ -39,6 +39,7 @@ class DrainPacer:
         self._min_bytes = min_bytes
         self._max_wait = max_wait
         self._since: float | None = None
+        self._woken = False
         self.deferred = 0
         """Ticks that let a backlog wait (for the tests and the curious)."""
 
@@ -51,8 +52,17 @@ class DrainPacer:
                    DRAIN_MIN_BYTES if min_bytes in (None, "") else int(min_bytes),
                    parse_duration(DRAIN_MAX_WAIT) if max_wait in (None, "") else float(max_wait))
 
+    def woken(self) -> None:
+        """The kernel signalled a filling ring: the next :meth:`due` drains at once."""
+        self._woken = True
+
     def due(self, rings: Iterable[Pending], now: float) -> bool:
-        """Whether this tick drains; ``rings`` are read only for their backlog."""
+        """Whether to drain now (after a wake-up, or on a tick); ``rings`` are read only for
+        their backlog."""
+        if self._woken:
+            self._woken = False
+            self._since = None
+            return True
         pending = sum(r.pending_bytes for r in rings)
         if pending == 0:
             self._since = None
@@ -68,7 +78,3 @@ class DrainPacer:
             return True
         self.deferred += 1
         return False
-
-    def drained(self) -> None:
-        """A drain happened outside the ticks (a wake-up): the backlog is gone."""
-        self._since = None

@@ -104,7 +104,6 @@ class TracerSource:
         self._emit: Emit | None = None
         self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.01)
         self._pacer = DrainPacer.from_values(self._interval, values)
-        self._woken = False
         self._cflags = self._build_cflags()
         self._ts_offset = 0
         self._lost_base = 0
@@ -254,7 +253,7 @@ class TracerSource:
     def _on_wakeup(self) -> None:
         if self._wakeups is not None:
             self._wakeups.consume()
-        self._woken = True
+        self._pacer.woken()
         self._wake.set()
 
     async def _pump(self) -> None:
@@ -267,10 +266,8 @@ class TracerSource:
             await self._wake.wait()
             handle.cancel()
             self._wake.clear()  # a wake-up while emitting drains again at once
-            woken, self._woken = self._woken, False
-            if woken or self._stopping:
-                self._pacer.drained()
-            elif not self._pacer.due((r for _, r in self._readers), loop.time()):
+            if not (self._stopping or self._pacer.due((r for _, r in self._readers),
+                                                       loop.time())):
                 continue
             for batch in self._drain_once():
                 await self._emit(batch)

@@ -340,7 +340,6 @@ class DnsSource:
         self._packer = row_struct(self._schema)
         self._interval = float(values.get(RUNTIME_PREFIX + "drain-interval") or 0.01)
         self._pacer = DrainPacer.from_values(self._interval, values)
-        self._woken = False
         ring = _ring_pages(int(values.get(RUNTIME_PREFIX + "ringbuf-size") or 8 << 20))
         fill = int(values.get(RUNTIME_PREFIX + "wakeup-fill") or 25)
         from pipeline.sources.btf import gadget_cflags
@@ -445,22 +444,15 @@ class DnsSource:
     def _on_wakeup(self) -> None:
         if self._wakeups is not None:
             self._wakeups.consume()
-        self._woken = True
+        self._pacer.woken()
         self._wake.set()
-
-    def _drain_due(self, now: float) -> bool:
-        woken, self._woken = self._woken, False
-        if woken or self._reader is None:
-            self._pacer.drained()
-            return True
-        return self._pacer.due((self._reader,), now)
 
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._emit is not None
         while not self._stopping:
             self._wake.clear()  # a wake-up while parsing drains again at once
-            due = self._drain_due(loop.time())
+            due = self._reader is None or self._pacer.due((self._reader,), loop.time())
             while due and not self._stopping:
                 drained, batch = self._drain_once()
                 if batch is not None:
